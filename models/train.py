@@ -1,0 +1,230 @@
+"""The one training step (and evaluation) shared by every trainer in loraflock.
+
+The local run, the Ray Train flock workers, the Tune trials, the recycling and PESC stages
+all call :func:`train_step`; nothing else owns a training loop body.
+
+Objective. Task ``d`` has ``N_d`` training sequences. A batch is drawn with rows of task d
+in proportion to ``N_d ** temperature`` (0.5: small tasks are seen more often than their
+share) and each row is weighted so that the weighted sum is an unbiased estimate of
+
+    sum_d N_d * meanNLL_d / sum_d N_d
+
+i.e. the whole-data log-likelihood normalised by the data size (BoRA's likelihood term).
+Extra terms (the hierarchical prior, gate sparsity, MoE balance) come in as a callable.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lora import task_ids
+from models.prefix import use_prefix
+
+__all__ = [
+    "Batch",
+    "BatchSampler",
+    "StepResult",
+    "NonFiniteLossError",
+    "row_nll",
+    "train_step",
+    "evaluate",
+    "seed_everything",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf: training of these tasks must stop."""
+
+    def __init__(self, tasks: list[int], value: float) -> None:
+        super().__init__(f"loss is {value} for task ids {tasks}")
+        self.tasks = tasks
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy (deterministic batches and initial weights)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@dataclass
+class Batch:
+    """One mixed-task batch.
+
+    Attributes:
+        input_ids: (N, L) token ids.
+        task_ids: (N,) task slot of each row.
+        weights: (N,) row weights; ``sum(weights * row_nll)`` is the objective estimate.
+        prefix: optional (N, L, H) cached hidden states entering block ``split``.
+        split: index of the first block that runs (with ``prefix``).
+    """
+
+    input_ids: torch.Tensor
+    task_ids: torch.Tensor
+    weights: torch.Tensor
+    prefix: torch.Tensor | None = None
+    split: int = 0
+
+    def to(self, device: torch.device | str) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.task_ids), mv(self.weights), mv(self.prefix), self.split)
+
+
+class BatchSampler:
+    """Deterministic mixed-task batches: task of each row ~ N_d^temperature, example uniform.
+
+    The same seed gives the same batches to every method of a comparison. Rows of one task
+    carry weight ``(N_d / sum N) / (B * p_d)``, making the weighted NLL an unbiased estimate of
+    the size-weighted mean NLL.
+
+    Args:
+        sizes: training sequences per task (N_d), indexed by task slot.
+        batch_size: rows per batch (B).
+        seed: sampler seed.
+        temperature: 1 = proportional to size, 0 = uniform over tasks, 0.5 = sqrt.
+        tasks: restrict to these slots (a Ray worker's share); weights stay global.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int, temperature: float = 0.5) -> None:
+        n = np.asarray(sizes, dtype=np.float64)
+        if (n <= 0).any():
+            raise ValueError("every task needs at least one training sequence")
+        p = n**temperature
+        self.p = p / p.sum()
+        self.sizes = n.astype(np.int64)
+        self.batch_size = batch_size
+        self.row_weight = (n / n.sum()) / (batch_size * self.p)  # per task
+        self.rng = np.random.default_rng(seed)
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(task slots, example indices within their task, row weights), each (B,)."""
+        tasks = self.rng.choice(len(self.p), size=self.batch_size, p=self.p)
+        idx = (self.rng.random(self.batch_size) * self.sizes[tasks]).astype(np.int64)
+        return tasks, idx, self.row_weight[tasks]
+
+
+def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token NLL of each row: (N,)."""
+    ctx = use_prefix(model, batch.split, batch.prefix) if batch.prefix is not None else nullcontext()
+    ids = batch.task_ids
+    route = int(ids[0]) if bool((ids == ids[0]).all()) else ids  # one task: no gather
+    with ctx, task_ids(model, route):
+        logits = model(input_ids=batch.input_ids).logits  # (N, L, V)
+    logits = logits[:, :-1].float()
+    target = batch.input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return nll.view(target.shape).mean(dim=1)
+
+
+@dataclass
+class StepResult:
+    loss: float  # total objective (likelihood + extra terms)
+    nll: float  # weighted likelihood part
+    grad_norm: float
+    task_nll: dict[int, float]  # mean NLL of each task's rows in this batch
+
+
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[nn.Parameter],
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    max_grad_norm: float | None = 1.0,
+    reduce_grads: Callable[[Sequence[nn.Parameter]], float] | None = None,
+) -> StepResult:
+    """One optimisation step on a mixed-task batch.
+
+    Args:
+        model: model with injected adapters.
+        batch: the rows (and their weights) this process handles.
+        optimizer: optimizer over ``params``.
+        params: the trainable parameters (for clipping).
+        extra_loss: adds prior / regulariser terms (already normalised like the NLL).
+        max_grad_norm: global-norm clipping; ``None`` disables it.
+        reduce_grads: distributed hook; all-reduces what must be shared and returns the
+            squared global gradient norm (so clipping is identical on every worker).
+
+    Raises:
+        NonFiniteLossError: naming the tasks whose rows produced NaN/inf.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    nll_rows = row_nll(model, batch)  # (N,)
+    if not torch.isfinite(nll_rows).all():
+        bad = sorted({int(t) for t in batch.task_ids[~torch.isfinite(nll_rows)].tolist()})
+        raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
+    nll = (batch.weights * nll_rows).sum()
+    loss = nll + extra_loss() if extra_loss is not None else nll
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(sorted(set(batch.task_ids.tolist())), float(loss))
+    loss.backward()
+    if reduce_grads is not None:
+        sq = reduce_grads(params)
+    else:
+        sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
+    norm = math.sqrt(sq)
+    if max_grad_norm is not None and norm > max_grad_norm:
+        coef = max_grad_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    optimizer.step()
+    with torch.no_grad():
+        per = {}
+        for t in batch.task_ids.unique().tolist():
+            per[int(t)] = float(nll_rows[batch.task_ids == t].mean())
+    return StepResult(float(loss), float(nll), norm, per)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    sets: dict[int, torch.Tensor],
+    batch_size: int = 8,
+    prefixes: dict[int, torch.Tensor] | None = None,
+    split: int = 0,
+    slot_of: Callable[[int], int] | None = None,
+) -> dict[int, float]:
+    """Mean token NLL of each task's held-out sequences.
+
+    Args:
+        sets: task -> (M, L) eval token ids.
+        prefixes: task -> (M, L, H) cached hidden states (with ``split``).
+        slot_of: adapter slot used for a task (default: the task's own; unified = 0).
+
+    Returns:
+        task -> mean NLL (perplexity is ``exp`` of it).
+    """
+    model.eval()
+    out = {}
+    for t, ids in sets.items():
+        slot = slot_of(t) if slot_of else t
+        total, count = 0.0, 0
+        for i in range(0, len(ids), batch_size):
+            rows = ids[i : i + batch_size]
+            pre = prefixes[t][i : i + batch_size] if prefixes is not None else None
+            tid = torch.full((len(rows),), slot, dtype=torch.long, device=rows.device)
+            b = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, split)
+            total += float(row_nll(model, b).sum())
+            count += len(rows)
+        out[t] = total / max(count, 1)
+    return out
+
+
+def perplexities(nll: dict, names: Iterable | None = None) -> dict:
+    """exp of each mean NLL."""
+    return {k: math.exp(v) for k, v in nll.items()}
