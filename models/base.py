@@ -20,7 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BUILTIN_MODELS", "BaseModelError", "resolve_model", "load_base", "model_cache_dir", "adaptable_layers"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "BaseModelError",
+    "resolve_model",
+    "load_base",
+    "load_config",
+    "meta_model",
+    "model_cache_dir",
+    "adaptable_layers",
+]
 
 # name -> (python package holding the file, GGUF file name, what the hub calls the model)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -146,3 +155,36 @@ def adaptable_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(mod, nn.ModuleList):
             return path, mod
     raise BaseModelError(f"cannot find the transformer blocks of a {type(model).__name__}")
+
+
+def load_config(name: str | None = None, gguf_file: str | None = None, random_init: dict[str, Any] | None = None):
+    """The model's ``transformers`` config without loading weights (for early checks)."""
+    from transformers import AutoConfig
+
+    if random_init is not None:
+        cfg = dict(random_init)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if not name:
+        raise BaseModelError("base: give `name` (hub id, local path or builtin) or `random_init`")
+    directory, gguf = resolve_model(name, gguf_file)
+    try:
+        if gguf:
+            src = Path(directory) / gguf
+            cached = sorted((model_cache_dir() / "gguf").glob(f"{src.stem}-*/config.json"))
+            if cached:
+                return AutoConfig.from_pretrained(cached[-1].parent)
+            return AutoConfig.from_pretrained(directory, gguf_file=gguf)
+        return AutoConfig.from_pretrained(directory)
+    except OSError as e:
+        raise BaseModelError(
+            f"base.name {name!r} could not be loaded ({str(e).splitlines()[0]}); give a local "
+            "model directory, a GGUF file, or a hub id reachable from this machine"
+        ) from None
+
+
+def meta_model(config) -> nn.Module:
+    """The architecture on the ``meta`` device: names and shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -163,15 +163,23 @@ def train_step(
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    nll_rows = row_nll(model, batch)  # (N,)
-    if not torch.isfinite(nll_rows).all():
-        bad = sorted({int(t) for t in batch.task_ids[~torch.isfinite(nll_rows)].tolist()})
-        raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
-    nll = (batch.weights * nll_rows).sum()
+    if len(batch.input_ids):
+        nll_rows = row_nll(model, batch)  # (N,)
+        if not torch.isfinite(nll_rows).all():
+            bad = sorted({int(t) for t in batch.task_ids[~torch.isfinite(nll_rows)].tolist()})
+            raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
+        nll = (batch.weights * nll_rows).sum()
+    else:  # a Ray worker may own none of this batch's rows: it still takes the prior step
+        nll_rows = torch.zeros(0)
+        nll = torch.zeros(())
     loss = nll + extra_loss() if extra_loss is not None else nll
     if not torch.isfinite(loss):
         raise NonFiniteLossError(sorted(set(batch.task_ids.tolist())), float(loss))
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
+    for p in params:  # zeros, not None: Adam then moves every parameter as in the joint objective
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if reduce_grads is not None:
         sq = reduce_grads(params)
     else:
@@ -187,7 +195,7 @@ def train_step(
         per = {}
         for t in batch.task_ids.unique().tolist():
             per[int(t)] = float(nll_rows[batch.task_ids == t].mean())
-    return StepResult(float(loss), float(nll), norm, per)
+    return StepResult(float(loss.detach()), float(nll.detach()), norm, per)
 
 
 @torch.no_grad()

@@ -1,0 +1,190 @@
+"""FineGates end to end: train gates + LoRA, export the pruned model, measure what it costs.
+
+Run (real demo base, ~5 min on 2 CPU cores):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py
+Quick check on a tiny random model (byte tokens):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --tiny --steps 20
+
+Compares, with the same seed, LoRA init and batches:
+  * ``lora``:  base + LoRA on the top layers, trained ``--steps`` steps;
+  * ``gated``: the same + FineGates on the MLP intermediate channels of every block
+    (rows of gate_proj/up_proj, columns of down_proj) with the sparsity penalty,
+    then exported (gates folded, closed channels removed, adapter merged).
+Prints ONE JSON object: removed_fraction (gated base weights removed), ppl_increase_rel
+(gated eval ppl / lora eval ppl - 1), speedup (forward latency of the original model over the
+exported one, same inputs, timed alternately), exactness of the export and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
+from models.gate_export import export_pruned, strip_adapters  # noqa: E402
+from models.gates import gate_params, inject_gates, sparsity_penalty, sparsity_report  # noqa: E402
+from models.lora import adapter_params, inject, lora_layers  # noqa: E402
+from models.train import Batch, evaluate, seed_everything, train_step  # noqa: E402
+
+TINY = {
+    "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256,
+}
+
+
+def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train / eval sequences of ``seq`` tokens from the stdlib source; every 5th file is eval."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    train: list[list[int]] = []
+    held: list[list[int]] = []
+    for i, f in enumerate(files):
+        pool, cap = (held, n_eval) if i % 5 == 4 else (train, n_train)
+        if len(pool) >= cap:
+            if len(train) >= n_train and len(held) >= n_eval:
+                break
+            continue
+        ids = tokenize(f.read_text(encoding="utf-8", errors="ignore"))
+        pool += [ids[j : j + seq] for j in range(0, len(ids) - seq + 1, seq)][: min(8, cap - len(pool))]
+    return torch.tensor(train), torch.tensor(held)
+
+
+def make_model(args, base_state, lora_layers_idx: list[int], gated: bool) -> torch.nn.Module:
+    model = load_base(random_init=TINY) if args.tiny else load_base(args.base)
+    if base_state is not None:
+        model.load_state_dict(base_state)
+    seed_everything(args.seed)  # same LoRA init in both arms
+    inject(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           num_tasks=1, rank=args.rank, alpha=2.0 * args.rank, layers=lora_layers_idx)
+    if gated:
+        torch.manual_seed(args.seed + 1)
+        inject_gates(model, ["gate_proj", "up_proj"], gate_cols=False, sigma=args.sigma)
+        inject_gates(model, ["down_proj"], gate_rows=False, sigma=args.sigma)
+    return model
+
+
+def train(model, args, train_ids: torch.Tensor, gated: bool) -> float:
+    groups = [{"params": adapter_params(model), "lr": args.lr}]
+    if gated:
+        groups.append({"params": gate_params(model), "lr": args.gate_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    gate_target = 1.0 - (1.0 - args.target) ** (1.0 / 3.0)  # a channel dies if any of its 3 gates closes
+    extra = (lambda: sparsity_penalty(model, gate_target, args.lam)) if gated else None
+    rng = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        rows = torch.randint(0, len(train_ids), (args.batch,), generator=rng)
+        b = Batch(train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch))
+        train_step(model, b, opt, params, extra_loss=extra)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def latency(models: dict[str, torch.nn.Module], ids: torch.Tensor, reps: int, **kw) -> dict[str, float]:
+    """Median forward seconds of each model, timed alternately (same load for both)."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        m(input_ids=ids, **kw)  # warm-up
+    for _ in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(input_ids=ids, **kw)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny random llama + byte tokens")
+    ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lora-top", type=int, default=4, help="LoRA on the top N blocks")
+    ap.add_argument("--target", type=float, default=0.35,
+                    help="wanted fraction of MLP channels removed; each channel has 3 gates, so the "
+                         "gate-level target passed to sparsity_penalty is 1 - (1 - target)^(1/3)")
+    ap.add_argument("--lam", type=float, default=50.0)
+    ap.add_argument("--sigma", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--gate-lr", type=float, default=0.1)
+    ap.add_argument("--eval", type=int, default=32, help="eval sequences")
+    ap.add_argument("--reps", type=int, default=10, help="latency repetitions")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+
+    if args.tiny:
+        tokenize = lambda s: list(s.encode("utf-8"))  # noqa: E731  bytes < 300 = vocab
+        base_state = load_base(random_init=TINY).state_dict()
+    else:
+        from transformers import AutoTokenizer
+
+        directory, gguf = resolve_model(args.base)
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(directory)
+        tokenize = lambda s: tok(s)["input_ids"]  # noqa: E731
+        base_state = None
+    train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=256, n_eval=args.eval)
+
+    probe = load_base(random_init=TINY) if args.tiny else load_base(args.base)
+    n_blocks = len(adaptable_layers(probe)[1])
+    del probe
+    top = list(range(n_blocks - args.lora_top, n_blocks))
+
+    results = {}
+    models = {}
+    for arm in ("lora", "gated"):
+        model = make_model(args, base_state, top, gated=arm == "gated")
+        secs = train(model, args, train_ids, gated=arm == "gated")
+        nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
+        results[arm] = {"train_s": round(secs, 1), "eval_ppl": math.exp(nll)}
+        models[arm] = model
+
+    gated = models["gated"]
+    report = sparsity_report(gated)
+    pruned = export_pruned(gated, inplace=True)
+    exp_nll = evaluate(pruned, {0: eval_ids}, batch_size=8)[0]
+    for m in (pruned, models["lora"]):  # deploy form: adapter merged into the base
+        for layer in lora_layers(m).values():
+            layer.merge(0)
+        strip_adapters(m)
+    original = models["lora"]
+    n_orig = sum(p.numel() for p in original.parameters())
+    n_pruned = sum(p.numel() for p in pruned.parameters())
+    lat_ids = eval_ids[:4, : args.seq]
+    full = latency({"original": original, "exported": pruned}, lat_ids, args.reps)
+    prefill = latency({"original": original, "exported": pruned}, lat_ids, args.reps, logits_to_keep=1)
+
+    print(json.dumps({
+        "benchmark": "gates_export",
+        "compared": "LoRA+FineGates exported (pruned, merged) vs LoRA-only on the same base, steps, batches",
+        "base": "tiny-random-llama" if args.tiny else args.base,
+        "removed_fraction": round(report["removed_fraction"], 4),
+        "ppl_lora": round(results["lora"]["eval_ppl"], 4),
+        "ppl_gated": round(results["gated"]["eval_ppl"], 4),
+        "ppl_exported": round(math.exp(exp_nll), 4),
+        "ppl_increase_rel": round(results["gated"]["eval_ppl"] / results["lora"]["eval_ppl"] - 1, 4),
+        "speedup": round(full["original"] / full["exported"], 3),
+        "speedup_last_token_logits": round(prefill["original"] / prefill["exported"], 3),
+        "latency_s": {"full_logits": full, "last_token_logits": prefill},
+        "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
+        "train_s": {k: v["train_s"] for k, v in results.items()},
+        "settings": {k: v for k, v in vars(args).items()} | {"lora_blocks": top, "threads": torch.get_num_threads(),
+                                                            "latency_batch": list(lat_ids.shape)},
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

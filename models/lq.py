@@ -1,0 +1,413 @@
+"""Low-rank plus quantised bases (LQ-LoRA / ReALLM): W ~ Q + L1 L2^T, stored packed.
+
+``lq_decompose`` alternates, as LQ-LoRA's Algorithm 1:
+
+    L1 L2^T = SVD_r(W - Q)          (best rank-r fit of what the quantiser missed)
+    Q       = quant(W - L1 L2^T)    (quantise what the low-rank part cannot hold)
+
+starting from Q = quant(W), and keeps the iterate with the smallest error
+``||W - Q - L1 L2^T||`` (Fisher-weighted if a diagonal Fisher F is given:
+``sum F (W - Q - L1 L2^T)^2``); it stops as soon as the error rises. With F, the SVD step
+is LQ-LoRA's weighted one: F is approximated by the rank-1 ``r c^T / sum(F)`` of its row
+and column sums and ``L = D_r^-1/2 SVD_r(D_r^1/2 (W - Q) D_c^1/2) D_c^-1/2``.
+
+``quantize_model`` swaps linear layers for :class:`QuantizedLinear` (packed codes only,
+dequantised per forward). Where ``models.lora.inject`` already wrapped a layer, the
+``MultiTaskLoraLinear.base_layer`` is replaced and the low-rank part becomes the adapters'
+shared starting point: ``A_shared = L2^T``, ``B_shared = L1 / s`` with ``s = alpha / r``, so
+``s B A = L1 L2^T`` and with zero task offsets the layer computes ``(Q + L1 L2^T) x + b``.
+Without LoRA on a matrix only Q is kept (its best approximation is then plain quant(W)).
+Call ``inject`` first: LoRA cannot yet be injected onto a QuantizedLinear.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lora import MultiTaskLoraLinear, _layer_index, _matches, task_ids
+from models.quant import PackedTensor, QuantConfigError, quantize
+from models.train import Batch, row_nll
+
+__all__ = [
+    "LQDecomposition",
+    "QuantizedLinear",
+    "QuantTargetError",
+    "QuantReport",
+    "lq_decompose",
+    "quantizable_matrices",
+    "quantize_model",
+    "fisher_diag",
+    "weighted_error",
+]
+
+
+class QuantTargetError(ValueError):
+    """No layer to quantise, or a layer that cannot be quantised as asked."""
+
+
+class LQDecomposition(NamedTuple):
+    """``W ~ Q.dequantize() + L1 @ L2.T``; ``history[0]`` is plain quant(W)'s error."""
+
+    Q: PackedTensor
+    L1: torch.Tensor  # (out, r), = U sqrt(S)
+    L2: torch.Tensor  # (in, r),  = V sqrt(S)
+    history: list[float]  # error of every iterate (rank 0 first), sqrt of squared error
+    best: int  # index into history of the kept iterate
+
+
+def weighted_error(diff: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
+    """sqrt(sum F diff^2) (plain Frobenius norm without F)."""
+    d2 = diff.double().pow(2)
+    return math.sqrt(float((d2 * fisher.double()).sum() if fisher is not None else d2.sum()))
+
+
+def _low_rank(residual: torch.Tensor, rank: int, fisher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced rank-r factors (L1 (out, r), L2 (in, r)) of the residual (weighted by F)."""
+    if fisher is None:
+        row = col = None
+        m = residual
+    else:  # rank-1 approximation of F: F_ij ~ r_i c_j / sum F
+        f = fisher.double().clamp(min=0) + 1e-12 * float(fisher.abs().max() + 1e-30)
+        row = (f.sum(1) / f.sum().sqrt()).sqrt().float()  # (out,)  sqrt(r_i / sqrt(sum F))
+        col = (f.sum(0) / f.sum().sqrt()).sqrt().float()  # (in,)
+        m = row[:, None] * residual * col[None, :]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    root = s[:rank].sqrt()
+    l1, l2 = u[:, :rank] * root, vh[:rank].T * root
+    if row is not None:
+        l1, l2 = l1 / row[:, None], l2 / col[:, None]
+    return l1.contiguous(), l2.contiguous()
+
+
+@torch.no_grad()
+def lq_decompose(
+    W: torch.Tensor,
+    bits: int,
+    rank: int,
+    quantizer: str = "nf",
+    iters: int = 5,
+    fisher: torch.Tensor | None = None,
+    block_size: int = 64,
+) -> LQDecomposition:
+    """Decompose ``W (out, in)`` into a b-bit quantised Q plus a rank-r L1 L2^T.
+
+    Args:
+        W: the weight in nn.Linear layout.
+        bits: bits of Q (2, 3, 4 or 8).
+        rank: rank r of the high-precision part (0 gives plain quantisation).
+        quantizer: ``uniform``, ``nf`` or ``vq`` (see :mod:`models.quant`).
+        iters: at most this many (SVD, quantise) rounds.
+        fisher: optional diagonal Fisher, shape of W, weighting the error and the SVD.
+        block_size: quantiser block size.
+
+    Returns:
+        :class:`LQDecomposition` with the best iterate and the error history.
+
+    Example:
+        >>> Q, L1, L2, hist, best = lq_decompose(W, bits=3, rank=8)
+        >>> W_hat = Q.dequantize() + L1 @ L2.T
+    """
+    W = W.detach().float().cpu()
+    if W.dim() != 2:
+        raise QuantTargetError(f"lq_decompose needs a 2-D weight, got shape {tuple(W.shape)}")
+    if not 0 <= rank <= min(W.shape):
+        raise QuantTargetError(f"rank={rank} does not fit a {tuple(W.shape)} matrix: use 0..{min(W.shape)}")
+    if fisher is not None and fisher.shape != W.shape:
+        raise QuantTargetError(f"fisher has shape {tuple(fisher.shape)}, the weight {tuple(W.shape)}")
+    fisher = None if fisher is None else fisher.detach().float().cpu()
+    q = quantize(W, quantizer, bits, block_size)
+    zero1, zero2 = W.new_zeros(W.shape[0], rank), W.new_zeros(W.shape[1], rank)
+    history = [weighted_error(W - q.dequantize(), fisher)]
+    best = LQDecomposition(q, zero1, zero2, history, 0)
+    if rank == 0:
+        return best
+    for it in range(1, iters + 1):
+        l1, l2 = _low_rank(W - q.dequantize(), rank, fisher)
+        err = weighted_error(W - q.dequantize() - l1 @ l2.T, fisher)
+        history.append(err)
+        if err >= history[best.best]:
+            break  # the error rose: keep the best iterate so far
+        best = LQDecomposition(q, l1, l2, history, it)
+        if it < iters:
+            q = quantize(W - l1 @ l2.T, quantizer, bits, block_size)
+    return best
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer that holds only packed codes and dequantises per forward.
+
+    ``y = x Q^T + b`` with ``Q = packed.dequantize()``. No fp32 weight is kept; with
+    ``cache_weight=True`` (off by default) the dequantised weight is kept after the first
+    forward, trading memory for speed.
+
+    Args:
+        packed: the quantised (out, in) weight.
+        bias: optional (out,) bias, kept in full precision and frozen.
+        cache_weight: keep the dequantised weight between forwards.
+
+    Example:
+        >>> layer = QuantizedLinear(quantize(lin.weight, "nf", 4), lin.bias)
+    """
+
+    def __init__(self, packed: PackedTensor, bias: torch.Tensor | None = None, cache_weight: bool = False) -> None:
+        super().__init__()
+        if len(packed.shape) != 2:
+            raise QuantTargetError(f"QuantizedLinear needs a 2-D packed weight, got {packed.shape}")
+        self.out_features, self.in_features = packed.shape
+        self.method, self.bits, self.block_size = packed.method, packed.bits, packed.block_size
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("codebook", packed.codebook)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.cache_weight = cache_weight
+        self._cached: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> PackedTensor:
+        shape = (self.out_features, self.in_features)
+        return PackedTensor(self.method, self.bits, shape, self.block_size, self.codes, self.scales, self.codebook)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the packed weight (the bias is not counted)."""
+        return self.packed.nbytes
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(out, in) fp32 weight (from the cache when enabled)."""
+        if self._cached is not None:
+            return self._cached
+        w = self.packed.dequantize()
+        if self.cache_weight:
+            self._cached = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.method}{self.bits}, bytes={self.nbytes}"
+
+
+# --------------------------------------------------------------------------- model level
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """(out, in) weight of nn.Linear / GPT-2 Conv1D, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.T
+    return None
+
+
+def _targets(model: nn.Module, target_modules: str | Sequence[str], layers: Sequence[int] | None) -> dict[str, nn.Module]:
+    """Logical name -> module to quantise (a MultiTaskLoraLinear or a plain linear)."""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if ".base_layer" in name or module is out_emb:
+            continue
+        inner = module.base_layer if isinstance(module, MultiTaskLoraLinear) else module
+        if _linear_weight(inner) is None and not isinstance(inner, QuantizedLinear):
+            continue
+        if target_modules != "all-linear" and not _matches(name, target_modules):
+            continue
+        if layers is not None and _layer_index(name) not in set(layers):
+            continue
+        found[name] = module
+    if not found:
+        raise QuantTargetError(
+            f"target_modules {target_modules!r}" + (f" in layers {list(layers)}" if layers is not None else "")
+            + " match no linear layer of this model (the output head is never quantised)"
+        )
+    return found
+
+
+def quantizable_matrices(
+    model: nn.Module, target_modules: str | Sequence[str] = "all-linear", layers: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Name -> (out, in) base weight of every layer :func:`quantize_model` would replace.
+
+    Raises:
+        QuantTargetError: when nothing matches (or a match is already quantised).
+    """
+    out = {}
+    for name, module in _targets(model, target_modules, layers).items():
+        inner = module.base_layer if isinstance(module, MultiTaskLoraLinear) else module
+        w = _linear_weight(inner)
+        if w is None:
+            raise QuantTargetError(f"{name} is already quantised: quantise a model once")
+        out[name] = w.detach()
+    return out
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did; ``rows`` has one dict per replaced matrix."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r["bytes"] for r in self.rows)
+
+    @property
+    def numel(self) -> int:
+        return sum(r["numel"] for r in self.rows)
+
+    @property
+    def recon_rel_error(self) -> float:
+        """sqrt(sum ||W - W_hat||^2 / sum ||W||^2) over all replaced matrices (Q + L1 L2^T)."""
+        return math.sqrt(sum(r["err2"] for r in self.rows) / max(sum(r["norm2"] for r in self.rows), 1e-30))
+
+    def as_dict(self) -> dict:
+        return {
+            "stored_bytes": self.stored_bytes, "fp32_bytes": 4 * self.numel, "numel": self.numel,
+            "bits_per_weight": 8 * self.stored_bytes / max(self.numel, 1),
+            "recon_rel_error": self.recon_rel_error, "matrices": self.rows,
+        }
+
+
+def _choice_of(name: str, bits: int | Mapping | object, quantizer: str) -> tuple[str, int]:
+    if isinstance(bits, int):
+        return quantizer, bits
+    table = bits.choices if hasattr(bits, "choices") else bits  # an Allocation or a plain dict
+    if name not in table:
+        raise QuantTargetError(f"the bit allocation has no entry for {name}: allocate over the same target_modules/layers")
+    q, b = table[name]
+    return str(q), int(b)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = "all-linear",
+    bits: int | Mapping[str, tuple[str, int]] | object = 4,
+    rank: int | None = None,
+    layers: Sequence[int] | None = None,
+    quantizer: str = "nf",
+    iters: int = 5,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    block_size: int = 64,
+) -> QuantReport:
+    """Replace linear layers by :class:`QuantizedLinear`; LQ-initialise LoRA where present.
+
+    Args:
+        model: modified in place (after ``models.lora.inject`` if LoRA is used).
+        target_modules: ``"all-linear"`` (every linear but the output head) or names as in inject.
+        bits: one bit width for all, or an ``Allocation`` / dict name -> (quantizer, bits).
+        rank: rank of L1 L2^T on LoRA-wrapped layers; None = the layer's LoRA rank, 0 = plain Q.
+        layers: only blocks with these indices.
+        quantizer: quantiser when ``bits`` is an int.
+        iters: LQ rounds.
+        fisher: optional name -> diagonal Fisher (from :func:`fisher_diag`).
+        block_size: quantiser block size.
+
+    Returns:
+        :class:`QuantReport` (bytes, errors, per matrix).
+
+    Example:
+        >>> inject(model, ["q_proj", "v_proj"], num_tasks=4, rank=8, alpha=16)
+        >>> report = quantize_model(model, ["q_proj", "v_proj"], bits=3)
+    """
+    report = QuantReport()
+    for name, module in _targets(model, target_modules, layers).items():
+        wrapped = isinstance(module, MultiTaskLoraLinear)
+        inner = module.base_layer if wrapped else module
+        w = _linear_weight(inner)
+        if w is None:
+            raise QuantTargetError(f"{name} is already quantised: quantise a model once")
+        method, b = _choice_of(name, bits, quantizer)
+        r = 0
+        if wrapped:
+            if len(set(module.ranks)) > 1 and rank != 0:
+                raise QuantTargetError(f"{name}: LQ init needs one LoRA rank for all tasks (got {module.ranks}); pass rank=0")
+            r = min(module.ranks) if rank is None else min(rank, min(module.ranks))
+        fis = None if fisher is None else fisher.get(name)
+        dec = lq_decompose(w, b, r, method, iters, fis, block_size)
+        new = QuantizedLinear(dec.Q, getattr(inner, "bias", None)).to(w.device)
+        w_hat = dec.Q.dequantize()
+        if wrapped:
+            module.base_layer = new
+            if dec.best > 0:  # else L = 0: keep LoRA's own init (A random, B = 0), or A = B = 0 would never train
+                s = float(module.scaling[0])
+                module.lora_A_shared[:r] = dec.L2.T.to(module.lora_A_shared)
+                module.lora_B_shared[:, :r] = (dec.L1 / s).to(module.lora_B_shared)
+                module.lora_B_shared[:, r:] = 0.0  # components above r: standard init, B = 0
+                w_hat = w_hat + dec.L1 @ dec.L2.T
+        else:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+        wf = w.detach().float().cpu()
+        err2 = float((wf - w_hat).double().pow(2).sum())
+        norm2 = float(wf.double().pow(2).sum())
+        report.rows.append({
+            "name": name, "quantizer": method, "bits": b, "rank": r if dec.best > 0 else 0, "numel": wf.numel(),
+            "bytes": dec.Q.nbytes, "rel_error": math.sqrt(err2 / max(norm2, 1e-30)),
+            "rel_error_q_only": dec.history[0] / math.sqrt(max(norm2, 1e-30)) if fis is None else None,
+            "lq_history": dec.history, "err2": err2, "norm2": norm2,
+        })
+    return report
+
+
+def fisher_diag(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Batch],
+    target_modules: str | Sequence[str] = "all-linear",
+    layers: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher of the base weights: mean over batches of grad(loss)^2.
+
+    Each batch contributes the square of its mean-loss gradient (batches of one sequence
+    give the per-example empirical Fisher LQ-LoRA uses; larger batches are a cheaper,
+    smoother estimate). Batches are ``input_ids`` tensors (N, L) or :class:`Batch` objects.
+    A model with LoRA layers is routed to task 0 for plain tensors.
+
+    Returns:
+        name -> (out, in) tensor, keyed like :func:`quantizable_matrices`.
+    """
+    targets = _targets(model, target_modules, layers)
+    params: dict[str, torch.Tensor] = {}
+    params_owner: dict[str, nn.Module] = {}
+    for name, module in targets.items():
+        inner = module.base_layer if isinstance(module, MultiTaskLoraLinear) else module
+        if _linear_weight(inner) is None:
+            raise QuantTargetError(f"{name} is already quantised: compute the Fisher before quantize_model")
+        params[name], params_owner[name] = inner.weight, inner
+    was = {n: p.requires_grad for n, p in params.items()}
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    has_router = getattr(model, "_loraflock_router", None) is not None
+    training = model.training
+    model.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in batches:
+            if isinstance(batch, Batch):
+                loss = (batch.weights * row_nll(model, batch)).sum()
+            else:
+                with task_ids(model, 0) if has_router else nullcontext():
+                    logits = model(input_ids=batch).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for n, g in zip(params, grads):
+                sums[n] += g.float().pow(2)
+            count += 1
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(was[n])
+        model.train(training)
+    if count == 0:
+        raise QuantTargetError("fisher_diag got no calibration batches: pass at least one")
+    # Conv1D stores (in, out): report every Fisher in the (out, in) layout of the weight.
+    return {n: (f / count).T.contiguous() if not isinstance(params_owner[n], nn.Linear) else f / count for n, f in sums.items()}

@@ -1,0 +1,43 @@
+"""The builtin demo job: SmolLM2-135M (offline GGUF) on the ``stdlib-code`` task suite.
+
+Sized for 2 CPU cores: adapters on the top blocks only (the frozen blocks below are run
+once per sequence and cached), 128-token rows, a few dozen steps per method. The same job
+is ``examples/demo.yaml`` (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from orchestrator.spec import JobSpec
+
+__all__ = ["DEMO_JOB", "demo_job"]
+
+# train-sequence caps: >= 10x between the smallest and the largest task, like BoRA's speakers
+_SIZES = {"json": 8, "concurrent": 16, "logging": 32, "http": 64, "email": 128, "asyncio": 256}
+
+DEMO_JOB: dict = {
+    "name": "demo",
+    "base": {"name": "smollm2-135m"},
+    "tasks": [
+        {
+            "name": pkg,
+            "source": {"kind": "builtin", "suite": "stdlib-code", "package": pkg},
+            "max_train_sequences": n,
+            "max_eval_sequences": 24,
+        }
+        for pkg, n in _SIZES.items()
+    ],
+    "lora": {
+        "rank": 8,
+        "alpha": 16,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "top_layers": 4,
+    },
+    "train": {"steps": 60, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "seed": 0, "log_every": 10},
+    "flock": {"tau": 100.0, "baselines": ["independent", "unified"]},
+    "ray": {"num_workers": 1},
+}
+
+
+def demo_job() -> JobSpec:
+    """The validated demo job."""
+    return JobSpec.model_validate(DEMO_JOB)

@@ -1,0 +1,169 @@
+"""The Ray Train worker of the flock stage: loads the base, owns some tasks, trains every method.
+
+Ray is touched only here and only through ``ray.train`` (context, checkpoint, report); the
+training itself is :func:`orchestrator.flock_loop.train_method`. After each method the
+worker reports a checkpoint (its results + the flock's adapters in PEFT format), so a
+restarted worker group (``FailureConfig``) skips the methods already finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from models.base import adaptable_layers, load_base
+from models.lora import adapter_params, inject
+from models.peft_io import save_adapter
+from models.prefix import compute_prefix
+from models.train import evaluate, seed_everything
+from orchestrator.flock_loop import FlockData, MethodConfig, train_method
+from orchestrator.spec import JobSpec
+
+__all__ = ["flock_worker", "adapted_layers"]
+
+
+def adapted_layers(model: torch.nn.Module, top_layers: int | None) -> list[int] | None:
+    """Block indices that get adapters (the top ``top_layers``), or ``None`` for all."""
+    if top_layers is None:
+        return None
+    _, blocks = adaptable_layers(model)
+    n = len(blocks)
+    return list(range(max(0, n - top_layers), n))
+
+
+def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
+    from models.prior import HierarchicalPrior
+
+    p = spec.flock.prior
+    mode = "infer" if tau == "infer" else "fixed"
+    return HierarchicalPrior(
+        model,
+        task_sizes=sizes_owned,
+        total_size=total,
+        groups=p.groups,
+        tau=None if mode == "infer" else float(tau),
+        mode=mode,
+        a=p.a,
+        b=p.b,
+        tau_init=p.tau_init,
+        tau_max=p.tau_max,
+        update_every=p.update_every,
+    )
+
+
+def methods_of(spec: JobSpec) -> list[tuple[str, str, object]]:
+    """(name, kind, tau) of every method the flock trains, the main one first."""
+    f = spec.flock
+    out: list[tuple[str, str, object]] = [("hierarchical", "hierarchical", f.tau)]
+    if f.tau == 0:
+        out = [("hierarchical", "independent", 0.0)]
+    for b in f.baselines:
+        out.append((b, b, 0.0 if b == "independent" else float("inf")))
+    for t in f.tau_sweep or []:
+        kind = "independent" if t == 0 else "hierarchical"
+        out.append((f"tau={t:g}", kind, float(t)))
+    return out
+
+
+def flock_worker(config: dict) -> None:
+    """Ray Train entry point (one call per worker)."""
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    say = lambda m: print(f"[flock w{rank}] {m}", flush=True)  # noqa: E731
+    data_all = ray.get(config["data_ref"])
+    owned: list[int] = config["assignment"][rank]
+    names: list[str] = data_all["names"]
+    sizes: list[int] = data_all["sizes"]
+    device = ray.train.torch.get_device() if spec.ray.use_gpu else torch.device("cpu")
+    t0 = time.perf_counter()
+    seed_everything(spec.train.seed)
+    b = spec.base
+    model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, str(device), seed=spec.train.seed)
+    layers = adapted_layers(model, spec.lora.top_layers)
+    torch.manual_seed(spec.train.seed)  # same initial adapters on every worker and method
+    inject(
+        model,
+        spec.lora.target_modules,
+        num_tasks=len(owned),
+        rank=[spec.rank_of(names[g]) for g in owned],
+        alpha=spec.lora.alpha,
+        dropout=spec.lora.dropout,
+        layers=layers,
+    )
+    ad = {id(p) for p in adapter_params(model)}
+    init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
+    say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}")
+
+    train = {s: torch.as_tensor(data_all["train"][g]).to(device) for s, g in enumerate(owned)}
+    evals = {s: torch.as_tensor(data_all["eval"][g]).to(device) for s, g in enumerate(owned)}
+    split = layers[0] if layers and layers[0] > 0 else 0
+    tp = ep = None
+    if split:
+        t1 = time.perf_counter()
+        tp = {s: compute_prefix(model, x, split) for s, x in train.items()}
+        ep = {s: compute_prefix(model, x, split) for s, x in evals.items()}
+        n = sum(len(x) for x in train.values()) + sum(len(x) for x in evals.values())
+        say(f"cached the frozen blocks 0..{split - 1} for {n} sequences in {time.perf_counter() - t1:.1f}s")
+    data = FlockData(sizes, owned, train, evals, tp, ep, split)
+
+    results: dict = {}
+    kept = Path(tempfile.mkdtemp(prefix="loraflock-adapters-"))  # the flock's adapters, once trained
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            f = Path(d) / "results" / f"rank{rank}.json"
+            if f.is_file():
+                results = json.loads(f.read_text())
+                say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
+            for g in owned:
+                src = Path(d) / "adapters" / names[g]
+                if src.is_dir():
+                    shutil.copytree(src, kept / names[g], dirs_exist_ok=True)
+    if "base_eval_nll" not in results:
+        t1 = time.perf_counter()
+        base = evaluate(model, evals, spec.train.eval_batch_size, ep, split)  # B = 0: the base itself
+        results["base_eval_nll"] = {names[owned[s]]: v for s, v in base.items()}
+        say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
+    results.setdefault("methods", {})
+    results["owned"] = [names[g] for g in owned]
+
+    tr = spec.train
+    for mname, kind, tau in methods_of(spec):
+        if mname in results["methods"]:
+            continue
+        cfg = MethodConfig(
+            mname, kind, tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
+            tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every,
+        )
+        prior = None
+        if kind == "hierarchical":
+            prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
+        out = train_method(model, data, cfg, init_state, prior, say, device)
+        results["methods"][mname] = {
+            "kind": kind,
+            "tau": tau if tau != float("inf") else "inf",
+            "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
+            "curve": out["curve"],
+            "seconds": out["seconds"],
+            "tokens_per_s": out["tokens_per_s"],
+            **({"tau_inferred": out.get("tau"), "tau_history": out.get("tau_history")} if prior is not None else {}),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "results").mkdir()
+            (root / "results" / f"rank{rank}.json").write_text(json.dumps(results))
+            if mname == "hierarchical":  # the flock's adapters: what the job delivers
+                for s, g in enumerate(owned):
+                    save_adapter(model, s, kept / names[g], config["base_model_name"])
+            # Every checkpoint carries them, so the latest one is complete on its own.
+            shutil.copytree(kept, root / "adapters")
+            ray.train.report({"method": mname, "done": len(results["methods"])},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,189 @@
+"""The job pipeline: JobSpec -> [flock] -> report, on an embedded or remote Ray cluster.
+
+State is explicit (:class:`StageState` per stage in ``state.json``), so re-running
+``loraflock run`` on the same ``--out`` skips finished stages and lets a half-finished
+stage resume from its Ray checkpoints. An output directory that holds another job's
+results is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from enum import Enum
+from pathlib import Path
+
+from models.files import atomic_write_json
+from orchestrator.errors import OutputDirError
+from orchestrator.spec import JobSpec
+
+__all__ = ["run_job", "StageState", "init_ray"]
+
+
+class StageState(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+def _say(msg: str) -> None:
+    print(f"[loraflock {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    """Hash of everything that changes results (not where it runs)."""
+    d = spec.model_dump(mode="json", exclude={"ray": {"address", "include_dashboard"}})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _claim_output(out: Path, spec: JobSpec) -> dict:
+    """Create/verify ``out``; return its saved state (empty for a new job)."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "job.json"
+    fp = spec_fingerprint(spec)
+    if marker.is_file():
+        try:
+            prev = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            prev = {}
+        if prev.get("fingerprint") != fp:
+            raise OutputDirError(
+                f"{out} holds the results of another job ({prev.get('name', 'unknown')!r}, a different spec); "
+                "choose a new --out directory, or delete this one to start over"
+            )
+        state_file = out / "state.json"
+        return json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise OutputDirError(f"{out} is not empty and was not written by loraflock: choose an empty or new --out directory")
+    atomic_write_json(marker, {"name": spec.name, "fingerprint": fp, "spec": spec.model_dump(mode="json")})
+    return {}
+
+
+def init_ray(address: str | None, include_dashboard: bool = False) -> None:
+    """Connect to ``address`` or start an embedded local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        _say(f"connecting to Ray at {address}")
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        _say("starting an embedded local Ray (127.0.0.1, dashboard " + ("on" if include_dashboard else "off") + ")")
+        ray.init(
+            include_dashboard=include_dashboard,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+
+
+def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
+    """Run every enabled stage of ``spec``; write ``out``; return report.json's content.
+
+    Args:
+        spec: the validated job.
+        out: output directory (local path).
+        address: Ray address; overrides ``spec.ray.address``; ``None`` = embedded local Ray.
+
+    Example:
+        >>> from orchestrator import load_job, run_job
+        >>> report = run_job(load_job("examples/tiny.yaml"), "runs/tiny")
+    """
+    from orchestrator.report import flock_section, write_report
+
+    from orchestrator.preflight import preflight
+
+    out = Path(out).resolve()
+    preflight(spec)  # bad targets/ranks fail here, in seconds, before Ray starts
+    state = _claim_output(out, spec)
+    state.setdefault("stages", {})
+    state.setdefault("results", {})
+    timing: dict[str, float] = dict(state.get("timing", {}))
+
+    def save_state() -> None:
+        state["timing"] = timing
+        atomic_write_json(out / "state.json", state)
+
+    init_ray(address or spec.ray.address, spec.ray.include_dashboard)
+    t0 = time.perf_counter()
+    _say(f"job {spec.name!r}: {len(spec.tasks)} tasks, output {out}")
+    data = _build_data(spec)
+    timing["data_s"] = time.perf_counter() - t0
+
+    if spec.flock.enabled and state["stages"].get("flock") != StageState.FINISHED:
+        from orchestrator.flock import run_flock
+
+        state["stages"]["flock"] = StageState.RUNNING
+        save_state()
+        t1 = time.perf_counter()
+        _say("stage flock: training " + ", ".join(m for m, _, _ in _methods(spec)))
+        res = run_flock(spec, data, out, out / "ray", _base_name(spec))
+        timing["flock_s"] = time.perf_counter() - t1
+        state["results"]["flock"] = res
+        state["stages"]["flock"] = StageState.FINISHED
+        save_state()
+    elif spec.flock.enabled:
+        _say("stage flock: already finished, skipped")
+
+    report: dict = {"job": _job_summary(spec, data), "timing": {}}
+    if "flock" in state["results"]:
+        report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau)
+    timing["total_s"] = time.perf_counter() - t0  # this invocation (a resumed job counts its own time)
+    report["timing"] = timing
+    save_state()
+    write_report(out, report)
+    fl = report.get("flock")
+    if fl:
+        _say(f"macro perplexity: base {fl['base_macro_ppl']:.2f} -> flock {fl['macro_ppl']:.2f}"
+             + "".join(f", {k} {v['macro_ppl']:.2f}" for k, v in fl["baselines"].items()))
+    _say(f"done in {timing['total_s']:.0f}s: {out / 'report.md'}")
+    return report
+
+
+def _methods(spec: JobSpec):
+    from orchestrator.flock_worker import methods_of
+
+    return methods_of(spec)
+
+
+def _base_name(spec: JobSpec) -> str | None:
+    from models.base import BUILTIN_MODELS
+
+    if spec.base.name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec.base.name][2]
+    return spec.base.name
+
+
+def _build_data(spec: JobSpec) -> list:
+    """Tokenise and pack every task once, on the driver."""
+    from tasks import build_task_data
+    from tasks.tokenizer import load_tokenizer
+
+    t = time.perf_counter()
+    tok_name = spec.base.tokenizer or spec.base.name
+    tokenizer = load_tokenizer(tok_name, spec.base.gguf_file if spec.base.tokenizer is None else None)
+    data = build_task_data(spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed)
+    sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in data)
+    _say(f"data ready in {time.perf_counter() - t:.1f}s (train/eval sequences of {spec.train.seq_len} tokens: {sizes})")
+    return data
+
+
+def _job_summary(spec: JobSpec, data: list) -> dict:
+    return {
+        "name": spec.name,
+        "base": spec.base.name or f"random {spec.base.random_init.get('model_type')}",
+        "tasks": [d.name for d in data],
+        "rank": spec.lora.rank,
+        "alpha": spec.lora.alpha,
+        "target_modules": spec.lora.target_modules,
+        "top_layers": spec.lora.top_layers,
+        "steps": spec.train.steps,
+        "batch_size": spec.train.batch_size,
+        "seq_len": spec.train.seq_len,
+        "seed": spec.train.seed,
+    }

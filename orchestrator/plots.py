@@ -1,0 +1,91 @@
+"""The report's plots (matplotlib, Agg backend, PNG files under ``plots/``)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from models.files import atomic_write_bytes  # noqa: E402
+
+__all__ = ["make_plots"]
+
+_COLORS = {"base": "#9e9e9e", "hierarchical": "#1f77b4", "independent": "#ff7f0e", "unified": "#2ca02c"}
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _per_task(out: Path, fl: dict) -> str:
+    tasks = sorted(fl["tasks"], key=lambda t: fl["tasks"][t]["train_examples"])
+    sizes = [fl["tasks"][t]["train_examples"] for t in tasks]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    series = [("base", [fl["tasks"][t]["base_ppl"] for t in tasks]), ("hierarchical", [fl["tasks"][t]["eval_ppl"] for t in tasks])]
+    for b, v in fl.get("baselines", {}).items():
+        series.append((b, [v["tasks"][t]["eval_ppl"] for t in tasks]))
+    for name, ys in series:
+        ax.plot(sizes, ys, marker="o", label=name, color=_COLORS.get(name), linestyle="--" if name == "base" else "-")
+    for x, t in zip(sizes, tasks):
+        ax.annotate(t, (x, series[0][1][tasks.index(t)]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training sequences of the task (log)")
+    ax.set_ylabel("eval perplexity")
+    ax.set_title("Per-task perplexity vs task size")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, out / "plots" / "bora_per_task.png")
+    return "plots/bora_per_task.png"
+
+
+def _curves(out: Path, fl: dict) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for name, pts in fl.get("curves", {}).items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=name, color=_COLORS.get(name))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training objective (size-weighted NLL)")
+    ax.set_title("Training curves (same batches for every method)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, out / "plots" / "curves.png")
+    return "plots/curves.png"
+
+
+def _tau(out: Path, fl: dict) -> str | None:
+    hist = fl.get("tau_history")
+    if not hist:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
+    groups = sorted({g for h in hist for g in h.get("tau", {})})
+    for g in groups:
+        ax.plot([h["step"] for h in hist], [h["tau"].get(g) for h in hist], label=g)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tau (prior precision)")
+    ax.set_title("Inferred tau per module group")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, out / "plots" / "tau.png")
+    return "plots/tau.png"
+
+
+def make_plots(out: Path, report: dict) -> dict[str, str]:
+    """Draw every plot the report's data allows; return {key: relative path}."""
+    files: dict[str, str] = {}
+    fl = report.get("flock")
+    if fl:
+        files["bora_per_task"] = _per_task(out, fl)
+        files["curves"] = _curves(out, fl)
+        t = _tau(out, fl)
+        if t:
+            files["tau"] = t
+    return files

@@ -1,0 +1,34 @@
+"""Checks run on the driver before any Ray work starts, so bad input fails in seconds.
+
+Target modules, ranks and layer choices are checked against the architecture built on the
+``meta`` device (no weights, no memory); errors name the spec field and the fix.
+"""
+
+from __future__ import annotations
+
+from models.base import load_config, meta_model
+from models.lora import LoraTargetError, inject
+from orchestrator.errors import SpecError
+from orchestrator.spec import JobSpec
+
+__all__ = ["preflight"]
+
+
+def preflight(spec: JobSpec) -> list[str]:
+    """Validate the spec against the model; return the module names that get adapters."""
+    from orchestrator.flock_worker import adapted_layers
+
+    b = spec.base
+    model = meta_model(load_config(b.name, b.gguf_file, b.random_init))
+    layers = adapted_layers(model, spec.lora.top_layers)
+    try:
+        return inject(
+            model,
+            spec.lora.target_modules,
+            num_tasks=len(spec.tasks),
+            rank=[spec.rank_of(t.name) for t in spec.tasks],
+            alpha=spec.lora.alpha,
+            layers=layers,
+        )
+    except LoraTargetError as e:
+        raise SpecError(f"lora: {e}") from None

@@ -1,0 +1,117 @@
+"""report.json (the contract in DESIGN.md) and report.md (tables + plots) from stage results."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from models.files import atomic_write_json, atomic_write_text
+from orchestrator import plots
+
+__all__ = ["flock_section", "write_report", "render_markdown"]
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(min(nll, 50.0))
+
+
+def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, float]) -> dict:
+    return {
+        t: {
+            "train_examples": sizes[t],
+            "eval_loss": nll[t],
+            "eval_ppl": _ppl(nll[t]),
+            "base_ppl": _ppl(base[t]),
+        }
+        for t in sizes
+    }
+
+
+def _macro(nll: dict[str, float]) -> float:
+    return sum(_ppl(v) for v in nll.values()) / len(nll)
+
+
+def flock_section(res: dict, tau: Any) -> dict:
+    """The ``flock`` block of report.json from :func:`orchestrator.flock.run_flock`'s result."""
+    sizes, base, methods = res["sizes"], res["base_eval_nll"], res["methods"]
+    main = methods["hierarchical"]
+    sec: dict[str, Any] = {
+        "tau": main.get("tau_inferred") or tau,
+        "method": main["kind"],
+        "base_macro_ppl": _macro(base),
+        "macro_ppl": _macro(main["eval_nll"]),
+        "tasks": _tasks_block(main["eval_nll"], sizes, base),
+        "baselines": {},
+        "train_seconds": main["seconds"],
+        "tokens_per_s": main["tokens_per_s"],
+        "assignment": res.get("assignment"),
+    }
+    if main.get("tau_history"):
+        sec["tau_history"] = main["tau_history"]
+    for b in ("independent", "unified"):
+        if b in methods:
+            m = methods[b]
+            sec["baselines"][b] = {"macro_ppl": _macro(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base)}
+    sweep = [(k, m) for k, m in methods.items() if k.startswith("tau=")]
+    if sweep:
+        sec["tau_sweep"] = [
+            {"tau": float(m["tau"]), "macro_ppl": _macro(m["eval_nll"]), "tasks": {t: _ppl(v) for t, v in m["eval_nll"].items()}}
+            for _, m in sorted(sweep, key=lambda kv: float(kv[1]["tau"]))
+        ]
+    sec["curves"] = {k: m["curve"] for k, m in methods.items()}
+    return sec
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
+    """A report a person would rather look at than read: headline, tables, plots."""
+    job = report["job"]
+    lines = [f"# loraflock report: {job['name']}", ""]
+    lines.append(f"Base model `{job['base']}`, {len(job['tasks'])} tasks, LoRA r={job['rank']} on {', '.join(job['target_modules'])}"
+                 + (f" (top {job['top_layers']} blocks)" if job.get("top_layers") else "") + f", {job['steps']} steps.")
+    lines.append("")
+    fl = report.get("flock")
+    if fl:
+        base, main = fl["base_macro_ppl"], fl["macro_ppl"]
+        gain = (base - main) / base * 100
+        lines += ["## Flock", ""]
+        lines.append(f"Macro perplexity (mean of per-task perplexities): base **{_fmt(base)}** -> flock **{_fmt(main)}** ({gain:+.1f}% better)"
+                     + f", tau = {fl['tau'] if not isinstance(fl['tau'], dict) else ', '.join(f'{k} {v:.3g}' for k, v in fl['tau'].items())}.")
+        bl = fl.get("baselines", {})
+        if bl:
+            parts = [f"{k} {_fmt(v['macro_ppl'])}" for k, v in bl.items()]
+            best = min([("hierarchical", main)] + [(k, v["macro_ppl"]) for k, v in bl.items()], key=lambda kv: kv[1])
+            lines.append(f"Baselines on the same seed and batches: {', '.join(parts)}. Best: **{best[0]}**.")
+        lines += ["", "| task | train seqs | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl), "|---|---:|---:|---:|" + "---:|" * len(bl)]
+        for t, r in sorted(fl["tasks"].items(), key=lambda kv: kv[1]["train_examples"]):
+            row = f"| {t} | {r['train_examples']} | {_fmt(r['base_ppl'])} | {_fmt(r['eval_ppl'])} |"
+            for k in bl:
+                row += f" {_fmt(bl[k]['tasks'][t]['eval_ppl'])} |"
+            lines.append(row)
+        lines.append(f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |" + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values()))
+        lines.append("")
+        if fl.get("tau_sweep"):
+            lines += ["### tau sweep (BoRA Table 1 on this suite)", "", "| tau | macro ppl |", "|---:|---:|"]
+            for r in fl["tau_sweep"]:
+                lines.append(f"| {r['tau']:g} | {_fmt(r['macro_ppl'])} |")
+            lines.append("")
+        for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
+            if key in plot_files:
+                lines += [f"![{key}]({plot_files[key]})", ""]
+    t = report.get("timing", {})
+    if t:
+        lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]
+    lines += ["## Files", "", "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)",
+              "- `report.json`: every figure above, machine-readable", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """Write report.json, the plots and report.md (each atomically)."""
+    plot_files = plots.make_plots(out, report)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report, plot_files))

@@ -1,0 +1,280 @@
+"""The job spec: one YAML file, validated by pydantic v2 (``extra="forbid"`` everywhere).
+
+``loraflock validate JOB.yaml`` prints every problem with its field path; ``loraflock schema``
+prints the JSON schema. The spec crosses into Ray as ``model_dump()`` and is re-validated
+on the other side, so workers never see an unchecked value.
+
+Example:
+    >>> spec = load_job("examples/tiny.yaml")
+    >>> spec.lora.rank
+    8
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import SpecError
+from tasks.spec import TaskSpec
+
+__all__ = [
+    "BaseSpec",
+    "LoraSpec",
+    "TrainSpec",
+    "PriorSpec",
+    "FlockSpec",
+    "RaySpec",
+    "JobSpec",
+    "load_job",
+    "parse_job",
+    "format_validation_error",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseSpec(_Strict):
+    """The frozen base model.
+
+    Args:
+        name: builtin name (``smollm2-135m``), hub id or local directory.
+        gguf_file: a GGUF file inside ``name`` (dequantised to fp32 once and cached).
+        random_init: a ``transformers`` config dict with ``model_type``: random weights (tests).
+        tokenizer: tokenizer name/path, or ``bytes`` (offline byte-level); default: ``name``.
+        dtype: ``auto`` = fp32 on CPU, bf16 on GPU.
+    """
+
+    name: str | None = None
+    gguf_file: str | None = None
+    random_init: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BaseSpec":
+        if (self.name is None) == (self.random_init is None):
+            raise ValueError("give exactly one of `name` (hub id, local path, builtin) or `random_init`")
+        if self.random_init is not None:
+            if "model_type" not in self.random_init:
+                raise ValueError("random_init needs a `model_type` (e.g. llama, gpt2)")
+            if self.tokenizer is None:
+                raise ValueError("random_init models need `tokenizer` (e.g. `bytes`, vocab 257)")
+        return self
+
+
+class LoraSpec(_Strict):
+    """LoRA defaults for every task.
+
+    Args:
+        rank: adapter rank r.
+        alpha: scaling numerator (delta W = alpha / r * B A).
+        dropout: dropout on the adapter input (one mask per row for all slots).
+        target_modules: module leaf names to adapt.
+        top_layers: adapt only the top N blocks (the frozen blocks below are run once per
+            sequence and cached: the big saving on CPU). ``None`` = every block.
+        ranks: per-task rank overrides ``{task: r}``.
+    """
+
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    top_layers: int | None = Field(None, ge=1)
+    ranks: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in v.items() if r < 1}
+        if bad:
+            raise ValueError(f"ranks must be >= 1: {bad}")
+        return v
+
+
+class TrainSpec(_Strict):
+    """Training settings shared by every method of the flock (same seed, same batches).
+
+    Args:
+        steps: optimisation steps per method.
+        batch_size: rows per mixed-task batch (global, over all workers).
+        seq_len: tokens per packed row.
+        lr: AdamW learning rate.
+        temperature: task sampling ~ N_d ** temperature (0.5: small tasks seen more often).
+        eval_every: evaluate every N steps (0 = only at the end).
+        checkpoint_every: checkpoint adapters + optimizer every N steps (0 = end of each method).
+    """
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=8, le=32768)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    temperature: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
+
+
+class PriorSpec(_Strict):
+    """The hierarchical prior's precisions.
+
+    Args:
+        groups: ``module`` (one tau per target-module name) or ``global`` (one tau).
+        a: Gamma(a, b) hyperprior shape (``tau: infer``).
+        b: Gamma(a, b) hyperprior rate (a / b = 100: the prior mean of tau).
+        tau_init: starting tau when inferred.
+        update_every: steps between empirical-Bayes updates of tau.
+        tau_max: cap for inferred tau (deltas start at zero, where the posterior says "tie").
+    """
+
+    groups: Literal["module", "global"] = "module"
+    a: float = Field(1.0, gt=0)
+    b: float = Field(0.01, gt=0)
+    update_every: int = Field(10, ge=1)
+    tau_init: float = Field(100.0, gt=0)
+    tau_max: float = Field(1e4, gt=0)
+
+
+class FlockSpec(_Strict):
+    """The BoRA flock stage.
+
+    Args:
+        tau: prior precision: a number (0 = independent adapters) or ``infer``.
+        baselines: also train the independent (tau = 0) and unified (one shared adapter)
+            baselines on the same batches, for the report's comparison.
+        tau_sweep: optional list of tau values, each trained like the flock (Table 1 of BoRA).
+        sync_every: steps between syncs of the shared Theta across workers (1 = exact joint MAP).
+    """
+
+    enabled: bool = True
+    tau: float | Literal["infer"] = 100.0
+    prior: PriorSpec = Field(default_factory=PriorSpec)
+    baselines: list[Literal["independent", "unified"]] = Field(default_factory=lambda: ["independent", "unified"])
+    tau_sweep: list[float] | None = None
+    sync_every: int = Field(1, ge=1)
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_ok(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and (v < 0 or math.isnan(v)):
+            raise ValueError("tau must be >= 0 (0 = independent adapters) or `infer`")
+        return v
+
+    @field_validator("tau_sweep")
+    @classmethod
+    def _sweep_ok(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(t < 0 or math.isnan(t) for t in v):
+            raise ValueError("every tau in tau_sweep must be >= 0")
+        return v
+
+
+class RaySpec(_Strict):
+    """Where and how the job runs on Ray.
+
+    Args:
+        address: Ray cluster address; ``None`` starts an embedded local Ray.
+        num_workers: Ray Train workers for the flock (tasks are split between them by size).
+        use_gpu: one GPU per worker.
+        cpus_per_worker: CPUs per worker; ``None`` = an equal share of the node.
+        include_dashboard: start the dashboard for a local Ray (bound to 127.0.0.1).
+        max_failures: restarts of a failed worker group from its last checkpoint.
+    """
+
+    address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0)
+    include_dashboard: bool = False
+    max_failures: int = Field(2, ge=0)
+
+
+class JobSpec(_Strict):
+    """One loraflock job.
+
+    Example (YAML)::
+
+        name: tiny
+        base: {random_init: {model_type: llama, hidden_size: 64, ...}, tokenizer: bytes}
+        tasks:
+          - {name: json, source: {kind: builtin, suite: stdlib-code, package: json}}
+        lora: {rank: 8, target_modules: [q_proj, v_proj]}
+        train: {steps: 20, batch_size: 4, seq_len: 64}
+    """
+
+    name: str = Field("loraflock-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    base: BaseSpec
+    tasks: list[TaskSpec] = Field(min_length=1)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    flock: FlockSpec = Field(default_factory=FlockSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {dup}")
+        unknown = sorted(set(self.lora.ranks) - set(names))
+        if unknown:
+            raise ValueError(f"lora.ranks names unknown tasks {unknown}; tasks are {names}")
+        return self
+
+    def rank_of(self, task: str) -> int:
+        return self.lora.ranks.get(task, self.lora.rank)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: message``."""
+    lines = [f"{source}: {err.error_count()} problem(s) in the job spec:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `loraflock schema` lists the fields)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_job(data: Any, source: str = "<spec>") -> JobSpec:
+    """Validate a dict (parsed YAML) into a :class:`JobSpec`, or raise :class:`SpecError`."""
+    if data is None:
+        raise SpecError(f"{source}: the job spec is empty; see examples/tiny.yaml for a minimal job")
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the job spec must be a YAML mapping (key: value), got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a job YAML file (safe YAML only), or raise :class:`SpecError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such job file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{p}: not UTF-8 text; save the job spec as UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}: malformed YAML{where}: {problem}") from None
+    return parse_job(data, str(p))

@@ -1,0 +1,130 @@
+"""Documents -> held-out split -> tokens -> fixed-length packed rows.
+
+The eval split is made over whole documents *before* packing, so no eval token is ever in a
+training row. Documents are ranked by a seeded hash of their key (the builtin suite's file
+path, else the row index) and held out in that order until they hold ``eval_fraction`` of
+the characters (at least one document, never all of them). Packing joins the documents of
+one side, each followed by EOS, into one token stream of length T and cuts it into
+``floor(T / L)`` rows of ``L = seq_len`` tokens (the tail shorter than L is dropped): every
+row is full, so the loss never sees padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, Features, List, Value
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["hold_out", "tokenize_documents", "tokenizer_fingerprint", "pack_rows", "cap_rows", "rows_dataset"]
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash of integers (vectorised; wraps mod 2**64 by design)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _doc_order(docs: Dataset, seed: int) -> np.ndarray:
+    """Document indices in seeded-hash order (stable under adding documents if keys are paths)."""
+    if "doc_key" in docs.column_names:
+        keys = docs.with_format("arrow")[:]["doc_key"].to_pylist()
+        h = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") for k in keys], dtype=np.uint64)
+    else:
+        h = _splitmix64(np.arange(len(docs), dtype=np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64))[0])
+    return np.lexsort((np.arange(len(h)), h))  # ties (duplicate keys) by index
+
+
+def hold_out(docs: Dataset, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split documents into (train indices, eval indices), both sorted, disjoint, non-empty.
+
+    Args:
+        docs: a ``text`` column (and optionally ``doc_key``), at least 2 rows.
+        eval_fraction: share of the characters to hold out (0 < f < 1).
+        seed: the same seed gives the same split.
+    """
+    if len(docs) < 2:
+        raise ValueError("hold_out needs at least 2 documents")
+    chars = pc.utf8_length(docs.with_format("arrow")[:]["text"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = _doc_order(docs, seed)
+    held = np.cumsum(chars[order])
+    # fewest documents (in hash order) whose characters reach the target; >= 1, <= n - 1
+    k = int(np.searchsorted(held, eval_fraction * held[-1])) + 1
+    k = min(max(k, 1), len(docs) - 1)
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def tokenize_documents(docs: Dataset, tokenizer: "PreTrainedTokenizerBase", fingerprint: str | None = None) -> Dataset:
+    """One row of token ids per document (batched ``Dataset.map``; datasets caches file-backed runs).
+
+    Special-token strings inside the text (e.g. a literal ``<|endoftext|>``) are tokenised
+    as text: only packing inserts EOS.
+
+    Args:
+        fingerprint: identifies (documents, tokenizer) for datasets' cache; computed if None.
+    """
+    if fingerprint is None:
+        fingerprint = hashlib.sha256(f"{docs._fingerprint}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:32]
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)
+        return {"input_ids": enc["input_ids"]}
+
+    return docs.map(
+        encode, batched=True, batch_size=256, num_proc=None, remove_columns=docs.column_names,
+        new_fingerprint=fingerprint, desc="tokenising",
+    )
+
+
+def tokenizer_fingerprint(tokenizer: "PreTrainedTokenizerBase") -> str:
+    """A cheap content hash of a tokenizer (its serialised fast tokenizer, ~30 ms for 49k tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}:{body}".encode()).hexdigest()[:32]
+
+
+def pack_rows(tokens: Dataset, indices: np.ndarray, seq_len: int, eos_id: int) -> np.ndarray:
+    """Join the documents ``indices`` (in order), each + EOS, and cut into (R, seq_len) rows.
+
+    Returns:
+        int32 array (R, seq_len), R = floor(sum(len_i + 1) / seq_len).
+    """
+    col = tokens.select(indices).with_format("arrow")[:]["input_ids"]
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    values = [pc.list_flatten(c).to_numpy(zero_copy_only=False) for c in chunks]
+    lengths = [pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in chunks]
+    values_np = np.concatenate(values).astype(np.int32) if values else np.zeros(0, np.int32)
+    lens = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+    stream = np.empty(values_np.size + lens.size, dtype=np.int32)
+    eos_at = np.cumsum(lens + 1) - 1  # position of each document's EOS in the stream
+    is_text = np.ones(stream.size, dtype=bool)
+    is_text[eos_at] = False
+    stream[is_text] = values_np
+    stream[eos_at] = eos_id
+    rows = stream.size // seq_len
+    return stream[: rows * seq_len].reshape(rows, seq_len)
+
+
+def cap_rows(rows: np.ndarray, cap: int | None, seed: int, salt: str) -> np.ndarray:
+    """At most ``cap`` rows: a seeded random subset (``salt``: the task), kept in stream order."""
+    if cap is None or len(rows) <= cap:
+        return rows
+    salt_int = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, salt_int])
+    return rows[np.sort(rng.choice(len(rows), size=cap, replace=False))]
+
+
+def rows_dataset(rows: np.ndarray) -> Dataset:
+    """(R, L) token rows -> a Dataset with a fixed-length ``input_ids`` column."""
+    length = int(rows.shape[1])
+    features = Features({"input_ids": List(Value("int32"), length=length)})
+    return Dataset.from_dict({"input_ids": rows.astype(np.int32)}, features=features)
