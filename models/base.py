@@ -116,7 +116,9 @@ def load_base(
         >>> tiny = load_base(random_init={"model_type": "llama", "hidden_size": 64, ...})
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # callers print their own progress
     if random_init is not None:
         cfg = dict(random_init)
         model_type = cfg.pop("model_type")

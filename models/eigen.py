@@ -54,8 +54,10 @@ SUBSPACE_WEIGHTS = "subspace.safetensors"
 _PREFIX = "base_model.model."
 _FORMAT_VERSION = 1
 
-# task -> module -> (A (r, n), B (m, r))
-Adapters = Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]
+# module -> (A (r, n), B (m, r)): one adapter; task -> that: the adapters to recycle
+AdapterPairs = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+Adapters = Mapping[str, AdapterPairs]
+Loaded = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
 class SubspaceError(ValueError):
@@ -105,7 +107,8 @@ class Subspace:
     Example:
         >>> adapters, scales = load_peft_adapters(["out/adapters/json", "out/adapters/http"])
         >>> sub = build_subspace(adapters, k=None, explained_variance=0.9, scales=scales)
-        >>> sub.summary()["storage_ratio"], sub.save("out/recycle/subspace")
+        >>> sub.save("out/recycle/subspace")
+        >>> sub.summary()["storage_ratio"]  # subspace + coefficients vs the full adapters
     """
 
     modules: dict[str, ModuleBasis]
@@ -118,7 +121,7 @@ class Subspace:
         return list(self.coefficients)
 
     # ------------------------------------------------------------------ coefficients
-    def project(self, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float | Mapping[str, float] = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def project(self, adapter: AdapterPairs, scale: float | Mapping[str, float] = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Coefficients (alpha_A, alpha_B), each (K, r), of one adapter {module: (A, B)}."""
         out = {}
         for name, basis in self.modules.items():
@@ -131,7 +134,7 @@ class Subspace:
             out[name] = (alpha_a.float(), alpha_b.float())
         return out
 
-    def add_task(self, task: str, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float | Mapping[str, float] = 1.0) -> float:
+    def add_task(self, task: str, adapter: AdapterPairs, scale: float | Mapping[str, float] = 1.0) -> float:
         """Store one more adapter as coefficients; returns its relative reconstruction error."""
         self.coefficients[task] = self.project(adapter, scale)
         self.scales[task] = {n: float(scale[n] if isinstance(scale, Mapping) else scale) for n in self.modules}
@@ -242,10 +245,15 @@ class Subspace:
             raise SubspaceError(f"{cfg_path}: not valid JSON ({e})") from None
         if cfg.get("format_version") != _FORMAT_VERSION:
             raise SubspaceError(f"{cfg_path}: format_version {cfg.get('format_version')!r}, expected {_FORMAT_VERSION}")
-        tensors = load_file(str(w_path))
+        try:
+            tensors = load_file(str(w_path))
+        except Exception as e:  # safetensors raises its own SafetensorError on damaged files
+            raise SubspaceError(f"{w_path}: not a readable safetensors file ({e}); rebuild the subspace") from None
         try:
             modules = {
-                n: ModuleBasis(*(tensors[f"basis/{n}/{p}"] for p in ("mean_B", "basis_B", "mean_A", "basis_A")), m["variance_B"], m["variance_A"])
+                n: ModuleBasis(
+                    *(tensors[f"basis/{n}/{p}"] for p in ("mean_B", "basis_B", "mean_A", "basis_A")), m["variance_B"], m["variance_A"]
+                )
                 for n, m in cfg["modules"].items()
             }
             coefficients = {
@@ -334,19 +342,26 @@ def build_subspace(
     return sub
 
 
-def _rel_error(sub: Subspace, task: str, adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """||dW_hat - dW||_F / ||dW||_F summed over modules, dW = s B A (float64)."""
+def _rel_error(sub: Subspace, task: str, adapter: AdapterPairs) -> float:
+    """||dW_hat - dW||_F / ||dW||_F summed over modules, dW = s B A, without forming dW.
+
+    With stacked factors P = [B_hat | -B] (m, 2r) and Q = [A_hat; A] (2r, n), dW_hat - dW = s P Q
+    and ||P Q||_F^2 = sum((P^T P) * (Q Q^T)): (2r x 2r) Gram matrices, O((m + n) r^2) in float64.
+    """
     num = den = 0.0
     for name, (a_hat, b_hat) in sub.reconstruct(task).items():
         s = sub.scales[task][name]
         a, b = (x.detach().double() for x in adapter[name])
-        dw = s * b @ a
-        num += float(((s * b_hat.double() @ a_hat.double()) - dw).pow(2).sum())
-        den += float(dw.pow(2).sum())
+        p = s * torch.cat([b_hat.double(), -b], dim=1)
+        q = torch.cat([a_hat.double(), a], dim=0)
+        num += max(float(((p.T @ p) * (q @ q.T)).sum()), 0.0)
+        den += float(((s * b).T @ (s * b) * (a @ a.T)).sum())
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
-def _check_compatible(shapes: Mapping[str, Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]], where: Mapping[str, str] | None = None) -> None:
+def _check_compatible(
+    shapes: Mapping[str, Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]], where: Mapping[str, str] | None = None
+) -> None:
     """Same modules and (m, n) in every adapter; A and B of one adapter agree on r."""
     where = where or {t: f"task {t!r}" for t in shapes}
     tasks = list(shapes)
@@ -372,7 +387,7 @@ def _check_compatible(shapes: Mapping[str, Mapping[str, tuple[tuple[int, ...], t
 
 
 # ------------------------------------------------------------------------- PEFT files
-def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], dict[str, dict[str, float]]]:
+def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) -> tuple[Loaded, dict[str, dict[str, float]]]:
     """Read PEFT LoRA adapter directories for recycling.
 
     Args:
@@ -426,6 +441,7 @@ def write_lora_dir(
     alphas: Mapping[str, float],
     base_model_name_or_path: str | None = None,
     dropout: float = 0.0,
+    fan_in_fan_out: bool = False,
 ) -> Path:
     """Write PEFT-keyed LoRA tensors as a PEFT adapter directory (config by ``peft.LoraConfig``).
 
@@ -441,6 +457,7 @@ def write_lora_dir(
         lora_alpha=a0,
         lora_dropout=dropout,
         target_modules=names,  # full module names: exact, no pattern guessing
+        fan_in_fan_out=fan_in_fan_out,  # GPT-2 Conv1D bases; the LoRA tensors keep Linear layout
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,

@@ -54,7 +54,9 @@ def gram_schmidt_extend(basis: torch.Tensor, k_extra: int, generator: torch.Gene
     """
     d, k = basis.shape
     if k_extra < 0 or k + k_extra > d:
-        raise SubspaceError(f"k_extra={k_extra}: with K={k} directions a {d}-dimensional space holds at most {d - k} more; lower k_extra")
+        raise SubspaceError(
+            f"k_extra={k_extra}: with K={k} directions a {d}-dimensional space holds at most {d - k} more; lower k_extra"
+        )
     cols = [c for c in basis.double().T]
     for _ in range(k_extra):
         v = torch.randn(d, generator=generator, dtype=torch.float64)
@@ -140,13 +142,13 @@ class EigenLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # frozen base: once for the whole batch
-        h = self.dropout(x)
+        h = self.dropout(x).to(self.basis_A.dtype)  # adapter math in fp32 even on a bf16 base
         u = F.linear(h, self.basis_A.T)  # (N, ..., K): projection onto the subspace, shared
         router = self.router
         if router.single is not None:  # one task for every row: plain matmuls
             t = router.single
             z = u @ self.coef_A[t] @ self.coef_B[t].T  # (N, ..., K)
-            return y + self.scaling * F.linear(z, self.basis_B)
+            return y + (self.scaling * F.linear(z, self.basis_B)).to(y.dtype)
         ids = router.ids
         if ids is None:
             raise RuntimeError("no task ids set: wrap the forward in `with task_ids(model, ids):`")
@@ -154,7 +156,7 @@ class EigenLoraLinear(nn.Module):
         u = u.reshape(shape[0], -1, shape[-1])  # (N, L, K)
         z = torch.bmm(torch.bmm(u, self.coef_A[ids]), self.coef_B[ids].transpose(1, 2))  # (N, L, K)
         out = F.linear(z, self.basis_B) * self.scaling  # (N, L, out)
-        return y + out.reshape(*shape[:-1], self.out_features)
+        return y + out.reshape(*shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tasks={self.num_tasks}, k={self.k}, rank={self.rank}"
@@ -197,7 +199,10 @@ def inject_eigen(
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise SubspaceError(f"the subspace covers module {name!r}, which this model does not have: load the base model its adapters were trained on") from None
+            raise SubspaceError(
+                f"the subspace covers module {name!r}, which this model does not have: "
+                "load the base model its adapters were trained on"
+            ) from None
         if isinstance(module, (MultiTaskLoraLinear, EigenLoraLinear)):
             raise SubspaceError(f"module {name!r} already carries an adapter layer: inject eigen adapters into a bare base model")
     for name, basis in subspace.modules.items():
@@ -260,7 +265,13 @@ def export_peft(model: nn.Module, task: int, directory: str | Path, base_name: s
     """
     state = eigen_adapter_state(model, task)
     layers = eigen_layers(model)
-    dropout = float(getattr(next(iter(layers.values())).dropout, "p", 0.0))
+    first = next(iter(layers.values()))
     return write_lora_dir(
-        directory, state, {n: l.rank for n, l in layers.items()}, {n: l.alpha for n, l in layers.items()}, base_name, dropout
+        directory,
+        state,
+        {n: l.rank for n, l in layers.items()},
+        {n: l.alpha for n, l in layers.items()},
+        base_name,
+        dropout=float(getattr(first.dropout, "p", 0.0)),
+        fan_in_fan_out=first.fan_in_fan_out,
     )

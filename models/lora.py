@@ -78,6 +78,8 @@ class MultiTaskLoraLinear(nn.Module):
         alpha: LoRA alpha; slot ``t`` is scaled by ``alpha / rank_t``.
         dropout: dropout on the adapter input; one mask per row shared by all slots.
         router: the shared :class:`TaskRouter` that carries the batch's task ids.
+        max_rank: allocate slots (and the shared Theta) at this rank even if these tasks'
+            ranks are smaller: Ray workers owning different tasks then hold the same Theta.
 
     Example:
         >>> layer = MultiTaskLoraLinear(nn.Linear(16, 8), 3, 4, 8.0, 0.0, TaskRouter())
@@ -93,13 +95,14 @@ class MultiTaskLoraLinear(nn.Module):
         alpha: float,
         dropout: float,
         router: TaskRouter,
+        max_rank: int | None = None,
     ) -> None:
         super().__init__()
         in_f, out_f, fan_in_fan_out = _in_out(base)
         ranks = [int(rank)] * num_tasks if isinstance(rank, int) else [int(r) for r in rank]
         if len(ranks) != num_tasks:
             raise LoraTargetError(f"got {len(ranks)} ranks for {num_tasks} tasks")
-        r_max = max(ranks)
+        r_max = max(max(ranks), max_rank or 0)
         if min(ranks) < 1 or r_max > min(in_f, out_f):
             raise LoraTargetError(
                 f"lora rank {r_max} does not fit a {in_f}->{out_f} layer: "
@@ -213,6 +216,7 @@ def inject(
     alpha: float,
     dropout: float = 0.0,
     layers: Sequence[int] | None = None,
+    max_rank: int | None = None,
 ) -> list[str]:
     """Replace every matching linear layer of ``model`` with a :class:`MultiTaskLoraLinear`.
 
@@ -225,6 +229,7 @@ def inject(
         dropout: adapter-input dropout.
         layers: only adapt modules whose path holds one of these block indices (e.g. the
             top layers: the backward pass then stops early).
+        max_rank: slot allocation rank (see :class:`MultiTaskLoraLinear`).
 
     Returns:
         The names of the replaced modules, in model order.
@@ -253,7 +258,7 @@ def inject(
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, leaf)
-        setattr(parent, leaf, MultiTaskLoraLinear(base, num_tasks, rank, alpha, dropout, router))
+        setattr(parent, leaf, MultiTaskLoraLinear(base, num_tasks, rank, alpha, dropout, router, max_rank))
     model._loraflock_router = router  # type: ignore[attr-defined]
     keep = {id(p) for p in adapter_params(model)}
     for p in model.parameters():

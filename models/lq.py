@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.lora import MultiTaskLoraLinear, _layer_index, _matches, task_ids
-from models.quant import PackedTensor, QuantConfigError, quantize
+from models.quant import PackedTensor, quantize
 from models.train import Batch, row_nll
 
 __all__ = [
@@ -46,6 +46,14 @@ __all__ = [
     "fisher_diag",
     "weighted_error",
 ]
+
+
+# Exact SVD up to this size; above it a randomised rank-(r + 16) SVD with 4 power iterations:
+# ~30x faster on a 1536x576 matrix, and still a projection of the residual, so the first
+# LQ iterate can never be worse than plain quantisation.
+_EXACT_SVD_MAX = 256
+_OVERSAMPLE = 16
+_POWER_ITERS = 4
 
 
 class QuantTargetError(ValueError):
@@ -78,9 +86,15 @@ def _low_rank(residual: torch.Tensor, rank: int, fisher: torch.Tensor | None) ->
         row = (f.sum(1) / f.sum().sqrt()).sqrt().float()  # (out,)  sqrt(r_i / sqrt(sum F))
         col = (f.sum(0) / f.sum().sqrt()).sqrt().float()  # (in,)
         m = row[:, None] * residual * col[None, :]
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    if min(m.shape) <= _EXACT_SVD_MAX or rank + _OVERSAMPLE >= min(m.shape):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        v = vh.T
+    else:  # randomised range finder (Halko et al.); a fixed seed keeps the result reproducible
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(m, q=rank + _OVERSAMPLE, niter=_POWER_ITERS)
     root = s[:rank].sqrt()
-    l1, l2 = u[:, :rank] * root, vh[:rank].T * root
+    l1, l2 = u[:, :rank] * root, v[:, :rank] * root
     if row is not None:
         l1, l2 = l1 / row[:, None], l2 / col[:, None]
     return l1.contiguous(), l2.contiguous()
@@ -123,20 +137,23 @@ def lq_decompose(
         raise QuantTargetError(f"fisher has shape {tuple(fisher.shape)}, the weight {tuple(W.shape)}")
     fisher = None if fisher is None else fisher.detach().float().cpu()
     q = quantize(W, quantizer, bits, block_size)
+    resid = W - q.dequantize()  # (out, in) what Q misses
     zero1, zero2 = W.new_zeros(W.shape[0], rank), W.new_zeros(W.shape[1], rank)
-    history = [weighted_error(W - q.dequantize(), fisher)]
+    history = [weighted_error(resid, fisher)]
     best = LQDecomposition(q, zero1, zero2, history, 0)
     if rank == 0:
         return best
     for it in range(1, iters + 1):
-        l1, l2 = _low_rank(W - q.dequantize(), rank, fisher)
-        err = weighted_error(W - q.dequantize() - l1 @ l2.T, fisher)
+        l1, l2 = _low_rank(resid, rank, fisher)
+        low = l1 @ l2.T
+        err = weighted_error(resid - low, fisher)
         history.append(err)
         if err >= history[best.best]:
             break  # the error rose: keep the best iterate so far
         best = LQDecomposition(q, l1, l2, history, it)
         if it < iters:
-            q = quantize(W - l1 @ l2.T, quantizer, bits, block_size)
+            q = quantize(W - low, quantizer, bits, block_size)
+            resid = W - q.dequantize()
     return best
 
 
@@ -298,6 +315,7 @@ def quantize_model(
     iters: int = 5,
     fisher: Mapping[str, torch.Tensor] | None = None,
     block_size: int = 64,
+    cache_weight: bool = False,
 ) -> QuantReport:
     """Replace linear layers by :class:`QuantizedLinear`; LQ-initialise LoRA where present.
 
@@ -311,6 +329,8 @@ def quantize_model(
         iters: LQ rounds.
         fisher: optional name -> diagonal Fisher (from :func:`fisher_diag`).
         block_size: quantiser block size.
+        cache_weight: keep each dequantised weight after its first forward (faster on
+            CPU, but the fp32 copies are held: off by default).
 
     Returns:
         :class:`QuantReport` (bytes, errors, per matrix).
@@ -334,7 +354,7 @@ def quantize_model(
             r = min(module.ranks) if rank is None else min(rank, min(module.ranks))
         fis = None if fisher is None else fisher.get(name)
         dec = lq_decompose(w, b, r, method, iters, fis, block_size)
-        new = QuantizedLinear(dec.Q, getattr(inner, "bias", None)).to(w.device)
+        new = QuantizedLinear(dec.Q, getattr(inner, "bias", None), cache_weight).to(w.device)
         w_hat = dec.Q.dequantize()
         if wrapped:
             module.base_layer = new

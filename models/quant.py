@@ -100,6 +100,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.numel()
     if bits == 8:
         return codes.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, plain uint8 arithmetic
+        per = 8 // bits
+        c = torch.cat([codes, codes.new_zeros((-n) % per)]).to(torch.uint8).view(-1, per)
+        return (c << (torch.arange(per, dtype=torch.uint8) * bits)).sum(dim=1, dtype=torch.uint8)
     pad = (-n) % 8
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
@@ -110,14 +114,19 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` codes as int64."""
+    dev = packed.device
     if bits == 8:
         return packed[:count].long()
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=dev)
+        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count].long()
     pad = (-packed.numel()) % bits
     if pad:
         packed = torch.cat([packed, packed.new_zeros(pad)])
-    words = (packed.view(-1, bits).long() << (torch.arange(bits, device=packed.device) * 8)).sum(dim=1)
-    shifts = torch.arange(8, device=packed.device) * bits
-    return ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    word_dtype = torch.int32 if bits * 8 <= 31 else torch.int64  # 8 codes = one 3*8 or 6*8-bit word
+    words = (packed.view(-1, bits).to(word_dtype) << (torch.arange(bits, device=dev, dtype=word_dtype) * 8)).sum(dim=1, dtype=word_dtype)
+    shifts = torch.arange(8, device=dev, dtype=word_dtype) * bits
+    return ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count].long()
 
 
 # --------------------------------------------------------------------------- storage

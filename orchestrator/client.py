@@ -194,6 +194,15 @@ class LoraflockClient:
             ) from None
         if r.status_code in (401, 403):
             raise ClusterError(f"{self.address}: {TOKEN_HELP}")
+        try:
+            version = r.json().get("ray_version") if r.ok else None
+        except ValueError:
+            version = None
+        if not version:
+            raise ClusterError(
+                f"{self.address} answered (HTTP {r.status_code}) but is not a Ray Jobs API: "
+                "use the Ray dashboard URL of the head node (default port 8265)"
+            )
 
     @property
     def _jobs(self) -> Any:

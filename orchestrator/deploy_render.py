@@ -116,7 +116,7 @@ def rayjob_documents(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": config_map, "labels": {"app.kubernetes.io/part-of": "loraflock"}},
-        "data": {"job.yaml": yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False)},
+        "data": {"job.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)},
     }
     rayjob_doc = {
         "apiVersion": "ray.io/v1",

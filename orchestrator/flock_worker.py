@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,7 +78,11 @@ def flock_worker(config: dict) -> None:
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    say = lambda m: print(f"[flock w{rank}] {m}", flush=True)  # noqa: E731
+    def say(msg: str) -> None:
+        # Not print(): Ray Train V2 patches print into its logger, which doubles console lines.
+        sys.stdout.write(f"[flock w{rank}] {msg}\n")
+        sys.stdout.flush()
+
     data_all = ray.get(config["data_ref"])
     owned: list[int] = config["assignment"][rank]
     names: list[str] = data_all["names"]
@@ -97,13 +102,15 @@ def flock_worker(config: dict) -> None:
         alpha=spec.lora.alpha,
         dropout=spec.lora.dropout,
         layers=layers,
+        max_rank=max(spec.rank_of(n) for n in names),  # same Theta shape on every worker
     )
     ad = {id(p) for p in adapter_params(model)}
     init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
     say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}")
 
-    train = {s: torch.as_tensor(data_all["train"][g]).to(device) for s, g in enumerate(owned)}
-    evals = {s: torch.as_tensor(data_all["eval"][g]).to(device) for s, g in enumerate(owned)}
+    # Object-store arrays are read-only views; token ids are small, so take private copies.
+    train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
+    evals = {s: torch.tensor(data_all["eval"][g], device=device) for s, g in enumerate(owned)}
     split = layers[0] if layers and layers[0] > 0 else 0
     tp = ep = None
     if split:

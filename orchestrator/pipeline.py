@@ -161,8 +161,12 @@ def _base_name(spec: JobSpec) -> str | None:
 
 def _build_data(spec: JobSpec) -> list:
     """Tokenise and pack every task once, on the driver."""
+    import datasets
+
     from tasks import build_task_data
     from tasks.tokenizer import load_tokenizer
+
+    datasets.disable_progress_bars()  # our own progress lines say what happens
 
     t = time.perf_counter()
     tok_name = spec.base.tokenizer or spec.base.name

@@ -102,7 +102,7 @@ def test_save_load_round_trip(tmp_path):
         for n, (a, b) in sub.reconstruct(t).items():
             assert torch.equal(back.reconstruct(t)[n][0], a) and torch.equal(back.reconstruct(t)[n][1], b)
     (tmp_path / "sub" / "subspace.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
+    with pytest.raises(SubspaceError, match="safetensors"):
         Subspace.load(tmp_path / "sub")
     with pytest.raises(SubspaceError, match="subspace.json"):
         Subspace.load(tmp_path / "nowhere")

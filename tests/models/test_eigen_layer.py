@@ -17,10 +17,10 @@ from models.eigen_layer import (
     inject_eigen,
     lora_params,
 )
-from models.lora import TaskRouter, inject, lora_layers, task_ids
-from tests.conftest import TINY_LLAMA
+from models.lora import TaskRouter, _in_out, inject, lora_layers, task_ids
+from tests.conftest import TINY_GPT2, TINY_LLAMA
 
-TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "attn.c_attn", "mlp.c_fc")
 
 
 def _subspace(model, k=3, n_tasks=4, rank=4, seed=0):
@@ -31,8 +31,8 @@ def _subspace(model, k=3, n_tasks=4, rank=4, seed=0):
     for t in range(n_tasks):
         adapters[f"t{t}"] = {}
         for n in names:
-            lin = model.get_submodule(n)
-            adapters[f"t{t}"][n] = (torch.randn(rank, lin.in_features, generator=g) * 0.1, torch.randn(lin.out_features, rank, generator=g) * 0.1)
+            n_in, n_out, _ = _in_out(model.get_submodule(n))
+            adapters[f"t{t}"][n] = (torch.randn(rank, n_in, generator=g) * 0.1, torch.randn(n_out, rank, generator=g) * 0.1)
     return build_subspace(adapters, k=k)
 
 
@@ -86,15 +86,16 @@ def test_batched_forward_equals_loop_of_single_tasks(tiny_llama, k_extra):
         with torch.no_grad(), task_ids(tiny_llama, int(ids[row])):
             single = tiny_llama(input_ids=x[row : row + 1]).logits
         torch.testing.assert_close(batched[row : row + 1], single, atol=1e-5, rtol=1e-5)
-    with torch.no_grad(), task_ids(tiny_llama, 0), task_ids(tiny_llama, torch.tensor([0, 1])):
+    with torch.no_grad(), task_ids(tiny_llama, torch.tensor([0, 1])):
         two = tiny_llama(input_ids=x[:1].expand(2, -1)).logits
     assert (two[0] - two[1]).abs().max() > 1e-4  # tasks really differ
 
 
-def test_peft_export_gives_the_same_logits(tmp_path):
+@pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+def test_peft_export_gives_the_same_logits(tmp_path, config):
     from peft import PeftModel
 
-    model = load_base(random_init=TINY_LLAMA, seed=0)
+    model = load_base(random_init=config, seed=0)
     inject_eigen(model, _subspace(model), num_tasks=2, rank=4, alpha=8.0, k_extra=1)
     _randomise(model)
     x = torch.randint(0, 300, (2, 10))
@@ -102,11 +103,11 @@ def test_peft_export_gives_the_same_logits(tmp_path):
         export_peft(model, t, tmp_path / f"t{t}", "tiny")
         with torch.no_grad(), task_ids(model, t):
             want = model(input_ids=x).logits
-        peft_model = PeftModel.from_pretrained(load_base(random_init=TINY_LLAMA, seed=0), tmp_path / f"t{t}").eval()
+        peft_model = PeftModel.from_pretrained(load_base(random_init=config, seed=0), tmp_path / f"t{t}").eval()
         with torch.no_grad():
             got = peft_model(input_ids=x).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    base = load_base(random_init=TINY_LLAMA, seed=0)
+    base = load_base(random_init=config, seed=0)
     with torch.no_grad():
         assert (base(input_ids=x).logits - want).abs().max() > 1e-4  # the adapter does something
 
@@ -145,3 +146,16 @@ def test_shares_the_router_with_lora_layers_and_counts_parameters(tiny_llama):
 def test_a_subspace_of_another_model_is_refused(tiny_gpt2, tiny_llama):
     with pytest.raises(SubspaceError, match="does not have"):
         inject_eigen(tiny_gpt2, _subspace(tiny_llama), num_tasks=1, rank=2, alpha=4.0)
+
+
+def test_coefficients_train_with_the_shared_train_step(tiny_llama):
+    from models.train import Batch, train_step
+
+    inject_eigen(tiny_llama, _subspace(tiny_llama, k=4), num_tasks=2, rank=4, alpha=8.0, k_extra=2)
+    params = eigen_params(tiny_llama)
+    opt = torch.optim.Adam(params, lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 1])
+    batch = Batch(torch.randint(0, 300, (4, 16), generator=g), ids, torch.full((4,), 0.25))
+    losses = [train_step(tiny_llama, batch, opt, params).loss for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.1, losses

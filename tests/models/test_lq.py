@@ -160,3 +160,16 @@ def test_fisher_diag_equals_squared_gradients():
     # the Fisher feeds the weighted decomposition of the same matrices
     report = quantize_model(model, ["q_proj", "down_proj"], bits=3, layers=[0], fisher=fis)
     assert len(report.rows) == 2
+
+
+def test_gpt2_conv1d_layers_quantise_in_linear_layout():
+    cfg = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300, "n_positions": 64}
+    model, ref = load_base(random_init=cfg, seed=0), load_base(random_init=cfg, seed=0)
+    fis = fisher_diag(model, [ids(2)], ["c_attn", "c_fc"])
+    assert fis["transformer.h.0.attn.c_attn"].shape == (192, 64)  # (out, in), not Conv1D's (in, out)
+    quantize_model(model, ["c_attn", "c_fc"], bits=4, quantizer="uniform")
+    for n in fis:
+        conv = ref.get_submodule(n)
+        conv.weight.data.copy_(quantize(conv.weight.T, "uniform", 4).dequantize().T)
+    x = ids()
+    assert torch.allclose(model(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-5)
