@@ -121,7 +121,7 @@ def run_config(args, bits: int | None, data: dict, table: dict | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2-135M")
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2, 8], help="run in this order (the time box may cut the last)")
     ap.add_argument("--top", type=int, default=2, help="adapted and quantised top blocks")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)
@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--eval-seqs", type=int, default=24)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--lq-iters", type=int, default=2)
+    ap.add_argument("--max-s", type=float, default=300.0, help="start no new budget after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
     model, train, evals = build(args)
@@ -146,7 +147,11 @@ def main() -> None:
     del model
     fp32, table = run_config(args, None, data, None)
     budgets = []
+    skipped = []
     for b in args.bits:
+        if time.time() - t_start > args.max_s:  # keep the run inside its time box; say what was left out
+            skipped.append(b)
+            continue
         res, table = run_config(args, b, data, table)
         res["ppl_ratio_vs_fp32"] = res["lora_ppl"] / fp32["lora_ppl"]
         budgets.append(res)
@@ -164,7 +169,8 @@ def main() -> None:
         "base_ppl": math.exp(base_nll),
         "fp32_lora_ppl": fp32["lora_ppl"],
         "fp32_train_s": fp32["train_s"],
-        "budgets": budgets,
+        "budgets": sorted(budgets, key=lambda r: r["bits"]),
+        "skipped_bits_time_box": skipped,
         "total_s": round(time.time() - t_start, 1),
     }, indent=1))
 

@@ -173,12 +173,12 @@ class MultiTaskLoraLinear(nn.Module):
         if self.merged_task is not None:
             return y
         router = self.router
-        h = self.dropout(x)
+        h = self.dropout(x).to(self.lora_A.dtype)  # adapters stay fp32 on a bf16/fp16 base
         if router.single is not None:  # one task for every row: plain matmuls, no gather
             t = router.single
             a = (self.lora_A_shared + self.lora_A[t]) * self.rank_mask[t, :, None]
             b = self.lora_B_shared + self.lora_B[t]
-            return y + self.scaling[t] * F.linear(F.linear(h, a), b)
+            return y + (self.scaling[t] * F.linear(F.linear(h, a), b)).to(y.dtype)
         ids = router.ids
         if ids is None:
             raise RuntimeError("no task ids set: wrap the forward in `with task_ids(model, ids):`")
@@ -189,7 +189,7 @@ class MultiTaskLoraLinear(nn.Module):
         h = h.reshape(shape[0], -1, shape[-1])  # (N, L, in)
         z = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (N, L, out)
         z = z * self.scaling[ids][:, None, None]
-        return y + z.reshape(*shape[:-1], self.out_features)
+        return y + z.reshape(*shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tasks={self.num_tasks}, ranks={sorted(set(self.ranks))}"

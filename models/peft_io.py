@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from models.files import atomic_dir
 from models.lora import MultiTaskLoraLinear, lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state", "theta_state", "read_adapter", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,6 +36,16 @@ def adapter_state(model: torch.nn.Module, task: int) -> dict[str, torch.Tensor]:
     for name, layer in lora_layers(model).items():
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.task_A(task).detach().contiguous().cpu()
         out[f"{_PREFIX}{name}.lora_B.weight"] = layer.task_B(task).detach().contiguous().cpu()
+    return out
+
+
+def theta_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of the shared adapter Theta (BoRA's global adapter), at slot 0's rank."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        r = layer.ranks[0]
+        out[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A_shared[:r].detach().contiguous().cpu()
+        out[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B_shared[:, :r].detach().contiguous().cpu()
     return out
 
 

@@ -99,14 +99,14 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
                 tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k != "eval_nll"} | {"eval_nll": {}})
                 tgt["eval_nll"].update(r["eval_nll"])
                 tgt["seconds"] = max(tgt["seconds"], r["seconds"])
-        src = Path(d) / "adapters"
-        if src.is_dir():
-            dst = out / "adapters"
-            tmp = out / ".adapters.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            shutil.rmtree(dst, ignore_errors=True)
-            tmp.rename(dst)
+        for sub in ("adapters", "prior"):  # replace whole, via a temporary name
+            src = Path(d) / sub
+            if src.is_dir():
+                dst, tmp = out / sub, out / f".{sub}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                shutil.rmtree(dst, ignore_errors=True)
+                tmp.rename(dst)
     expected = [m for m, _, _ in methods_of(spec)]
     missing = [m for m in expected if m not in merged["methods"]]
     if missing:

@@ -21,7 +21,7 @@ import torch
 
 from models.base import adaptable_layers, load_base
 from models.lora import adapter_params, inject
-from models.peft_io import save_adapter
+from models.peft_io import save_adapter, theta_state
 from models.prefix import compute_prefix
 from models.train import evaluate, seed_everything
 from orchestrator.flock_loop import FlockData, MethodConfig, train_method
@@ -115,10 +115,14 @@ def flock_worker(config: dict) -> None:
     tp = ep = None
     if split:
         t1 = time.perf_counter()
-        tp = {s: compute_prefix(model, x, split) for s, x in train.items()}
-        ep = {s: compute_prefix(model, x, split) for s, x in evals.items()}
         n = sum(len(x) for x in train.values()) + sum(len(x) for x in evals.values())
-        say(f"cached the frozen blocks 0..{split - 1} for {n} sequences in {time.perf_counter() - t1:.1f}s")
+        say(f"running the frozen blocks 0..{split - 1} once for {n} sequences (cached for every method)")
+        tp, ep = {}, {}
+        for s in train:
+            tp[s] = compute_prefix(model, train[s], split)
+            ep[s] = compute_prefix(model, evals[s], split)
+            say(f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, {time.perf_counter() - t1:.0f}s")
+        say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
     data = FlockData(sizes, owned, train, evals, tp, ep, split)
 
     results: dict = {}
@@ -130,10 +134,9 @@ def flock_worker(config: dict) -> None:
             if f.is_file():
                 results = json.loads(f.read_text())
                 say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
-            for g in owned:
-                src = Path(d) / "adapters" / names[g]
-                if src.is_dir():
-                    shutil.copytree(src, kept / names[g], dirs_exist_ok=True)
+            for sub in [Path("adapters") / names[g] for g in owned] + ([Path("prior")] if rank == 0 else []):
+                if (Path(d) / sub).is_dir():
+                    shutil.copytree(Path(d) / sub, kept / sub, dirs_exist_ok=True)
     if "base_eval_nll" not in results:
         t1 = time.perf_counter()
         base = evaluate(model, evals, spec.train.eval_batch_size, ep, split)  # B = 0: the base itself
@@ -169,8 +172,13 @@ def flock_worker(config: dict) -> None:
             (root / "results" / f"rank{rank}.json").write_text(json.dumps(results))
             if mname == "hierarchical":  # the flock's adapters: what the job delivers
                 for s, g in enumerate(owned):
-                    save_adapter(model, s, kept / names[g], config["base_model_name"])
+                    save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
+                if rank == 0:  # Theta is replicated: one copy, with the prior's state
+                    save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
+                    if prior is not None:
+                        (kept / "prior").mkdir(parents=True, exist_ok=True)
+                        (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
             # Every checkpoint carries them, so the latest one is complete on its own.
-            shutil.copytree(kept, root / "adapters")
+            shutil.copytree(kept, root, dirs_exist_ok=True)
             ray.train.report({"method": mname, "done": len(results["methods"])},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))

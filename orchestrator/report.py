@@ -98,7 +98,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             lines += ["### tau sweep (BoRA Table 1 on this suite)", "", "| tau | macro ppl |", "|---:|---:|"]
             for r in fl["tau_sweep"]:
                 lines.append(f"| {r['tau']:g} | {_fmt(r['macro_ppl'])} |")
-            lines.append("")
+            lines += ["", _u_shape(fl["tau_sweep"]), ""]
         for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
@@ -108,6 +108,17 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     lines += ["## Files", "", "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)",
               "- `report.json`: every figure above, machine-readable", ""]
     return "\n".join(lines)
+
+
+def _u_shape(sweep: list[dict]) -> str:
+    """Say whether the sweep shows BoRA's U-shape (an interior tau beats both ends)."""
+    best = min(sweep, key=lambda r: r["macro_ppl"])
+    ends = (sweep[0]["tau"], sweep[-1]["tau"])
+    if len(sweep) >= 3 and best["tau"] not in ends:
+        return (f"The sweep shows BoRA's U-shape: tau = {best['tau']:g} ({_fmt(best['macro_ppl'])}) beats both "
+                f"tau = {ends[0]:g} ({_fmt(sweep[0]['macro_ppl'])}) and tau = {ends[1]:g} ({_fmt(sweep[-1]['macro_ppl'])}).")
+    return (f"No U-shape on this run: the best tau is at the end of the grid (tau = {best['tau']:g}, "
+            f"{_fmt(best['macro_ppl'])}); widen the grid or train longer.")
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -100,3 +100,13 @@ def test_two_processes_equal_one_and_local_steps_have_a_measured_gap():
     local = _run(2, sync_every=4)
     gap = max(abs(local[t] - one[t]) for t in one)
     assert 0 < gap < 0.5  # averaging Theta every 4 steps approximates the joint MAP, not exactly
+
+
+def test_inferred_tau_is_updated_and_logged():
+    m, init = _model(4)
+    prior = HierarchicalPrior(m, SIZES, mode="infer", tau_init=100.0, update_every=2, a=1.0, b=0.01)
+    out = train_method(m, _data([0, 1, 2, 3]), _cfg("hierarchical", steps=6), init, prior=prior, log=lambda s: None)
+    assert [h["step"] for h in out["tau_history"]] == [2, 4, 6]
+    assert set(out["tau"]) == {"q_proj", "v_proj", "down_proj"}
+    assert all(0 < t <= prior.tau_max for t in out["tau"].values())
+    assert all(t != 100.0 for t in out["tau"].values())  # the data moved tau off its start

@@ -113,7 +113,7 @@ def ray_head():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_sdk_submit_wait_result_then_ray_cli(ray_head):
+def test_sdk_submit_wait_result_then_ray_cli(ray_head, capsys):
     url, token, client_env, tmp = ray_head
     client = LoraflockClient(url, token=token)
     out = str(tmp / "out" / "tiny")
@@ -128,6 +128,12 @@ def test_sdk_submit_wait_result_then_ray_cli(ray_head):
     assert report == client.result(out)
     assert set(report["flock"]["tasks"]) == {"json", "http", "email"}
     assert report["flock"]["macro_ppl"] > 0
+    # the async log tail (as a sync generator) replays a finished job's log and ends
+    assert "".join(client.tail(job_id)) == logs
+    from orchestrator.cli import main
+
+    assert main(["status", job_id, "--address", url, "--token", token]) == 0
+    assert capsys.readouterr().out.startswith("SUCCEEDED")
 
     # Ray's own CLI runs our entrypoint too (same --out: the finished job resumes and exits)
     t0 = time.monotonic()
