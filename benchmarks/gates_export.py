@@ -147,6 +147,8 @@ def main() -> None:
         model = make_model(args, base_state, top, gated=arm == "gated")
         secs = train(model, args, train_ids, gated=arm == "gated")
         nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
+        print(f"[{time.perf_counter() - t_start:.0f}s] {arm}: {args.steps} steps in {secs:.0f}s, "
+              f"eval ppl {math.exp(nll):.3f}", file=sys.stderr, flush=True)
         results[arm] = {"train_s": round(secs, 1), "eval_ppl": math.exp(nll)}
         models[arm] = model
 

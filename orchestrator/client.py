@@ -265,7 +265,9 @@ class LoraflockClient:
         if pip:
             env["pip"] = list(pip)
         env_vars = dict(env.get("env_vars") or {})
-        env_vars[JOB_YAML_ENV] = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        shipped = spec.model_dump(mode="json")
+        shipped["ray"]["address"] = None  # on the cluster the driver attaches to its own Ray (RAY_ADDRESS)
+        env_vars[JOB_YAML_ENV] = yaml.safe_dump(shipped, sort_keys=False)
         env["env_vars"] = env_vars
         submission_id = f"loraflock-{spec.name}-{uuid.uuid4().hex[:8]}"
         job_id = self._call(

@@ -91,15 +91,18 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
     if result.checkpoint is None:
         raise StageError(f"the flock finished without a checkpoint: see the worker logs under {storage}/flock")
     merged: dict = {"base_eval_nll": {}, "methods": {}}
+    pesc_parts: list[dict] = []
     with result.checkpoint.as_directory() as d:
         for f in sorted((Path(d) / "results").glob("rank*.json")):
             part = json.loads(f.read_text())
             merged["base_eval_nll"].update(part["base_eval_nll"])
+            if "pesc" in part:
+                pesc_parts.append(part["pesc"])
             for m, r in part["methods"].items():
                 tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k != "eval_nll"} | {"eval_nll": {}})
                 tgt["eval_nll"].update(r["eval_nll"])
                 tgt["seconds"] = max(tgt["seconds"], r["seconds"])
-        for sub in ("adapters", "prior"):  # replace whole, via a temporary name
+        for sub in ("adapters", "prior", "pesc"):  # replace whole, via a temporary name
             src = Path(d) / sub
             if src.is_dir():
                 dst, tmp = out / sub, out / f".{sub}.tmp"
@@ -111,6 +114,29 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
     missing = [m for m in expected if m not in merged["methods"]]
     if missing:
         raise StageError(f"the flock did not finish methods {missing}; re-run the job to resume")
+    if spec.pesc.enabled:
+        if not pesc_parts:
+            raise StageError("the pesc stage did not finish; re-run the job to resume")
+        merged["pesc"] = _merge_pesc(pesc_parts)
     merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
     merged["sizes"] = dict(zip(names, sizes))
     return merged
+
+
+def _merge_pesc(parts: list[dict]) -> dict:
+    """Combine the workers' PESC results; expert load is weighted by each worker's eval rows."""
+    total = sum(p["eval_rows"] for p in parts)
+    load: dict[str, list[float]] = {}
+    for p in parts:
+        for layer, shares in p["expert_load"].items():
+            acc = load.setdefault(layer, [0.0] * len(shares))
+            for i, v in enumerate(shares):
+                acc[i] += v * p["eval_rows"] / total
+    return {
+        "eval_nll": {k: v for p in parts for k, v in p["eval_nll"].items()},
+        "expert_load": load,
+        "task_expert_load": {k: v for p in parts for k, v in p["task_expert_load"].items()},
+        "trainable_params": parts[0]["trainable_params"],
+        "seconds": max(p["seconds"] for p in parts),
+        "curve": parts[0]["curve"],
+    }

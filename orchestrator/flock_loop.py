@@ -144,6 +144,9 @@ def train_method(
     prior: object | None = None,
     log: Callable[[str], None] = print,
     device: torch.device | str = "cpu",
+    trainable: Sequence[nn.Parameter] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    before_eval: Callable[[], None] | None = None,
 ) -> dict:
     """Train one method from ``init_state`` and evaluate it on the owned tasks.
 
@@ -156,6 +159,10 @@ def train_method(
             added to the loss; with ``mode='infer'`` its tau is updated every
             ``prior_update_every`` steps from all-reduced statistics).
         log: progress printer.
+        trainable: for other kinds (``pesc``): exactly these parameters train (Theta among
+            them is synchronised across workers like the unified adapter's).
+        extra_loss: an additional regulariser (e.g. MoE load balancing).
+        before_eval: called between training and the final evaluation (e.g. reset counters).
 
     Returns:
         ``{"eval_nll": {slot: nll}, "curve": [(step, loss)], "seconds": s, "tokens_per_s": x,
@@ -168,13 +175,23 @@ def train_method(
             named[k].copy_(v)
     kind = cfg.kind
     set_trainable(model, shared=kind in ("hierarchical", "unified"), task=kind in ("hierarchical", "independent"))
-    params = [p for p in adapter_params(model) if p.requires_grad]
-    shared = [p for p in adapter_params(model, "shared") if p.requires_grad]
+    if trainable is not None:
+        for p in trainable:
+            p.requires_grad_(True)
+        params = list(trainable)
+    else:
+        params = [p for p in adapter_params(model) if p.requires_grad]
+    ids = {id(p) for p in params}
+    # Replicated parameters (Theta, MoE experts): gradients are all-reduced across workers.
+    shared = [p for p in adapter_params(model, "shared") if id(p) in ids]
+    if trainable is not None:
+        shared = [p for p in params if not any(p is q for q in adapter_params(model, "task"))]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = BatchSampler(data.sizes, cfg.batch_size, cfg.seed, cfg.temperature)
     reducer = grad_reducer(shared, sync=cfg.sync_every == 1)
     use_prior = kind == "hierarchical" and prior is not None
-    extra = prior.penalty if use_prior else None
+    terms = [f for f in (prior.penalty if use_prior else None, extra_loss) if f is not None]
+    extra = (lambda: sum(f() for f in terms)) if terms else None
     curve: list[tuple[int, float]] = []
     t0 = time.perf_counter()
     tokens = 0
@@ -197,6 +214,8 @@ def train_method(
                 f"tok/s {tokens / el:,.0f}  elapsed {el:,.0f}s  eta {eta:,.0f}s"
             )
     seconds = time.perf_counter() - t0
+    if before_eval is not None:
+        before_eval()
     nll = evaluate(model, data.eval, cfg.eval_batch_size, data.eval_prefix, data.split)
     out = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
     if use_prior:

@@ -21,6 +21,7 @@ import torch
 
 from models.base import adaptable_layers, load_base
 from models.lora import adapter_params, inject
+from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
 from models.prefix import compute_prefix
 from models.train import evaluate, seed_everything
@@ -134,7 +135,7 @@ def flock_worker(config: dict) -> None:
             if f.is_file():
                 results = json.loads(f.read_text())
                 say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
-            for sub in [Path("adapters") / names[g] for g in owned] + ([Path("prior")] if rank == 0 else []):
+            for sub in [Path("adapters") / names[g] for g in owned] + ([Path("prior"), Path("pesc")] if rank == 0 else []):
                 if (Path(d) / sub).is_dir():
                     shutil.copytree(Path(d) / sub, kept / sub, dirs_exist_ok=True)
     if "base_eval_nll" not in results:
@@ -166,19 +167,74 @@ def flock_worker(config: dict) -> None:
             "tokens_per_s": out["tokens_per_s"],
             **({"tau_inferred": out.get("tau"), "tau_history": out.get("tau_history")} if prior is not None else {}),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            (root / "results").mkdir()
-            (root / "results" / f"rank{rank}.json").write_text(json.dumps(results))
-            if mname == "hierarchical":  # the flock's adapters: what the job delivers
-                for s, g in enumerate(owned):
-                    save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
-                if rank == 0:  # Theta is replicated: one copy, with the prior's state
-                    save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
-                    if prior is not None:
-                        (kept / "prior").mkdir(parents=True, exist_ok=True)
-                        (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
-            # Every checkpoint carries them, so the latest one is complete on its own.
-            shutil.copytree(kept, root, dirs_exist_ok=True)
-            ray.train.report({"method": mname, "done": len(results["methods"])},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if mname == "hierarchical":  # the flock's adapters: what the job delivers
+            for s, g in enumerate(owned):
+                save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
+            if rank == 0:  # Theta is replicated: one copy, with the prior's state
+                save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
+                if prior is not None:
+                    (kept / "prior").mkdir(parents=True, exist_ok=True)
+                    (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
+        _report(rank, results, kept, mname)
+
+    if spec.pesc.enabled and "pesc" not in results:
+        results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, say, device)
+        if rank == 0:
+            save_moe(model, kept / "pesc" / "moe")
+            save_adapter(model, 0, kept / "pesc" / "attention_lora", config["base_model_name"], state=theta_state(model))
+        _report(rank, results, kept, "pesc")
+
+
+def _report(rank: int, results: dict, kept: Path, step: str) -> None:
+    """Checkpoint this worker's results so far plus everything it delivers (``kept``).
+
+    Every checkpoint carries all finished outputs, so the latest one is complete on its own.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "results").mkdir()
+        (root / "results" / f"rank{rank}.json").write_text(json.dumps(results))
+        shutil.copytree(kept, root, dirs_exist_ok=True)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device) -> dict:
+    """PESC on the same workers, base and cached prefix as the flock (the top blocks only).
+
+    The FFN of every adapted block becomes ``E`` adapter experts with a top-k router; the
+    attention projections keep one shared (unified) LoRA; everything is trained on all tasks
+    pooled with the flock's steps and batches. Routing never sees task ids.
+    """
+    from models.lora import lora_layers
+    from models.moe import balance_loss, convert_to_moe, expert_load, moe_params, reset_load, task_expert_load
+
+    p, tr = spec.pesc, spec.train
+    layers = adapted_layers(model, spec.lora.top_layers)
+    with torch.no_grad():  # start from the common initial adapters (B = 0: the base itself)
+        named = dict(model.named_parameters())
+        for k, v in init_state.items():
+            named[k].copy_(v)
+    torch.manual_seed(tr.seed)
+    before = {n: id(q) for n, q in model.named_parameters() if n in init_state}
+    converted = convert_to_moe(model, p.num_experts, p.top_k, p.bottleneck, p.scale, layers=layers)
+    renamed = {id(q): n for n, q in model.named_parameters()}  # the FFNs moved under the MoE
+    init_state = {renamed[before[k]]: v for k, v in init_state.items()}
+    # LoRA on attention only: FFN projections inside the experts' shared F stay frozen at B = 0.
+    attention = [l for n, l in lora_layers(model).items() if not any(n.startswith(c + ".") for c in converted)]
+    params = moe_params(model) + [q for l in attention for q in (l.lora_A_shared, l.lora_B_shared)]
+    cfg = MethodConfig("pesc", "pesc", tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
+                       tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every)
+    coef = p.balance_coef
+    say(f"PESC: {len(converted)} FFN blocks -> {p.num_experts} experts (top-{p.top_k}), LoRA on {len(attention)} attention projections")
+    out = train_method(model, data, cfg, init_state, None, say, device, trainable=params,
+                       extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
+                       before_eval=lambda: reset_load(model))  # expert load of the eval pass
+    return {
+        "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
+        "eval_rows": sum(len(x) for x in data.eval.values()),
+        "expert_load": expert_load(model),
+        "task_expert_load": {names[owned[s]]: v for s, v in task_expert_load(model).items()},
+        "trainable_params": sum(q.numel() for q in params),
+        "seconds": out["seconds"],
+        "curve": out["curve"],
+    }

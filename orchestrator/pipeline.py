@@ -94,7 +94,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         >>> from orchestrator import load_job, run_job
         >>> report = run_job(load_job("examples/tiny.yaml"), "runs/tiny")
     """
-    from orchestrator.report import flock_section, write_report
+    from orchestrator.report import flock_section, pesc_section, write_report
 
     from orchestrator.preflight import preflight
 
@@ -121,9 +121,11 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         state["stages"]["flock"] = StageState.RUNNING
         save_state()
         t1 = time.perf_counter()
-        _say("stage flock: training " + ", ".join(m for m, _, _ in _methods(spec)))
+        _say("stage flock: training " + ", ".join(m for m, _, _ in _methods(spec)) + (", then pesc" if spec.pesc.enabled else ""))
         res = run_flock(spec, data, out, out / "ray", _base_name(spec))
         timing["flock_s"] = time.perf_counter() - t1
+        if "pesc" in res:  # trained on the flock's workers, base and cached prefix
+            timing["pesc_s"] = res["pesc"]["seconds"]
         state["results"]["flock"] = res
         state["stages"]["flock"] = StageState.FINISHED
         save_state()
@@ -133,6 +135,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     report: dict = {"job": _job_summary(spec, data), "timing": {}}
     if "flock" in state["results"]:
         report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau)
+        if "pesc" in state["results"]["flock"]:
+            report["pesc"] = pesc_section(state["results"]["flock"])
     timing["total_s"] = time.perf_counter() - t0  # this invocation (a resumed job counts its own time)
     report["timing"] = timing
     save_state()

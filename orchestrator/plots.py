@@ -78,6 +78,28 @@ def _tau(out: Path, fl: dict) -> str | None:
     return "plots/tau.png"
 
 
+def _expert_load(out: Path, pe: dict) -> str:
+    """Load per expert per layer (left) and which experts each task uses (right)."""
+    import numpy as np
+
+    layers = list(pe["expert_load"])
+    grid = np.array([pe["expert_load"][k] for k in layers])
+    tasks = list(pe["task_expert_load"])
+    per_task = np.array([np.mean([pe["task_expert_load"][t][k] for k in layers], axis=0) for t in tasks]) if tasks else None
+    fig, axes = plt.subplots(1, 2 if per_task is not None else 1, figsize=(11, 0.45 * max(len(layers), len(tasks)) + 2.2), squeeze=False)
+    for ax, data, rows, title in ((axes[0, 0], grid, [k.split(".")[-2] if "." in k else k for k in layers], "share of tokens per expert, by layer"),) + (
+        ((axes[0, 1], per_task, tasks, "share of tokens per expert, by task (mean over layers)"),) if per_task is not None else ()
+    ):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xticks(range(data.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    _save(fig, out / "plots" / "expert_load.png")
+    return "plots/expert_load.png"
+
+
 def make_plots(out: Path, report: dict) -> dict[str, str]:
     """Draw every plot the report's data allows; return {key: relative path}."""
     files: dict[str, str] = {}
@@ -88,4 +110,6 @@ def make_plots(out: Path, report: dict) -> dict[str, str]:
         t = _tau(out, fl)
         if t:
             files["tau"] = t
+    if report.get("pesc"):
+        files["expert_load"] = _expert_load(out, report["pesc"])
     return files

@@ -9,7 +9,7 @@ from typing import Any
 from models.files import atomic_write_json, atomic_write_text
 from orchestrator import plots
 
-__all__ = ["flock_section", "write_report", "render_markdown"]
+__all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
 
 
 def _ppl(nll: float) -> float:
@@ -63,6 +63,24 @@ def flock_section(res: dict, tau: Any) -> dict:
     return sec
 
 
+def pesc_section(res: dict) -> dict:
+    """The ``pesc`` block of report.json."""
+    p = res["pesc"]
+    sizes, base = res["sizes"], res["base_eval_nll"]
+    loads = p["expert_load"]
+    busiest = max((max(v) * len(v) for v in loads.values()), default=0.0)  # busiest / mean share
+    return {
+        "macro_ppl": _macro(p["eval_nll"]),
+        "tasks": _tasks_block(p["eval_nll"], sizes, base),
+        "expert_load": loads,
+        "task_expert_load": p["task_expert_load"],
+        "busiest_expert_vs_mean": busiest,
+        "trainable_params": p["trainable_params"],
+        "train_seconds": p["seconds"],
+        "curve": p["curve"],
+    }
+
+
 def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
@@ -102,6 +120,19 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
+    pe = report.get("pesc")
+    if pe:
+        lines += ["## PESC: mixture of adapter experts (unified, no task ids)", ""]
+        rows = [("flock (hierarchical)", fl["macro_ppl"])] if fl else []
+        if fl:
+            rows += [(f"{k} LoRA", v["macro_ppl"]) for k, v in fl.get("baselines", {}).items()]
+        rows.append(("PESC MoE", pe["macro_ppl"]))
+        lines += ["| method | macro ppl |", "|---|---:|"] + [f"| {n} | {_fmt(v)} |" for n, v in rows]
+        lines += ["", f"{pe['trainable_params']:,} trainable parameters; the busiest expert takes "
+                  f"{pe['busiest_expert_vs_mean']:.2f}x the mean load (1.00 = perfectly even)."]
+        if "expert_load" in plot_files:
+            lines += ["", f"![expert load]({plot_files['expert_load']})"]
+        lines.append("")
     t = report.get("timing", {})
     if t:
         lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]

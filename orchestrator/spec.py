@@ -28,6 +28,7 @@ __all__ = [
     "TrainSpec",
     "PriorSpec",
     "FlockSpec",
+    "PescSpec",
     "RaySpec",
     "JobSpec",
     "load_job",
@@ -181,6 +182,34 @@ class FlockSpec(_Strict):
         return v
 
 
+class PescSpec(_Strict):
+    """The PESC stage: the FFN of every adapted block becomes a mixture of adapter experts.
+
+    Trained on all tasks pooled (no task ids reach the router), with the flock's steps and
+    batches, plus one shared LoRA on the attention projections, as PESC does.
+
+    Args:
+        num_experts: E experts per FFN block.
+        top_k: experts per token.
+        bottleneck: expert adapter width (U_i GELU(D_i h)).
+        scale: expert output scale s.
+        balance_coef: weight of the Switch load-balancing loss ``E * sum_i f_i P_i``.
+    """
+
+    enabled: bool = False
+    num_experts: int = Field(8, ge=2, le=256)
+    top_k: int = Field(2, ge=1)
+    bottleneck: int = Field(64, ge=1)
+    scale: float = Field(1.0, gt=0)
+    balance_coef: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _k_le_e(self) -> "PescSpec":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+
 class RaySpec(_Strict):
     """Where and how the job runs on Ray.
 
@@ -220,6 +249,7 @@ class JobSpec(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     flock: FlockSpec = Field(default_factory=FlockSpec)
+    pesc: PescSpec = Field(default_factory=PescSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")

@@ -154,7 +154,7 @@ def test_penalty_has_gradient_and_reaches_target_on_toy_problem() -> None:
     mean_p = float(open_probabilities(layer).mean().detach())
     assert abs(mean_p - (1 - target)) < 0.03, mean_p
     # and the formula itself: lam * (mean P - keep)^2 with P = Phi((tanh(theta) + 0.5) / sigma_reg)
-    mu = torch.cat([layer.theta_rows.flatten(), layer.theta_cols.flatten()]).tanh()
+    mu = torch.cat([layer.theta_rows.flatten(), layer.theta_cols.flatten()]).tanh().detach()
     p = torch.tensor([0.5 * (1 + math.erf(float(m + 0.5) / (0.5 * math.sqrt(2)))) for m in mu])
     assert torch.allclose(sparsity_penalty(layer, target, lam=7.0), 7.0 * (p.mean() - 0.6) ** 2, atol=1e-5)
 

@@ -121,6 +121,11 @@ def test_submit_sends_validated_spec_inlined_and_entrypoint(no_ray_token, monkey
     assert load_job(TINY) == load_job(_write(tmp_path / "j.yaml", env[JOB_YAML_ENV]))
     assert sent["metadata"] == {"loraflock_job": "tiny", "loraflock_out": "/shared/out dir"}
     assert "working_dir" not in sent["runtime_env"]
+    remote = load_job(TINY)
+    remote.ray.address = "ray://laptop:10001"  # meaningless on the cluster: the driver uses its own Ray
+    client.submit(remote, out="o")
+    assert yaml.safe_load(sent["runtime_env"]["env_vars"][JOB_YAML_ENV])["ray"]["address"] is None
+    client.submit(str(TINY), out="/shared/out dir")
     assert sent["entrypoint"] == build_entrypoint("/shared/out dir", shipped_code=False)
 
     # the entrypoint really materialises the spec: run it with a stand-in `loraflock`
