@@ -295,8 +295,9 @@ def set_trainable(model: nn.Module, shared: bool, task: bool) -> None:
 def task_ids(model: nn.Module, ids: torch.Tensor | int) -> Iterator[None]:
     """Route the next forward passes: one task id per row, or one int for all rows."""
     router: TaskRouter | None = getattr(model, "_loraflock_router", None) or getattr(model, "router", None)
-    if router is None:
-        raise RuntimeError("model has no LoRA layers: call inject() first")
+    if router is None:  # a plain base model: nothing to route
+        yield
+        return
     old = (router.ids, router.single)
     if isinstance(ids, int):
         router.ids, router.single = None, ids

@@ -10,7 +10,28 @@ from __future__ import annotations
 from orchestrator.errors import LoraflockError, OutputDirError, SpecError, StageError
 from orchestrator.spec import JobSpec, load_job, parse_job
 
-__all__ = ["JobSpec", "load_job", "parse_job", "run_job", "LoraflockError", "SpecError", "OutputDirError", "StageError"]
+__all__ = [
+    "JobSpec",
+    "load_job",
+    "parse_job",
+    "run_job",
+    "LoraflockClient",
+    "ClusterError",
+    "read_report",
+    "LoraflockError",
+    "SpecError",
+    "OutputDirError",
+    "StageError",
+]
+
+
+def __getattr__(name: str):
+    """The SDK client is imported lazily (it pulls in Ray's job-submission client)."""
+    if name in ("LoraflockClient", "ClusterError", "read_report"):
+        from orchestrator import client
+
+        return getattr(client, name)
+    raise AttributeError(name)
 
 
 def run_job(*args, **kwargs):

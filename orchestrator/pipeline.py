@@ -69,8 +69,9 @@ def init_ray(address: str | None, include_dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if address:
-        _say(f"connecting to Ray at {address}")
+    if address or os.environ.get("RAY_ADDRESS"):
+        address = address or os.environ["RAY_ADDRESS"]
+        _say(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         _say("starting an embedded local Ray (127.0.0.1, dashboard " + ("on" if include_dashboard else "off") + ")")
@@ -132,11 +133,29 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     elif spec.flock.enabled:
         _say("stage flock: already finished, skipped")
 
+    if spec.recycle.enabled and state["stages"].get("recycle") != StageState.FINISHED:
+        from orchestrator.recycle import run_recycle
+
+        state["stages"]["recycle"] = StageState.RUNNING
+        save_state()
+        t1 = time.perf_counter()
+        new = None
+        if spec.recycle.new_task is not None:
+            (new,) = _build_data(spec, [spec.recycle.new_task])
+        state["results"]["recycle"] = run_recycle(spec, out, new, _base_name(spec))
+        timing["recycle_s"] = time.perf_counter() - t1
+        state["stages"]["recycle"] = StageState.FINISHED
+        save_state()
+    elif spec.recycle.enabled:
+        _say("stage recycle: already finished, skipped")
+
     report: dict = {"job": _job_summary(spec, data), "timing": {}}
     if "flock" in state["results"]:
         report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau)
         if "pesc" in state["results"]["flock"]:
             report["pesc"] = pesc_section(state["results"]["flock"])
+    if "recycle" in state["results"]:
+        report["recycle"] = state["results"]["recycle"]
     timing["total_s"] = time.perf_counter() - t0  # this invocation (a resumed job counts its own time)
     report["timing"] = timing
     save_state()
@@ -163,8 +182,8 @@ def _base_name(spec: JobSpec) -> str | None:
     return spec.base.name
 
 
-def _build_data(spec: JobSpec) -> list:
-    """Tokenise and pack every task once, on the driver."""
+def _build_data(spec: JobSpec, tasks: list | None = None) -> list:
+    """Tokenise and pack every task (or ``tasks``) once, on the driver."""
     import datasets
 
     from tasks import build_task_data
@@ -175,7 +194,7 @@ def _build_data(spec: JobSpec) -> list:
     t = time.perf_counter()
     tok_name = spec.base.tokenizer or spec.base.name
     tokenizer = load_tokenizer(tok_name, spec.base.gguf_file if spec.base.tokenizer is None else None)
-    data = build_task_data(spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed)
+    data = build_task_data(tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed)
     sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in data)
     _say(f"data ready in {time.perf_counter() - t:.1f}s (train/eval sequences of {spec.train.seq_len} tokens: {sizes})")
     return data

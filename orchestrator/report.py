@@ -133,6 +133,24 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         if "expert_load" in plot_files:
             lines += ["", f"![expert load]({plot_files['expert_load']})"]
         lines.append("")
+    rc = report.get("recycle")
+    if rc:
+        lines += ["## Recycling (EigenLoRAx)", ""]
+        lines.append(f"{len(rc['adapters'])} adapters -> K = {rc['k']} principal directions per module "
+                     f"(explained variance {rc['explained_variance']:.3f}); stored as subspace + coefficients they take "
+                     f"**{rc['storage_ratio']:.1f}x** less space, with a mean relative reconstruction error of "
+                     f"{rc['reconstruction_rel_error']:.3f} on delta W.")
+        nt = rc.get("new_task")
+        if nt:
+            lines += ["", f"New task `{nt['task']}` (held out of the flock, {nt['train_examples']} training sequences), same steps:", "",
+                      "| adapter | trainable params | eval ppl |", "|---|---:|---:|",
+                      f"| base | 0 | {_fmt(nt['base_ppl'])} |",
+                      f"| coefficients on the subspace | {nt['coeff_params']:,} | {_fmt(nt['coeff_ppl'])} |",
+                      f"| full LoRA r={job['rank']} | {nt['lora_params']:,} | {_fmt(nt['lora_ppl'])} |", ""]
+            if nt.get("gain_fraction") == nt.get("gain_fraction"):  # not NaN
+                lines.append(f"The coefficients reach **{nt['gain_fraction'] * 100:.0f}%** of the full LoRA's perplexity gain "
+                             f"with **{nt['param_ratio']:.0f}x** fewer trainable parameters.")
+        lines.append("")
     t = report.get("timing", {})
     if t:
         lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]

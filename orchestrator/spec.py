@@ -29,6 +29,7 @@ __all__ = [
     "PriorSpec",
     "FlockSpec",
     "PescSpec",
+    "RecycleSpec",
     "RaySpec",
     "JobSpec",
     "load_job",
@@ -210,6 +211,31 @@ class PescSpec(_Strict):
         return self
 
 
+class RecycleSpec(_Strict):
+    """The recycle stage (EigenLoRAx).
+
+    Args:
+        k: principal directions per module; ``None`` = the smallest K reaching
+            ``explained_variance``.
+        explained_variance: threshold used when ``k`` is not given.
+        sources: extra PEFT LoRA adapter directories (same base and target modules).
+        new_task: a task held out of the flock, adapted on the subspace (coefficients only)
+            and, for comparison, with a full LoRA; both with the same steps.
+        steps: training steps for the new task (default: ``train.steps``).
+        lr: learning rate of the coefficients (default: ``train.lr``).
+        k_extra: random Gram-Schmidt directions added per side (low-resource option).
+    """
+
+    enabled: bool = False
+    k: int | None = Field(None, ge=1)
+    explained_variance: float = Field(0.9, gt=0, le=1)
+    sources: list[str] = Field(default_factory=list)
+    new_task: TaskSpec | None = None
+    steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    k_extra: int = Field(0, ge=0)
+
+
 class RaySpec(_Strict):
     """Where and how the job runs on Ray.
 
@@ -250,6 +276,7 @@ class JobSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     flock: FlockSpec = Field(default_factory=FlockSpec)
     pesc: PescSpec = Field(default_factory=PescSpec)
+    recycle: RecycleSpec = Field(default_factory=RecycleSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
@@ -258,6 +285,10 @@ class JobSpec(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"task names must be unique; repeated: {dup}")
+        if self.recycle.new_task is not None and self.recycle.new_task.name in names:
+            raise ValueError(f"recycle.new_task {self.recycle.new_task.name!r} must be held out of the flock's tasks")
+        if self.recycle.enabled and not self.flock.enabled and not self.recycle.sources:
+            raise ValueError("recycle needs adapters: enable the flock or list recycle.sources")
         unknown = sorted(set(self.lora.ranks) - set(names))
         if unknown:
             raise ValueError(f"lora.ranks names unknown tasks {unknown}; tasks are {names}")
