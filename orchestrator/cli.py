@@ -46,6 +46,14 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapt(a: argparse.Namespace) -> int:
+    from orchestrator.adapt_cli import adapt_from_cli
+
+    result = adapt_from_cli(a.subspace, a.task, a.out, a.job, a.steps, a.lr, a.k_extra, a.compare_lora)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loraflock",
@@ -64,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a job YAML; print every problem with its field path")
     v.add_argument("job")
     v.set_defaults(func=_cmd_validate)
+    ad = sub.add_parser("adapt", help="train a new task's coefficients on a recycled subspace (EigenLoRAx)")
+    ad.add_argument("--subspace", required=True, help="a recycle/subspace directory written by a job")
+    ad.add_argument("task", help="YAML file with one task spec (name + source), as in a job's tasks list")
+    ad.add_argument("--out", help="where the PEFT adapter goes (default <run>/adapt/<task>)")
+    ad.add_argument("--job", help="job YAML giving base/lora/train (default: the run's job.json)")
+    ad.add_argument("--steps", type=int, help="training steps (default: the job's train.steps)")
+    ad.add_argument("--lr", type=float, help="coefficient learning rate (default: the job's train.lr)")
+    ad.add_argument("--k-extra", type=int, default=0, help="random Gram-Schmidt directions per side")
+    ad.add_argument("--compare-lora", action="store_true", help="also train a full LoRA with the same steps")
+    ad.set_defaults(func=_cmd_adapt)
     s = sub.add_parser("schema", help="print the job spec's JSON schema")
     s.set_defaults(func=_cmd_schema)
     try:

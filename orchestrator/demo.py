@@ -1,8 +1,10 @@
 """The builtin demo job: SmolLM2-135M (offline GGUF) on the ``stdlib-code`` task suite.
 
 Sized for 2 CPU cores: adapters on the top blocks only (the frozen blocks below are run
-once per sequence and cached), 128-token rows, a few dozen steps per method. The same job
-is ``examples/demo.yaml`` (a test keeps the two equal).
+once per sequence and cached), 128-token rows, a few dozen steps per method. Stages: the
+hierarchical flock with both baselines, PESC on the same workers, and recycling with a new
+task (``xml``) held out of the flock. The same job is ``examples/demo.yaml`` (a test keeps
+the two equal).
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ DEMO_JOB: dict = {
     },
     "train": {"steps": 60, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "seed": 0, "log_every": 10},
     "flock": {"tau": 100.0, "baselines": ["independent", "unified"]},
+    "pesc": {"enabled": True, "num_experts": 8, "top_k": 2, "bottleneck": 64},
+    "recycle": {
+        "enabled": True,
+        "explained_variance": 0.9,
+        # held out of the flock: a new task that trains only coefficients on the subspace
+        "new_task": {
+            "name": "xml",
+            "source": {"kind": "builtin", "suite": "stdlib-code", "package": "xml"},
+            "max_train_sequences": 32,
+            "max_eval_sequences": 24,
+        },
+    },
     "ray": {"num_workers": 1},
 }
 

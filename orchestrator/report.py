@@ -81,6 +81,15 @@ def pesc_section(res: dict) -> dict:
     }
 
 
+def _tau_text(tau) -> str:
+    if not isinstance(tau, dict):
+        return f"{tau:g}" if isinstance(tau, (int, float)) else str(tau)
+    vals = set(round(v, 6) for v in tau.values())
+    if len(vals) == 1:
+        return f"{vals.pop():g} (every module group)"
+    return ", ".join(f"{k} {v:.3g}" for k, v in tau.items())
+
+
 def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
@@ -98,7 +107,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         gain = (base - main) / base * 100
         lines += ["## Flock", ""]
         lines.append(f"Macro perplexity (mean of per-task perplexities): base **{_fmt(base)}** -> flock **{_fmt(main)}** ({gain:+.1f}% better)"
-                     + f", tau = {fl['tau'] if not isinstance(fl['tau'], dict) else ', '.join(f'{k} {v:.3g}' for k, v in fl['tau'].items())}.")
+                     + f", tau = {_tau_text(fl['tau'])}.")
         bl = fl.get("baselines", {})
         if bl:
             parts = [f"{k} {_fmt(v['macro_ppl'])}" for k, v in bl.items()]
