@@ -7,7 +7,7 @@ the same way through :data:`USER_ERRORS`.
 
 from __future__ import annotations
 
-__all__ = ["LoraflockError", "SpecError", "OutputDirError", "StageError", "user_errors"]
+__all__ = ["LoraflockError", "SpecError", "OutputDirError", "ClusterAddressError", "StageError", "user_errors"]
 
 
 class LoraflockError(Exception):
@@ -20,6 +20,10 @@ class SpecError(LoraflockError):
 
 class OutputDirError(LoraflockError):
     """The output directory belongs to another job or cannot be written."""
+
+
+class ClusterAddressError(LoraflockError):
+    """A Ray cluster address that is malformed or does not answer."""
 
 
 class StageError(LoraflockError):

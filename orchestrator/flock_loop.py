@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import nn
 
 from models.lora import adapter_params, set_trainable
 from models.train import Batch, BatchSampler, evaluate, train_step
+from models.train_state import load_train_state, save_train_state
 
 __all__ = ["FlockData", "MethodConfig", "train_method", "grad_reducer", "average_shared"]
 
@@ -147,6 +149,9 @@ def train_method(
     trainable: Sequence[nn.Parameter] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     before_eval: Callable[[], None] | None = None,
+    state_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> dict:
     """Train one method from ``init_state`` and evaluate it on the owned tasks.
 
@@ -163,6 +168,10 @@ def train_method(
             them is synchronised across workers like the unified adapter's).
         extra_loss: an additional regulariser (e.g. MoE load balancing).
         before_eval: called between training and the final evaluation (e.g. reset counters).
+        state_dir: where mid-training state lives; if it holds state, training resumes from
+            it (parameters, optimizer moments, sampler RNG, prior, curve).
+        checkpoint_every: write that state every N steps (0 = never) and then call
+            ``on_checkpoint(step)`` (the Ray worker reports a checkpoint there).
 
     Returns:
         ``{"eval_nll": {slot: nll}, "curve": [(step, loss)], "seconds": s, "tokens_per_s": x,
@@ -194,8 +203,17 @@ def train_method(
     extra = (lambda: sum(f() for f in terms)) if terms else None
     curve: list[tuple[int, float]] = []
     t0 = time.perf_counter()
-    tokens = 0
-    for step in range(1, cfg.steps + 1):
+    tokens, start = 0, 1
+    ids_named = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    if state_dir is not None:
+        meta = load_train_state(state_dir, ids_named, opt)
+        if meta is not None:
+            start, curve = meta["step"] + 1, [tuple(c) for c in meta["curve"]]
+            sampler.set_state(meta["sampler"])
+            if use_prior and meta.get("prior"):
+                prior.load_state_dict(meta["prior"])
+            log(f"[{cfg.name}] resumed at step {start} from {state_dir}")
+    for step in range(start, cfg.steps + 1):
         batch = _batch(data, sampler, device)
         # Parameters absent from this batch still get (zero or prior) gradients, as in the
         # single-process joint objective, so Adam treats them identically on every worker.
@@ -205,9 +223,15 @@ def train_method(
         tokens += batch.input_ids.numel()
         if use_prior and prior.due(step):
             _update_tau(prior, step)
+        if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            meta = {"step": step, "curve": curve, "sampler": sampler.state(),
+                    "prior": prior.state_dict() if use_prior else None}
+            save_train_state(state_dir, ids_named, opt, meta)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
         if step % cfg.log_every == 0 or step == cfg.steps:
             el = time.perf_counter() - t0
-            eta = el / step * (cfg.steps - step)
+            eta = el / max(step - start + 1, 1) * (cfg.steps - step)
             curve.append((step, res.nll))
             log(
                 f"[{cfg.name}] step {step}/{cfg.steps}  loss {res.nll:.4f}  "

@@ -135,7 +135,8 @@ def flock_worker(config: dict) -> None:
             if f.is_file():
                 results = json.loads(f.read_text())
                 say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
-            for sub in [Path("adapters") / names[g] for g in owned] + ([Path("prior"), Path("pesc")] if rank == 0 else []):
+            subs = [Path("adapters") / names[g] for g in owned] + [Path("partial") / f"rank{rank}"]
+            for sub in subs + ([Path("prior"), Path("pesc")] if rank == 0 else []):
                 if (Path(d) / sub).is_dir():
                     shutil.copytree(Path(d) / sub, kept / sub, dirs_exist_ok=True)
     if "base_eval_nll" not in results:
@@ -157,7 +158,11 @@ def flock_worker(config: dict) -> None:
         prior = None
         if kind == "hierarchical":
             prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
-        out = train_method(model, data, cfg, init_state, prior, say, device)
+        partial = kept / "partial" / f"rank{rank}" / mname  # mid-method state (resumable)
+        out = train_method(model, data, cfg, init_state, prior, say, device, state_dir=partial,
+                           checkpoint_every=tr.checkpoint_every,
+                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
+        shutil.rmtree(partial, ignore_errors=True)
         results["methods"][mname] = {
             "kind": kind,
             "tau": tau if tau != float("inf") else "inf",

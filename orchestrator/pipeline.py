@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 
 from models.files import atomic_write_json
-from orchestrator.errors import OutputDirError
+from orchestrator.errors import ClusterAddressError, OutputDirError
 from orchestrator.spec import JobSpec
 
 __all__ = ["run_job", "StageState", "init_ray"]
@@ -71,6 +71,7 @@ def init_ray(address: str | None, include_dashboard: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address or os.environ.get("RAY_ADDRESS"):
         address = address or os.environ["RAY_ADDRESS"]
+        _probe(address)
         _say(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, logging_level=logging.WARNING)
     else:
@@ -81,6 +82,25 @@ def init_ray(address: str | None, include_dashboard: bool = False) -> None:
             logging_level=logging.WARNING,
             configure_logging=True,
         )
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a cluster address does not answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if not u.hostname or not u.port:
+        raise ClusterAddressError(f"--address {address!r}: give HOST:PORT (GCS, e.g. 10.0.0.1:6379) or ray://HOST:10001")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterAddressError(
+            f"cannot reach a Ray cluster at {address} ({e.strerror or e}); check the address and that the head "
+            "node is running, or leave --address out to run on an embedded local Ray"
+        ) from None
 
 
 def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:

@@ -110,3 +110,19 @@ def test_inferred_tau_is_updated_and_logged():
     assert set(out["tau"]) == {"q_proj", "v_proj", "down_proj"}
     assert all(0 < t <= prior.tau_max for t in out["tau"].values())
     assert all(t != 100.0 for t in out["tau"].values())  # the data moved tau off its start
+
+
+def test_resume_from_mid_method_state_matches_an_uninterrupted_run(tmp_path):
+    data = _data([0, 1, 2, 3])
+    m, init = _model(4)
+    calls = []
+    full = train_method(m, data, _cfg("hierarchical", steps=7), init, prior=HierarchicalPrior(m, SIZES, tau=50.0),
+                        log=lambda s: None, state_dir=tmp_path / "st", checkpoint_every=3, on_checkpoint=calls.append)
+    assert calls == [3, 6]  # the state on disk is step 6's, as if the worker died just after
+    m2, init2 = _model(4)  # a restarted worker: fresh process state, same files
+    logs = []
+    resumed = train_method(m2, data, _cfg("hierarchical", steps=7), init2, prior=HierarchicalPrior(m2, SIZES, tau=50.0),
+                           log=logs.append, state_dir=tmp_path / "st", checkpoint_every=3)
+    assert any("resumed at step 7" in line for line in logs)
+    for t in full["eval_nll"]:
+        assert resumed["eval_nll"][t] == pytest.approx(full["eval_nll"][t], rel=1e-6)

@@ -51,6 +51,22 @@ def test_outputs_follow_the_contract(tiny_run):
         assert (out / "adapters" / t / "adapter_config.json").is_file()
         assert (out / "adapters" / t / "adapter_model.safetensors").is_file()
     assert "step 12/12" in r.stdout + r.stderr  # progress is visible
+    # PESC: trained on all tasks pooled, with a per-layer expert load that sums to 1
+    pe = rep["pesc"]
+    assert sorted(pe["tasks"]) == sorted(tasks) and pe["trainable_params"] > 0
+    for shares in pe["expert_load"].values():
+        assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-6
+    assert (out / "pesc" / "moe" / "moe_config.json").is_file() and (out / "plots" / "expert_load.png").is_file()
+    # recycling: subspace + coefficients, and the held-out task trained both ways
+    rc = rep["recycle"]
+    assert rc["k"] == 4 and rc["storage_ratio"] > 1 and 0 <= rc["reconstruction_rel_error"] < 1
+    nt = rc["new_task"]
+    assert nt["task"] == "logging" and nt["coeff_params"] * 10 < nt["lora_params"]
+    assert nt["coeff_ppl"] < nt["base_ppl"] and nt["lora_ppl"] < nt["base_ppl"]
+    assert (out / "recycle" / "subspace" / "subspace.json").is_file()
+    assert (out / "recycle" / "new_task" / "coeff" / "adapter_model.safetensors").is_file()
+    assert (out / "prior" / "theta" / "adapter_config.json").is_file()
+    assert "## PESC" in md and "## Recycling" in md
 
 
 def test_peft_reproduces_the_reported_eval_loss(tiny_run):
@@ -104,6 +120,8 @@ def test_two_workers_give_the_single_process_joint_map(tiny_run, tmp_path):
     two = yaml.safe_load(TINY.read_text())
     two["ray"] = {"num_workers": 2, "cpus_per_worker": 1}
     two["flock"]["baselines"] = []
+    two["pesc"]["enabled"] = False
+    two["recycle"]["enabled"] = False
     p = tmp_path / "two.yaml"
     p.write_text(yaml.safe_dump(two))
     r = _run(["run", str(p), "--out", str(tmp_path / "o2")])
@@ -113,3 +131,25 @@ def test_two_workers_give_the_single_process_joint_map(tiny_run, tmp_path):
     assert len(rep2["assignment"]) == 2 and all(rep2["assignment"].values())
     for t, row in one["tasks"].items():
         assert rep2["tasks"][t]["eval_loss"] == pytest.approx(row["eval_loss"], rel=2e-4), t
+
+
+def test_adapt_cli_trains_coefficients_on_the_recycled_subspace(tiny_run, tmp_path):
+    out, _ = tiny_run
+    task = tmp_path / "task.yaml"
+    task.write_text("name: concurrent\nsource: {kind: builtin, package: concurrent}\nmax_train_sequences: 4\nmax_eval_sequences: 2\n")
+    r = _run(["adapt", "--subspace", str(out / "recycle" / "subspace"), str(task), "--steps", "3", "--out", str(tmp_path / "a")], timeout=200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["task"] == "concurrent" and res["coeff_params"] < res["lora_params"]
+    assert (tmp_path / "a" / "coeff" / "adapter_config.json").is_file()
+    bad = _run(["adapt", "--subspace", str(tmp_path), str(task)], timeout=60)
+    assert bad.returncode == 2 and "not a subspace directory" in bad.stderr
+
+
+def test_unreachable_cluster_fails_fast(tmp_path):
+    import time
+
+    t0 = time.monotonic()
+    r = _run(["run", str(TINY), "--out", str(tmp_path / "o"), "--address", "127.0.0.1:1"], timeout=120)
+    assert r.returncode == 2 and "cannot reach a Ray cluster at 127.0.0.1:1" in r.stderr
+    assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60

@@ -7,6 +7,7 @@ share the machine).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -149,6 +150,13 @@ def test_sdk_submit_wait_result_then_ray_cli(ray_head, capsys):
     assert final == "SUCCEEDED", logs[-4000:]
     assert f"loraflock run {TINY} --out {out}" in logs and "already finished" in logs
     print(f"\n[timing] sdk job {t_sdk:.1f} s, ray-cli resumed job {time.monotonic() - t0:.1f} s")
+
+    # `loraflock submit --wait` streams the job's logs and exits 0 only on SUCCEEDED
+    (Path(out) / "report.json").unlink()
+    assert main(["submit", str(TINY), "--address", url, "--token", token, "--out", out, "--wait"]) == 0
+    printed = capsys.readouterr().out
+    assert "already finished" in printed and token not in printed
+    assert json.loads((Path(out) / "report.json").read_text())["flock"]["macro_ppl"] > 0
 
 
 def test_wrong_token_and_unknown_job(ray_head):
