@@ -174,21 +174,23 @@ class MultiTaskLoraLinear(nn.Module):
             return y
         router = self.router
         h = self.dropout(x).to(self.lora_A.dtype)  # adapters stay fp32 on a bf16/fp16 base
+        # s_t and the rank mask are folded into A (r x in numbers) rather than applied to the
+        # (..., out) result: that saves a full pass over the output in forward and backward.
         if router.single is not None:  # one task for every row: plain matmuls, no gather
             t = router.single
-            a = (self.lora_A_shared + self.lora_A[t]) * self.rank_mask[t, :, None]
+            a = (self.lora_A_shared + self.lora_A[t]) * (self.scaling[t] * self.rank_mask[t])[:, None]
             b = self.lora_B_shared + self.lora_B[t]
-            return y + (self.scaling[t] * F.linear(F.linear(h, a), b)).to(y.dtype)
+            return y + F.linear(F.linear(h, a), b).to(y.dtype)
         ids = router.ids
         if ids is None:
             raise RuntimeError("no task ids set: wrap the forward in `with task_ids(model, ids):`")
         # Gather each row's slot: (N, r, in) and (N, out, r); N = rows of the batch.
-        a = (self.lora_A_shared + self.lora_A[ids]) * self.rank_mask[ids][:, :, None]
+        slot_scale = self.rank_mask[ids] * self.scaling[ids][:, None]  # (N, r)
+        a = (self.lora_A_shared + self.lora_A[ids]) * slot_scale[:, :, None]
         b = self.lora_B_shared + self.lora_B[ids]
         shape = h.shape  # (N, ..., in)
         h = h.reshape(shape[0], -1, shape[-1])  # (N, L, in)
         z = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (N, L, out)
-        z = z * self.scaling[ids][:, None, None]
         return y + z.reshape(*shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -134,6 +134,10 @@ class AdapterExpertMoE(nn.Module):
         self.expert_router = nn.Linear(in_features, num_experts, bias=False, device=dev)  # W_r
         self.down = nn.Parameter(torch.empty(num_experts, bottleneck, out_features, device=dev))  # D_i
         self.up = nn.Parameter(torch.zeros(num_experts, out_features, bottleneck, device=dev))  # U_i = 0
+        # Switch Transformer's router init (truncated normal, std sqrt(0.1 / fan_in)): small
+        # logits, so routing starts near uniform even on a pretrained model's outlier features.
+        std = math.sqrt(0.1 / in_features)
+        nn.init.trunc_normal_(self.expert_router.weight, std=std, a=-2 * std, b=2 * std)
         for i in range(num_experts):
             nn.init.kaiming_uniform_(self.down[i], a=math.sqrt(5))  # nn.Linear's init, per expert
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.float64, device=dev), persistent=False)

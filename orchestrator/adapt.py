@@ -110,6 +110,6 @@ def adapt_new_task(
             "lora_ppl": _ppl(res_l["eval_nll"][0]),
             "lora_seconds": res_l["seconds"],
             "gain_fraction": gain_c / gain_l if gain_l > 0 else float("nan"),
-            "param_ratio": result["lora_params"] / result["coeff_params"],
         }
+    result["param_ratio"] = result["lora_params"] / result["coeff_params"]
     return result

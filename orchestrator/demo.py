@@ -36,7 +36,7 @@ DEMO_JOB: dict = {
     },
     "train": {"steps": 60, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "seed": 0, "log_every": 10},
     "flock": {"tau": 100.0, "baselines": ["independent", "unified"]},
-    "pesc": {"enabled": True, "num_experts": 8, "top_k": 2, "bottleneck": 64},
+    "pesc": {"enabled": True, "num_experts": 8, "top_k": 2, "bottleneck": 64, "balance_coef": 0.05},
     "recycle": {
         "enabled": True,
         "explained_variance": 0.9,
@@ -44,7 +44,7 @@ DEMO_JOB: dict = {
         "new_task": {
             "name": "xml",
             "source": {"kind": "builtin", "suite": "stdlib-code", "package": "xml"},
-            "max_train_sequences": 32,
+            "max_train_sequences": 128,
             "max_eval_sequences": 24,
         },
     },

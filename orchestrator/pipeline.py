@@ -147,6 +147,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         timing["flock_s"] = time.perf_counter() - t1
         if "pesc" in res:  # trained on the flock's workers, base and cached prefix
             timing["pesc_s"] = res["pesc"]["seconds"]
+            timing["flock_s"] -= timing["pesc_s"]
         state["results"]["flock"] = res
         state["stages"]["flock"] = StageState.FINISHED
         save_state()

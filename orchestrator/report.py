@@ -156,7 +156,10 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
                       f"| base | 0 | {_fmt(nt['base_ppl'])} |",
                       f"| coefficients on the subspace | {nt['coeff_params']:,} | {_fmt(nt['coeff_ppl'])} |",
                       f"| full LoRA r={job['rank']} | {nt['lora_params']:,} | {_fmt(nt['lora_ppl'])} |", ""]
-            if nt.get("gain_fraction") == nt.get("gain_fraction"):  # not NaN
+            if nt.get("lora_ppl") is not None and nt["lora_ppl"] >= nt["base_ppl"]:
+                lines.append(f"The full LoRA did not improve on the base in these steps (it overfits {nt['train_examples']} "
+                             f"sequences); the coefficients, with **{nt['param_ratio']:.0f}x** fewer trainable parameters, did.")
+            elif nt.get("gain_fraction") == nt.get("gain_fraction"):  # not NaN
                 lines.append(f"The coefficients reach **{nt['gain_fraction'] * 100:.0f}%** of the full LoRA's perplexity gain "
                              f"with **{nt['param_ratio']:.0f}x** fewer trainable parameters.")
         lines.append("")

@@ -19,7 +19,10 @@ Distributions (exactly one key per dimension, plus ``zero`` for ``loguniform``):
 | ``choice``   | [a, b, ...]     | ``tune.choice``                                        |
 | ``grid``     | [a, b, ...]     | ``tune.grid_search`` (every value, times num_samples) |
 | ``uniform``  | [lo, hi]        | ``tune.uniform``                                       |
-| ``loguniform`` | [lo, hi]      | ``tune.loguniform``; with ``zero: p`` a Float domain whose sampler draws 0 with probability p, else log-uniform (same seeded random state) |
+| ``loguniform`` | [lo, hi]      | ``tune.loguniform``; with ``zero: p``: 0 with probability p |
+
+(``zero: p`` gives a ``ray.tune`` Float domain whose sampler draws 0 with probability p and
+otherwise log-uniformly, from Tune's seeded random state.)
 
 Dimensions and the values they accept: ``rank`` (int >= 1), ``target_sparsity`` (gate
 target in [0, 1); 0 = no gates), ``bits`` (2, 3, 4, 8 or 16 = unquantised), ``quantizer``
@@ -181,7 +184,7 @@ def _dimension(src: str, name: str, body: Any) -> Dimension:
         if not isinstance(raw, list) or not raw:
             raise SpaceError(f"{src}: dimensions.{name}.{kind} must be a non-empty list, got {raw!r}")
         values = tuple(raw)
-    for v in values if kind not in ("uniform", "loguniform") else values:
+    for v in values:  # every listed value, or both bounds of a range
         why = check(v)
         if why is not None:
             raise SpaceError(f"{src}: dimensions.{name}: value {v!r} is not allowed; use {why}")
@@ -227,7 +230,9 @@ def _log_uniform_or_zero(low: float, high: float, p_zero: float):
             self.low, self.high, self.p_zero = low, high, p_zero
 
         def sample(self, domain, config=None, size: int = 1, random_state=None):
-            rs = random_state if isinstance(random_state, _BackwardsCompatibleNumpyRng) else _BackwardsCompatibleNumpyRng(random_state)
+            rs = random_state
+            if not isinstance(rs, _BackwardsCompatibleNumpyRng):
+                rs = _BackwardsCompatibleNumpyRng(rs)
             u = rs.uniform(0.0, 1.0, size=size)
             logs = rs.uniform(np.log(self.low), np.log(self.high), size=size)
             items = np.where(u < self.p_zero, 0.0, np.exp(logs))

@@ -1,0 +1,283 @@
+"""Multi-task throughput: one batched flock vs T PEFT trainings one after another.
+
+Run (quick, tiny random llama):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/multitask_throughput.py --tasks 8 --model tiny
+Real demo base (a few minutes on a shared 2-core CPU; on a GPU add --batch 8 --seq 512):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/multitask_throughput.py --tasks 8 \
+        --model smollm2-135m --steps 3 --batch 1 --seq 128 --top-layers 4
+
+Every arm trains the same adapters (same rank, alpha, target modules, layers, optimizer,
+learning rate, gradient clipping) on the same tokens, and is timed end to end: base loading,
+adapter creation, training, saving the adapters in PEFT's format.
+
+* ``flock`` (a): our core. One base load, ``models.lora.inject`` with T slots, one AdamW over
+  the task slots (independent kind: shared Theta frozen, deltas train), ``steps`` calls of
+  ``models.train.train_step`` on mixed batches holding ``batch`` rows of EVERY task
+  (T * batch rows), then T ``save_adapter`` calls.
+* ``peft_sequential`` (b): what users do today, T times: ``load_base``,
+  ``peft.get_peft_model``, a plain AdamW loop of ``steps`` steps on ``batch`` rows of that
+  task (``loss = model(input_ids, labels).loss``), ``save_pretrained``. Same tokens per task.
+* ``single_adapter`` (c): the same PEFT loop for ONE adapter at the flock's batch (T * batch
+  rows per step, same steps, same total tokens): the per-token cost a flock should match.
+* ``single_core`` (d): our core with one slot at that batch (the ``router.single`` path).
+
+The flock's honest advantages over (b) are one model load, one optimizer and full batches
+for every step even for small tasks; its per-token cost over (c) should approach 1.0 (the
+adapters are < 1% of the FLOPs). Prints ONE JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.base import adaptable_layers, load_base  # noqa: E402
+from models.lora import adapter_params, inject, lora_layers, set_trainable  # noqa: E402
+from models.peft_io import save_adapter  # noqa: E402
+from models.train import Batch, seed_everything, train_step  # noqa: E402
+
+TINY = {
+    "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512,
+}
+# Dense bf16 peak FLOP/s for MFU (override with --peak-tflops).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def _load(args) -> nn.Module:
+    if args.model == "tiny":
+        return load_base(random_init=TINY, device=args.device)
+    return load_base(args.model, device=args.device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _top_layers(model: nn.Module, k: int) -> list[int] | None:
+    n = len(adaptable_layers(model)[1])
+    return None if k <= 0 or k >= n else list(range(n - k, n))
+
+
+class _Clock:
+    """Phase timer: seconds of load / train / save plus every step's duration."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.phases, self.steps = device, {"load_s": 0.0, "train_s": 0.0, "save_s": 0.0}, []
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.phases[phase] += now - self.t
+        if phase == "train_s":
+            self.steps.append(now - self.t)
+        self.t = now
+
+
+def run_flock(args, data: torch.Tensor, out: Path, slots: int) -> dict:
+    """Arm (a) with ``slots`` = T, arm (d) with ``slots`` = 1 (rows of every task in one slot)."""
+    clock = _Clock(args.device)
+    model = _load(args)
+    seed_everything(args.seed)
+    inject(model, args.targets, num_tasks=slots, rank=args.rank, alpha=2.0 * args.rank,
+           layers=_top_layers(model, args.top_layers))
+    set_trainable(model, shared=slots == 1, task=slots > 1)  # independent kind; 1 slot = plain LoRA
+    params = [p for p in adapter_params(model) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    clock.lap("load_s")
+    T, B = data.shape[0], args.batch
+    losses = []
+    for s in range(args.steps):
+        rows = data[:, s * B : (s + 1) * B].reshape(T * B, -1).to(args.device)  # (T*B, L), task-major
+        tid = torch.arange(T, device=args.device).repeat_interleave(B) if slots > 1 else torch.zeros(T * B, dtype=torch.long, device=args.device)
+        w = torch.full((T * B,), 1.0 / (T * B), device=args.device)
+        losses.append(train_step(model, Batch(rows, tid, w), opt, params, max_grad_norm=1.0).nll)
+        clock.lap("train_s")
+    for t in range(slots):
+        save_adapter(model, t, out / f"task{t}")
+    clock.lap("save_s")
+    return {"clock": clock, "loss_first_last": [losses[0], losses[-1]], "model": model}
+
+
+def _peft_model(args, base: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank, lora_dropout=0.0, bias="none",
+                     target_modules=list(args.targets), layers_to_transform=_top_layers(base, args.top_layers))
+    return get_peft_model(base, cfg)
+
+
+def _peft_train(args, rows_of_step: Callable[[int], torch.Tensor], out: Path, clock: _Clock, losses: list) -> None:
+    model = _peft_model(args, _load(args))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    clock.lap("load_s")
+    model.train()
+    for s in range(args.steps):
+        ids = rows_of_step(s).to(args.device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        clock.lap("train_s")
+    model.save_pretrained(out)
+    clock.lap("save_s")
+
+
+def run_peft_sequential(args, data: torch.Tensor, out: Path) -> dict:
+    """Arm (b): T independent PEFT trainings, one after another, ``batch`` rows per step."""
+    clock, losses, B = _Clock(args.device), [], args.batch
+    for t in range(data.shape[0]):
+        _peft_train(args, lambda s, t=t: data[t, s * B : (s + 1) * B], out / f"task{t}", clock, losses)
+    return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
+
+
+def run_single_adapter(args, data: torch.Tensor, out: Path) -> dict:
+    """Arm (c): one PEFT adapter at the flock's batch (T * batch rows per step)."""
+    clock, losses, (T, B) = _Clock(args.device), [], (data.shape[0], args.batch)
+    _peft_train(args, lambda s: data[:, s * B : (s + 1) * B].reshape(T * B, -1), out, clock, losses)
+    return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
+
+
+def flops_per_token(model: nn.Module, args) -> float:
+    """Matmul FLOPs per trained token (attention scores left out).
+
+    Forward ``2 N`` over every linear weight (lm_head included); backward ``2 N_bwd`` for the
+    activation gradients of the blocks from the lowest adapted one up plus the head (the frozen
+    base needs no weight gradients; with adapters on all layers this is the usual ``4 N``); and
+    ``6 r (d_in + d_out)`` per adapted matrix (forward + both backward matmuls of A and B).
+    """
+    layers = lora_layers(model)
+    lowest = min(int(p) for n in layers for p in n.split(".") if p.isdigit())
+    n_all = n_bwd = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):  # frozen base weights (adapted ones sit in .base_layer)
+            numel = mod.weight.numel()
+            n_all += numel
+            idx = [int(p) for p in name.split(".") if p.isdigit()]
+            n_bwd += numel if not idx or idx[0] >= lowest else 0
+    adapter = sum(6 * args.rank * (m.in_features + m.out_features) for m in layers.values())
+    return 2.0 * n_all + 2.0 * n_bwd + adapter
+
+
+def summarise(result: dict, tokens: int, args, flops: float | None, peak: float | None) -> dict:
+    clock = result["clock"]
+    total = sum(clock.phases.values())
+    row = {**{k: round(v, 3) for k, v in clock.phases.items()}, "seconds": round(total, 3), "tokens": tokens,
+           "tokens_per_s": round(tokens / total, 1), "train_tokens_per_s": round(tokens / clock.phases["train_s"], 1),
+           "step_s_median": round(statistics.median(clock.steps), 4),
+           "loss_first_last": [round(x, 4) for x in result["loss_first_last"]]}
+    if flops is not None and peak:
+        row["mfu_train"] = round(flops * tokens / clock.phases["train_s"] / peak, 4)
+        row["mfu_end_to_end"] = round(flops * tokens / total / peak, 4)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--model", default="tiny", help="tiny | smollm2-135m | any load_base name")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=2, help="rows per task per step (the flock's batch is tasks*batch)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--top-layers", type=int, default=0, help="adapt only the top k blocks (0 = all)")
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (GPU default: by name)")
+    ap.add_argument("--arms", default="flock,peft_sequential,single_adapter,single_core")
+    ap.add_argument("--repeats", type=int, default=1, help="run the arms this many times, interleaved; keep each arm's fastest")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.targets = args.targets.split(",")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    arms = args.arms.split(",")
+    load_start = os.getloadavg()
+    import peft  # noqa: F401  (import cost ~5 s: paid before any arm is timed)
+
+    probe = _load(args)  # warm the page cache / converted-model cache for every arm alike
+    vocab = probe.config.vocab_size
+    del probe
+    gen = torch.Generator().manual_seed(args.seed)
+    data = torch.randint(0, vocab, (args.tasks, args.steps * args.batch, args.seq), generator=gen)  # (T, S*B, L)
+    tokens = data.numel()
+    peak = None
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        peak = 1e12 * (args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0))
+    elif args.peak_tflops:
+        peak = 1e12 * args.peak_tflops
+    results, flops = {}, None
+    with tempfile.TemporaryDirectory(prefix="loraflock-bench-") as tmp:
+        runners = {
+            "flock": lambda: run_flock(args, data, Path(tmp) / "flock", args.tasks),
+            "peft_sequential": lambda: run_peft_sequential(args, data, Path(tmp) / "peft"),
+            "single_adapter": lambda: run_single_adapter(args, data, Path(tmp) / "single"),
+            "single_core": lambda: run_flock(args, data, Path(tmp) / "single_core", 1),
+        }
+        for rep in range(args.repeats):  # arms interleaved; each keeps its fastest repeat
+            for arm in arms:
+                res = runners[arm]()
+                if "model" in res:
+                    flops = flops or flops_per_token(res.pop("model"), args)
+                secs = sum(res["clock"].phases.values())
+                if arm not in results or secs < sum(results[arm]["clock"].phases.values()):
+                    results[arm] = res
+                print(f"repeat {rep}: {arm} {secs:.1f}s", file=sys.stderr)
+    rows = {arm: summarise(r, tokens, args, flops, peak) for arm, r in results.items()}
+    does = {
+        "flock": f"1 base load; inject {args.tasks} slots; 1 AdamW; {args.steps} train_step calls on mixed batches "
+                 f"of {args.tasks}x{args.batch} rows; save {args.tasks} PEFT adapters",
+        "peft_sequential": f"{args.tasks} x (load base; peft.get_peft_model; AdamW loop of {args.steps} steps of "
+                           f"{args.batch} rows of one task; save_pretrained)",
+        "single_adapter": f"1 x (load base; peft.get_peft_model; AdamW loop of {args.steps} steps of "
+                          f"{args.tasks * args.batch} rows; save_pretrained)",
+        "single_core": f"our core with 1 slot, {args.steps} train_step calls of {args.tasks * args.batch} rows",
+    }
+    for arm in rows:
+        rows[arm]["does"] = does[arm]
+    per_tok = lambda arm: rows[arm]["seconds"] / rows[arm]["tokens"]  # noqa: E731
+    report = {
+        "benchmark": "multitask_throughput",
+        "compared": "flock (a) vs peft_sequential (b) and single_adapter (c), same tokens, end to end",
+        "settings": {k: v for k, v in vars(args).items()},
+        "machine": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                    "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "flops_per_token": flops,
+        "arms": rows,
+    }
+    if "flock" in rows and "peft_sequential" in rows:
+        report["ratio_vs_peft_sequential"] = round(rows["flock"]["tokens_per_s"] / rows["peft_sequential"]["tokens_per_s"], 3)
+        # Without loading/saving: what remains for long trainings where loads are amortised.
+        report["train_only_ratio_vs_peft_sequential"] = round(
+            rows["flock"]["train_tokens_per_s"] / rows["peft_sequential"]["train_tokens_per_s"], 3)
+    if "flock" in rows and "single_adapter" in rows:
+        report["per_token_cost_vs_single_adapter"] = round(per_tok("flock") / per_tok("single_adapter"), 3)
+        report["step_cost_vs_single_adapter"] = round(rows["flock"]["step_s_median"] / rows["single_adapter"]["step_s_median"], 3)
+    if "flock" in rows and "single_core" in rows:
+        report["per_token_cost_vs_single_core"] = round(per_tok("flock") / per_tok("single_core"), 3)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

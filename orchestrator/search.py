@@ -1,0 +1,237 @@
+"""The search stage on the driver: Ray Tune over a compression space, ASHA, Pareto front.
+
+``run_search`` builds the shared payload once (token ids plus the frozen lower blocks'
+activations, computed by one Ray task and handed to every trial through
+``tune.with_parameters``, i.e. one object-store copy), runs a ``ray.tune.Tuner`` over
+:func:`orchestrator.search_trial.search_trial` with ASHA on ``macro_ppl``, and writes
+``out/search/trials.csv`` (every trial) and ``out/search/pareto.csv`` (the non-dominated
+completed trials in (macro_ppl, model_bytes), both minimised). An interrupted search
+resumes with ``Tuner.restore`` from ``<storage>/search``: finished trials are kept, not
+re-run; unfinished ones continue from their last checkpoint.
+
+Trials stopped early by ASHA keep their last (subset) measurement in ``trials.csv`` with
+status ``stopped``; only ``done`` trials (full eval at the last step) enter the front.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+
+from models.files import atomic_write_text
+from orchestrator.errors import StageError
+from orchestrator.pareto import pareto_front, pick_point
+from orchestrator.search_report import plot_pareto
+from orchestrator.search_spec import SearchSpec
+from orchestrator.search_trial import build_payload, search_trial
+from orchestrator.spec import JobSpec
+from tune_spaces.loader import load_space, to_tune
+
+__all__ = ["run_search", "trial_rows", "write_csv", "TRIAL_COLUMNS"]
+
+TRIAL_COLUMNS = [
+    "trial_id", "status", "rank", "target_sparsity", "bits", "quantizer", "tau", "lr", "step",
+    "macro_ppl", "model_bytes", "sparsity", "adapter_bytes", "seconds",
+]
+
+
+def _scheduler(search: SearchSpec, steps: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="step", metric="macro_ppl", mode="min", max_t=steps,
+        grace_period=min(search.grace_period, steps), reduction_factor=search.reduction_factor,
+    )
+
+
+def _search_alg(search: SearchSpec, concurrent: int):
+    if search.algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise StageError("search.algorithm 'optuna' needs optuna: pip install 'loraflock[optuna]'") from None
+        return OptunaSearch(metric=["macro_ppl", "model_bytes"], mode=["min", "min"], seed=search.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=search.seed)
+
+
+def _num(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def trial_rows(results) -> list[dict]:
+    """One row per trial of a ``ResultGrid``: hyperparameters, status and last measurements."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        config = r.config or {}
+        if not config and (Path(r.path) / "params.json").is_file():  # a trial ended before its first report
+            config = json.loads((Path(r.path) / "params.json").read_text())
+        cfg = {k: _num(v) for k, v in config.items() if k != "_search"}
+        status = "done" if m.get("final") else ("error" if r.error is not None else "stopped")
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status, **cfg}
+        for k in ("step", "macro_ppl", "model_bytes", "sparsity", "adapter_bytes", "seconds"):
+            row[k] = _num(m.get(k))
+        row["bits"] = int(cfg.get("bits", 16))
+        row["timestamp"] = m.get("timestamp")
+        row["checkpoint"] = r.checkpoint.path if r.checkpoint is not None else None
+        rows.append(row)
+    return sorted(rows, key=lambda x: str(x["trial_id"]))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Rows as CSV (the given columns first, then any other keys), written atomically."""
+    extra = sorted({k for r in rows for k in r} - set(columns) - {"checkpoint", "timestamp"})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns + extra, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns + extra})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _concurrency(search: SearchSpec) -> int:
+    if search.max_concurrent_trials is not None:
+        return search.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, int(cpus // search.cpus_per_trial))
+
+
+def run_search(
+    spec: JobSpec,
+    search: SearchSpec,
+    data: list,
+    out: str | Path,
+    base_model_name: str | None = None,
+    *,
+    storage: str | Path | None = None,
+) -> dict:
+    """Run (or resume) the compression search and return the report's ``search`` section.
+
+    Writes ``out/search/trials.csv``, ``out/search/pareto.csv``, ``out/plots/pareto.png`` and,
+    with a pick rule, the picked trial's checkpoint under ``out/search/pick/``. A resumed run
+    keeps the settings it was started with (Tune restores its own pickled state); change the
+    search only with a new ``storage``.
+
+    Args:
+        spec: the job (base, tasks, LoRA targets and ``top_layers``, training settings).
+        search: the search settings.
+        data: ``tasks.TaskData`` list (tokenised on the driver).
+        out: the job's output directory.
+        base_model_name: recorded with the results.
+        storage: Tune storage path (default ``out/ray``); the run lives in ``<storage>/search``
+            and a later call with the same storage resumes it.
+
+    Returns:
+        ``{"space", "algorithm", "num_trials", "steps", "trials": [...], "pareto": [...],
+        "pick": row | None, "pick_rule": {...} | None, "seconds", "plot": "plots/pareto.png"}``.
+
+    Example:
+        >>> section = run_search(spec, SearchSpec(enabled=True, space="demo"), data, "runs/demo")
+    """
+    t0 = time.perf_counter()
+    out = Path(out).resolve()
+    storage = Path(storage).resolve() if storage is not None else out / "ray"
+    space = load_space(search.space)
+    steps = search.steps or spec.train.steps
+    every = min(search.eval_every, steps)
+    if search.grace_period > steps:
+        raise StageError(f"search.grace_period ({search.grace_period}) exceeds the {steps} steps per trial: lower it")
+    concurrent = _concurrency(search)
+    names = [d.name for d in data]
+    # The prefix pass may use the whole search's CPUs, but no more than one node has.
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    threads = max(1, min(search.cpus_per_trial * concurrent, int(node_cpus)))
+    payload_task = ray.remote(num_cpus=threads, num_gpus=0)(build_payload)
+    # The trials re-validate the job without its search section (a space path may not exist on workers).
+    job = spec.model_dump(mode="json", exclude={"search"})
+    payload = ray.get(payload_task.remote(
+        job, names, [int(d.train_examples) for d in data],
+        [np.ascontiguousarray(d.train_ids.numpy()) for d in data], [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
+        threads,
+    ))
+    resources = {"cpu": search.cpus_per_trial, **({"gpu": 1} if spec.ray.use_gpu else {})}
+    trainable = tune.with_resources(tune.with_parameters(search_trial, payload=payload), resources)
+    del payload  # the trials read the object-store copy
+    exp = storage / "search"
+    if exp.exists() and tune.Tuner.can_restore(str(exp)):
+        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        fixed = {
+            "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, "quantizer": search.quantizer,
+            "lq_iters": search.lq_iters, "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr,
+            "threads": search.cpus_per_trial,
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**to_tune(space), "_search": fixed},
+            tune_config=tune.TuneConfig(
+                num_samples=search.num_samples, scheduler=_scheduler(search, steps),
+                search_alg=_search_alg(search, concurrent),
+                # the variant generator enforces its own limit; Tune's applies to Searchers (optuna)
+                max_concurrent_trials=concurrent if search.algorithm != "random" else None,
+                reuse_actors=True,  # a trial's process keeps torch/transformers imported for the next
+            ),
+            run_config=tune.RunConfig(
+                name="search", storage_path=str(storage), verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
+            ),
+        )
+    results = tuner.fit()
+    return _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0)
+
+
+def _collect(
+    results, search: SearchSpec, source: str, steps: int, out: Path, base_model_name: str | None, seconds: float
+) -> dict:
+    rows = trial_rows(results)
+    if not rows:
+        raise StageError(f"the search produced no trials: see the logs under {out}/ray/search")
+    done = [r for r in rows if r["status"] == "done"]
+    front = pareto_front(done)
+    front_ids = {r["trial_id"] for r in front}
+    for r in rows:
+        r["pareto"] = r["trial_id"] in front_ids
+    (out / "search").mkdir(parents=True, exist_ok=True)
+    write_csv(out / "search" / "trials.csv", rows, TRIAL_COLUMNS)
+    write_csv(out / "search" / "pareto.csv", front, TRIAL_COLUMNS)
+    pick = rule = None
+    if search.pick is not None:
+        rule = search.pick.model_dump(exclude_none=True)
+        pick = pick_point(front, **rule)
+        if pick is not None and pick.get("checkpoint"):
+            dst = out / "search" / "pick"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(pick["checkpoint"], dst)
+
+    def public(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in ("checkpoint", "timestamp")
+                and not (isinstance(v, float) and math.isnan(v))}
+
+    section = {
+        "space": source,
+        "algorithm": search.algorithm,
+        "base": base_model_name,
+        "num_trials": len(rows),
+        "steps": steps,
+        "trials": [public(r) for r in rows],
+        "pareto": [public(r) for r in front],
+        "pick": public(pick) if pick is not None else None,
+        "pick_rule": rule,
+        "seconds": seconds,
+    }
+    section["plot"] = plot_pareto(out, section)
+    return section

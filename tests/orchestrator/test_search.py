@@ -1,0 +1,248 @@
+"""The compression search: deployed-size accounting, gate step size, the spec, and a real Tune run
+on local Ray that is killed after 2 of 4 trials and resumed with ``Tuner.restore``."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.gates import sparsity_penalty
+from models.lq import QuantizedLinear
+from models.quant import quantize
+from orchestrator.flock_loop import FlockData, MethodConfig, train_method
+from orchestrator.pareto import pareto_front
+from orchestrator.search_spec import SearchSpec
+from orchestrator.search_trial import build_trial_model, deployed_bytes, gate_leaves
+from orchestrator.spec import JobSpec, load_job
+from tests.conftest import TINY_LLAMA
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _spec() -> JobSpec:
+    return JobSpec.model_validate({
+        "base": {"random_init": TINY_LLAMA, "tokenizer": "bytes"},
+        "tasks": [{"name": n, "source": {"kind": "builtin", "package": n}} for n in ("json", "http", "email")],
+        "lora": {"rank": 4, "alpha": 8, "target_modules": TARGETS, "top_layers": 1},
+        "train": {"steps": 4, "batch_size": 4, "seq_len": 16, "lr": 1e-3, "log_every": 100},
+    })
+
+
+def test_deployed_bytes_equals_a_hand_count():
+    spec = _spec()
+    model, info = build_trial_model(spec, {"rank": 4, "bits": 4, "target_sparsity": 0.3}, num_tasks=3)
+    assert info["layers"] == [1] and len(info["gated"]) == 3
+    from models.base import load_base
+
+    ref = load_base(random_init=TINY_LLAMA, seed=0)
+    closed = {"q_proj": ([1, 5, 7], [0, 2]), "v_proj": ([3], []), "down_proj": ([], [10, 11, 12, 13])}
+    blk = model.model.layers[1]
+    expect = 0
+    top = {}  # matrix name -> kept (rows, cols)
+    for leaf, mod in [("q_proj", blk.self_attn.q_proj), ("v_proj", blk.self_attn.v_proj), ("down_proj", blk.mlp.down_proj)]:
+        rows, cols = closed[leaf]
+        with torch.no_grad():
+            mod.theta_rows[0, rows] = -3.0  # tanh(-3) + 0.5 < 0: eval gate 0
+            mod.theta_cols[0, cols] = -3.0
+        out_f, in_f = mod.out_features, mod.in_features
+        top[leaf] = ([i for i in range(out_f) if i not in rows], [j for j in range(in_f) if j not in cols])
+        expect += math.ceil(out_f / 8) + math.ceil(in_f / 8)  # kept-index bitmaps
+        expect += 3 * 2 * 4 * (len(top[leaf][0]) + len(top[leaf][1]))  # 3 tasks, rank 4, 2 bytes
+    base_params = 0
+    for name, p in ref.named_parameters():
+        if name.startswith("model.layers.1.") and name.endswith("_proj.weight"):
+            leaf = name.split(".")[-2]
+            w = p.detach()
+            if leaf in top:
+                r, c = top[leaf]
+                w = w[r][:, c]
+            expect += quantize(w, "nf", 4, 64).nbytes  # packed bytes of what is kept
+        else:
+            base_params += p.numel()
+    expect += 2 * base_params
+    got = deployed_bytes(model)
+    assert got["model_bytes"] == expect
+    assert got["base_bytes"] == 2 * base_params
+    plain = [m for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and "k_proj" in n]
+    assert len(plain) == 1 and plain[0].nbytes == quantize(ref.model.layers[1].self_attn.k_proj.weight, "nf", 4, 64).nbytes
+
+
+def test_gate_step_size_scaling_keeps_the_function_and_moves_gates_faster():
+    spec = _spec()
+    g = torch.Generator().manual_seed(0)
+    sizes = [4, 6, 8]
+    data = FlockData(sizes, [0, 1, 2], {i: torch.randint(0, 300, (n, 16), generator=g) for i, n in enumerate(sizes)},
+                     {i: torch.randint(0, 300, (2, 16), generator=g) for i in range(3)})
+    ids = torch.randint(0, 300, (2, 16), generator=g)
+    moved, logits = {}, {}
+    for gate_lr in (None, 0.2):
+        model, _ = build_trial_model(spec, {"rank": 4, "bits": 16, "target_sparsity": 0.3, "lr": 1e-3}, 3, gate_lr=gate_lr)
+        from models.lora import adapter_params, set_trainable, task_ids
+
+        with torch.no_grad(), task_ids(model, 0):
+            logits[gate_lr] = model(input_ids=ids).logits
+        set_trainable(model, True, True)
+        leaves = gate_leaves(model)
+        params = [p for p in adapter_params(model) if p.requires_grad] + leaves
+        init = {n: p.detach().clone() for n, p in model.named_parameters() if any(p is q for q in params)}
+        thetas0 = torch.cat([l.theta_rows.detach().reshape(-1).clone() for l in _gated(model)])
+        train_method(model, data, MethodConfig("t", "hierarchical", 3, 4, 1e-3, 0, log_every=100), init, None,
+                     lambda s: None, trainable=params, extra_loss=lambda: sparsity_penalty(model, 0.3))
+        thetas = torch.cat([l.theta_rows.detach().reshape(-1) for l in _gated(model)])
+        moved[gate_lr] = float((thetas - thetas0).abs().max())
+    assert torch.allclose(logits[None], logits[0.2])  # the reparametrisation changes nothing at init
+    assert moved[None] <= 3 * 1e-3 * 1.01  # Adam: about lr per step
+    assert 0.2 < moved[0.2] <= 3 * 0.2 * 1.01  # the gates' own step size
+
+
+def _gated(model):
+    from models.gates import GatedLinear
+
+    return [m for m in model.modules() if isinstance(m, GatedLinear)]
+
+
+def test_search_spec_validation():
+    assert SearchSpec().space == "default" and not SearchSpec().enabled
+    with pytest.raises(ValueError, match="exactly one of"):
+        SearchSpec(pick={"max_bytes": 10, "max_ppl": 20.0})
+    with pytest.raises(ValueError, match="grace_period"):
+        SearchSpec(steps=5, grace_period=10)
+    with pytest.raises(ValueError, match="neither a bundled space"):
+        SearchSpec(space="nope")
+    with pytest.raises(ValueError, match="extra"):
+        SearchSpec(samples=3)
+
+
+# ----------------------------------------------------------------------------- a real Tune run
+SPACE = """\
+dimensions:
+  rank: {value: 4}
+  bits: {grid: [4, 16]}
+  target_sparsity: {grid: [0.0, 0.4]}
+  tau: {value: 100.0}
+  lr: {value: 0.003}
+"""
+
+DRIVER = """\
+import sys, ray, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from tests.orchestrator.test_search import job_and_data, search_settings
+from orchestrator.search import run_search
+spec, data = job_and_data()
+ray.init(address={address!r}, logging_level="WARNING")
+run_search(spec, search_settings({space!r}), data, {out!r}, "tiny")
+"""
+
+
+def job_and_data():
+    """examples/tiny.yaml's job and base, with small random token data (3 tasks)."""
+    from tasks import TaskData
+
+    spec = load_job(ROOT / "examples" / "tiny.yaml")
+    g = torch.Generator().manual_seed(0)
+    data = [TaskData(n, None, None, torch.randint(0, 257, (k, 32), generator=g), torch.randint(0, 257, (4, 32), generator=g), k)
+            for n, k in (("json", 8), ("http", 16), ("email", 32))]
+    return spec, data
+
+
+def search_settings(space: str) -> SearchSpec:
+    return SearchSpec(enabled=True, space=space, num_samples=1, steps=6, eval_every=2, eval_subset=2, grace_period=6,
+                      max_concurrent_trials=1, gate_lr=0.5, pick={"max_ppl": 1e9})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _finished(out: Path) -> dict[str, int]:
+    """Trial directory -> lines of its result.json, for trials that sent their final report."""
+    found = {}
+    for f in glob.glob(str(out / "ray" / "search" / "*" / "result.json")):
+        lines = Path(f).read_text().splitlines()
+        if any('"final": true' in line for line in lines):
+            found[Path(f).parent.name] = len(lines)
+    return found
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.integration
+def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, tmp_path):
+    from orchestrator.search import run_search
+    from orchestrator.search_report import render_search_md
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    out = tmp_path / "out"
+    code = DRIVER.format(root=str(ROOT), address=local_ray, space=str(space), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while len(_finished(out)) < 2 and proc.poll() is None and time.time() - t0 < 240:
+            time.sleep(0.2)
+        before = _finished(out)
+    finally:
+        proc.kill()  # the driver dies mid-search, like a killed job
+        proc.wait()
+    assert len(before) >= 2, "the first run finished fewer than 2 trials"
+    assert len(before) < 4, "the first run was not interrupted"
+
+    spec, data = job_and_data()
+    section = run_search(spec, search_settings(str(space)), data, out, "tiny")
+
+    after = _finished(out)
+    assert len(after) == 4
+    for trial, lines in before.items():  # finished trials were kept, not run again
+        assert after[trial] == lines
+    for f in glob.glob(str(out / "ray" / "search" / "*" / "result.json")):  # ASHA's signal every eval_every steps
+        seen = [(r["step"], r["eval"]) for r in map(json.loads, Path(f).read_text().splitlines())]
+        if Path(f).parent.name in before:
+            assert seen == [(2, "subset"), (4, "subset"), (6, "full")], seen
+        else:  # resumed from its last checkpoint (a report after it may be repeated)
+            assert seen[-1] == (6, "full") and all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), seen
+    trials = _csv(out / "search" / "trials.csv")
+    assert len(trials) == 4 and {t["status"] for t in trials} == {"done"}
+    assert {(t["bits"], t["target_sparsity"]) for t in trials} == {("4", "0.0"), ("4", "0.4"), ("16", "0.0"), ("16", "0.4")}
+    rows = {(int(t["bits"]), float(t["target_sparsity"])): t for t in trials}
+    for bits in (4, 16):
+        dense, gated = rows[(bits, 0.0)], rows[(bits, 0.4)]
+        assert float(dense["sparsity"]) == 0.0 and float(gated["sparsity"]) > 0.0
+        assert int(gated["model_bytes"]) < int(dense["model_bytes"])
+    assert int(rows[(4, 0.0)]["model_bytes"]) < int(rows[(16, 0.0)]["model_bytes"])
+    for t in trials:
+        assert math.isfinite(float(t["macro_ppl"])) and float(t["macro_ppl"]) > 1
+
+    front = _csv(out / "search" / "pareto.csv")
+    for r in trials:
+        r["macro_ppl"], r["model_bytes"] = float(r["macro_ppl"]), int(r["model_bytes"])
+    expected = pareto_front([r for r in trials if r["status"] == "done"])
+    assert [r["trial_id"] for r in front] == [r["trial_id"] for r in expected]
+    assert [r["trial_id"] for r in section["pareto"]] == [r["trial_id"] for r in front]
+    assert {t["trial_id"] for t in trials if t["pareto"] == "True"} == {r["trial_id"] for r in front}
+    assert (out / "plots" / "pareto.png").stat().st_size > 1000
+    assert section["pick"]["trial_id"] == min(expected, key=lambda r: r["model_bytes"])["trial_id"]
+    assert (out / "search" / "pick" / "trial_state.safetensors").is_file()
+    json.dumps(section)  # report.json-ready
+    md = "\n".join(render_search_md(section))
+    assert "## Compression search" in md and all(t["trial_id"] in md for t in trials)
