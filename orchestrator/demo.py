@@ -36,6 +36,15 @@ DEMO_JOB: dict = {
     },
     "train": {"steps": 60, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "seed": 0, "log_every": 10},
     "flock": {"tau": 100.0, "baselines": ["independent", "unified"]},
+    "search": {
+        "enabled": True,
+        "space": "demo",
+        "num_samples": 8,
+        "steps": 30,
+        "eval_every": 10,
+        "grace_period": 10,
+        "max_concurrent_trials": 2,
+    },
     "pesc": {"enabled": True, "num_experts": 8, "top_k": 2, "bottleneck": 64, "balance_coef": 0.05},
     "recycle": {
         "enabled": True,

@@ -61,14 +61,22 @@ def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
 
 
 def methods_of(spec: JobSpec) -> list[tuple[str, str, object]]:
-    """(name, kind, tau) of every method the flock trains, the main one first."""
+    """(name, kind, tau) of every method the flock trains, the main one first.
+
+    tau-sweep points that another method already trains (the main tau; 0 when the
+    independent baseline runs) are not trained twice: the report takes them from there.
+    """
     f = spec.flock
     out: list[tuple[str, str, object]] = [("hierarchical", "hierarchical", f.tau)]
     if f.tau == 0:
         out = [("hierarchical", "independent", 0.0)]
     for b in f.baselines:
         out.append((b, b, 0.0 if b == "independent" else float("inf")))
+    done = {float(t) for _, k, t in out if k != "unified" and isinstance(t, (int, float))}
     for t in f.tau_sweep or []:
+        if float(t) in done:
+            continue
+        done.add(float(t))
         kind = "independent" if t == 0 else "hierarchical"
         out.append((f"tau={t:g}", kind, float(t)))
     return out

@@ -154,6 +154,20 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     elif spec.flock.enabled:
         _say("stage flock: already finished, skipped")
 
+    if spec.search.enabled and state["stages"].get("search") != StageState.FINISHED:
+        from orchestrator.search import run_search
+
+        state["stages"]["search"] = StageState.RUNNING
+        save_state()
+        t1 = time.perf_counter()
+        _say(f"stage search: {spec.search.num_samples} Ray Tune trials over tune_spaces/{spec.search.space}")
+        state["results"]["search"] = run_search(spec, spec.search, data, out, _base_name(spec))
+        timing["search_s"] = time.perf_counter() - t1
+        state["stages"]["search"] = StageState.FINISHED
+        save_state()
+    elif spec.search.enabled:
+        _say("stage search: already finished, skipped")
+
     if spec.recycle.enabled and state["stages"].get("recycle") != StageState.FINISHED:
         from orchestrator.recycle import run_recycle
 
@@ -172,9 +186,11 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
 
     report: dict = {"job": _job_summary(spec, data), "timing": {}}
     if "flock" in state["results"]:
-        report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau)
+        report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau, spec.flock.tau_sweep)
         if "pesc" in state["results"]["flock"]:
             report["pesc"] = pesc_section(state["results"]["flock"])
+    if "search" in state["results"]:
+        report["search"] = state["results"]["search"]
     if "recycle" in state["results"]:
         report["recycle"] = state["results"]["recycle"]
     timing["total_s"] = time.perf_counter() - t0  # this invocation (a resumed job counts its own time)

@@ -32,7 +32,7 @@ def _macro(nll: dict[str, float]) -> float:
     return sum(_ppl(v) for v in nll.values()) / len(nll)
 
 
-def flock_section(res: dict, tau: Any) -> dict:
+def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> dict:
     """The ``flock`` block of report.json from :func:`orchestrator.flock.run_flock`'s result."""
     sizes, base, methods = res["sizes"], res["base_eval_nll"], res["methods"]
     main = methods["hierarchical"]
@@ -53,11 +53,13 @@ def flock_section(res: dict, tau: Any) -> dict:
         if b in methods:
             m = methods[b]
             sec["baselines"][b] = {"macro_ppl": _macro(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base)}
-    sweep = [(k, m) for k, m in methods.items() if k.startswith("tau=")]
-    if sweep:
+    if tau_sweep:
+        by_tau = {float(m["tau"]): m for k, m in methods.items()
+                  if m["kind"] != "unified" and isinstance(m.get("tau"), (int, float))}
         sec["tau_sweep"] = [
-            {"tau": float(m["tau"]), "macro_ppl": _macro(m["eval_nll"]), "tasks": {t: _ppl(v) for t, v in m["eval_nll"].items()}}
-            for _, m in sorted(sweep, key=lambda kv: float(kv[1]["tau"]))
+            {"tau": float(t), "macro_ppl": _macro(by_tau[float(t)]["eval_nll"]),
+             "tasks": {k: _ppl(v) for k, v in by_tau[float(t)]["eval_nll"].items()}}
+            for t in sorted(set(tau_sweep)) if float(t) in by_tau
         ]
     sec["curves"] = {k: m["curve"] for k, m in methods.items()}
     return sec
@@ -129,6 +131,10 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
+    if report.get("search"):
+        from orchestrator.search_report import render_search_md
+
+        lines += render_search_md(report["search"]) + [""]
     pe = report.get("pesc")
     if pe:
         lines += ["## PESC: mixture of adapter experts (unified, no task ids)", ""]

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import SpecError
+from orchestrator.search_spec import SearchSpec
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -275,6 +276,7 @@ class JobSpec(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     flock: FlockSpec = Field(default_factory=FlockSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
     pesc: PescSpec = Field(default_factory=PescSpec)
     recycle: RecycleSpec = Field(default_factory=RecycleSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
