@@ -134,7 +134,7 @@ def _peft_train(args, rows_of_step: Callable[[int], torch.Tensor], out: Path, cl
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         clock.lap("train_s")
     model.save_pretrained(out)
     clock.lap("save_s")

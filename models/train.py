@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -109,6 +109,16 @@ class BatchSampler:
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
 
+    def exclude(self, tasks: Sequence[int]) -> None:
+        """Stop sampling ``tasks`` (e.g. after their loss diverged); the rest keep their weights."""
+        p = self.p.copy()
+        p[list(tasks)] = 0.0
+        if p.sum() <= 0:
+            raise ValueError("every task has been excluded")
+        self.p = p / p.sum()
+        with np.errstate(divide="ignore"):
+            self.row_weight = np.where(self.p > 0, (self.sizes / self.sizes.sum()) / (self.batch_size * self.p), 0.0)
+
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(task slots, example indices within their task, row weights), each (B,)."""
         tasks = self.rng.choice(len(self.p), size=self.batch_size, p=self.p)
@@ -135,6 +145,7 @@ class StepResult:
     nll: float  # weighted likelihood part
     grad_norm: float
     task_nll: dict[int, float]  # mean NLL of each task's rows in this batch
+    nonfinite: list[int] = field(default_factory=list)  # task slots whose loss was NaN/inf (skipped)
 
 
 def train_step(
@@ -145,6 +156,7 @@ def train_step(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     max_grad_norm: float | None = 1.0,
     reduce_grads: Callable[[Sequence[nn.Parameter]], float] | None = None,
+    skip_nonfinite: bool = False,
 ) -> StepResult:
     """One optimisation step on a mixed-task batch.
 
@@ -157,6 +169,9 @@ def train_step(
         max_grad_norm: global-norm clipping; ``None`` disables it.
         reduce_grads: distributed hook; all-reduces what must be shared and returns the
             squared global gradient norm (so clipping is identical on every worker).
+        skip_nonfinite: instead of raising, drop this batch's likelihood (NaN would poison
+            every gradient it touches) and name the offending tasks in ``nonfinite``; the
+            step still runs (prior, collectives), so distributed workers stay in lockstep.
 
     Raises:
         NonFiniteLossError: naming the tasks whose rows produced NaN/inf.
@@ -165,13 +180,17 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if len(batch.input_ids):
         nll_rows = row_nll(model, batch)  # (N,)
+        nonfinite: list[int] = []
         if not torch.isfinite(nll_rows).all():
             bad = sorted({int(t) for t in batch.task_ids[~torch.isfinite(nll_rows)].tolist()})
-            raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
-        nll = (batch.weights * nll_rows).sum()
+            if not skip_nonfinite:
+                raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
+            nonfinite = bad
+        nll = (batch.weights * nll_rows).sum() if not nonfinite else torch.zeros(())
     else:  # a Ray worker may own none of this batch's rows: it still takes the prior step
         nll_rows = torch.zeros(0)
         nll = torch.zeros(())
+        nonfinite = []
     loss = nll + extra_loss() if extra_loss is not None else nll
     if not torch.isfinite(loss):
         raise NonFiniteLossError(sorted(set(batch.task_ids.tolist())), float(loss))
@@ -195,7 +214,7 @@ def train_step(
         per = {}
         for t in batch.task_ids.unique().tolist():
             per[int(t)] = float(nll_rows[batch.task_ids == t].mean())
-    return StepResult(float(loss.detach()), float(nll.detach()), norm, per)
+    return StepResult(float(loss.detach()), float(nll.detach()), norm, per, nonfinite)
 
 
 @torch.no_grad()

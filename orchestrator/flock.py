@@ -99,8 +99,9 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             if "pesc" in part:
                 pesc_parts.append(part["pesc"])
             for m, r in part["methods"].items():
-                tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k != "eval_nll"} | {"eval_nll": {}})
+                tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
                 tgt["eval_nll"].update(r["eval_nll"])
+                tgt.setdefault("failed", {}).update(r.get("failed", {}))
                 tgt["seconds"] = max(tgt["seconds"], r["seconds"])
         for sub in ("adapters", "prior", "pesc"):  # replace whole, via a temporary name
             src = Path(d) / sub

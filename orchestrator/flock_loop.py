@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.lora import adapter_params, set_trainable
+from models.lora import adapter_params, lora_layers, set_trainable
 from models.train import Batch, BatchSampler, evaluate, train_step
 from models.train_state import load_train_state, save_train_state
 
@@ -213,11 +213,20 @@ def train_method(
             if use_prior and meta.get("prior"):
                 prior.load_state_dict(meta["prior"])
             log(f"[{cfg.name}] resumed at step {start} from {state_dir}")
+    failed: dict[int, str] = {}  # global task -> why it was stopped
+    pending: set[int] = set()  # slots whose loss went non-finite in the last step
     for step in range(start, cfg.steps + 1):
+        pending |= _nonfinite_slots(model)
+        new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes))
+        if new:
+            _stop_tasks(model, opt, data, sampler, new, failed, step, log)
+        pending = set()
         batch = _batch(data, sampler, device)
         # Parameters absent from this batch still get (zero or prior) gradients, as in the
         # single-process joint objective, so Adam treats them identically on every worker.
-        res = train_step(model, batch, opt, params, extra_loss=extra, max_grad_norm=cfg.max_grad_norm, reduce_grads=reducer)
+        res = train_step(model, batch, opt, params, extra_loss=extra, max_grad_norm=cfg.max_grad_norm,
+                         reduce_grads=reducer, skip_nonfinite=True)
+        pending |= set(res.nonfinite)
         if cfg.sync_every > 1 and step % cfg.sync_every == 0:
             average_shared(shared)
         tokens += batch.input_ids.numel()
@@ -240,12 +249,65 @@ def train_method(
     seconds = time.perf_counter() - t0
     if before_eval is not None:
         before_eval()
-    nll = evaluate(model, data.eval, cfg.eval_batch_size, data.eval_prefix, data.split)
-    out = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    slot_of = {g: s for s, g in enumerate(data.owned)}
+    keep = {s: x for s, x in data.eval.items() if data.owned[s] not in failed}
+    pre = {s: x for s, x in data.eval_prefix.items() if s in keep} if data.eval_prefix else None
+    nll = evaluate(model, keep, cfg.eval_batch_size, pre, data.split)
+    out = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+           "failed": {slot_of[g]: why for g, why in failed.items() if g in slot_of}}
     if use_prior:
         out["tau"] = {g: float(t) for g, t in prior.tau.items()}
         out["tau_history"] = list(prior.history)
     return out
+
+
+@torch.no_grad()
+def _nonfinite_slots(model: nn.Module) -> set[int]:
+    """Task slots whose offsets hold NaN/inf (a diverged task)."""
+    bad: set[int] = set()
+    for layer in lora_layers(model).values():
+        for p in (layer.lora_A, layer.lora_B):
+            ok = torch.isfinite(p).flatten(1).all(dim=1)
+            bad |= set(torch.nonzero(~ok).flatten().tolist())
+    return bad
+
+
+def _sync_failures(local: set[int], n_tasks: int) -> set[int]:
+    """Union of every worker's newly failed tasks (all workers must sample alike)."""
+    if not _distributed():
+        return local
+    flags = torch.zeros(n_tasks)
+    flags[list(local)] = 1.0
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return set(torch.nonzero(flags).flatten().tolist())
+
+
+@torch.no_grad()
+def _stop_tasks(model, opt, data: FlockData, sampler: BatchSampler, tasks: set[int], failed: dict, step: int, log) -> None:
+    """Stop training ``tasks`` whose loss diverged; every other task trains on unharmed.
+
+    Their offsets (and Adam moments) are zeroed so the prior and the shared Theta never see
+    NaN again, and the sampler stops drawing their rows.
+    """
+    if any(not torch.isfinite(p).all() for p in adapter_params(model, "shared")):
+        raise FloatingPointError(
+            f"step {step}: the shared adapter became NaN/inf: training diverged for every task; lower train.lr "
+            "or train.max_grad_norm"
+        )
+    slot_of = {g: s for s, g in enumerate(data.owned)}
+    slots = [slot_of[g] for g in tasks if g in slot_of]
+    for layer in lora_layers(model).values():
+        for p in (layer.lora_A, layer.lora_B):
+            p[slots] = 0.0
+            for v in opt.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0]:
+                    v[slots] = 0.0
+    for g in tasks:
+        failed[g] = f"loss became NaN/inf at step {step}: task stopped (lower train.lr for it, or check its data)"
+        log(f"task {g}: {failed[g]}; the other tasks continue")
+    if len(failed) == len(data.sizes):
+        raise FloatingPointError(f"step {step}: the loss diverged for every task; lower train.lr")
+    sampler.exclude(sorted(tasks))
 
 
 def _update_tau(prior: object, step: int) -> None:

@@ -175,6 +175,7 @@ def flock_worker(config: dict) -> None:
             "kind": kind,
             "tau": tau if tau != float("inf") else "inf",
             "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
+            "failed": {names[owned[s]]: why for s, why in out["failed"].items()},
             "curve": out["curve"],
             "seconds": out["seconds"],
             "tokens_per_s": out["tokens_per_s"],

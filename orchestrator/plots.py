@@ -25,12 +25,12 @@ def _save(fig, path: Path) -> None:
 
 
 def _per_task(out: Path, fl: dict) -> str:
-    tasks = sorted(fl["tasks"], key=lambda t: fl["tasks"][t]["train_examples"])
+    tasks = sorted((t for t in fl["tasks"] if fl["tasks"][t]["eval_ppl"] is not None), key=lambda t: fl["tasks"][t]["train_examples"])
     sizes = [fl["tasks"][t]["train_examples"] for t in tasks]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     series = [("base", [fl["tasks"][t]["base_ppl"] for t in tasks]), ("hierarchical", [fl["tasks"][t]["eval_ppl"] for t in tasks])]
     for b, v in fl.get("baselines", {}).items():
-        series.append((b, [v["tasks"][t]["eval_ppl"] for t in tasks]))
+        series.append((b, [v["tasks"][t]["eval_ppl"] or float("nan") for t in tasks]))
     for name, ys in series:
         ax.plot(sizes, ys, marker="o", label=name, color=_COLORS.get(name), linestyle="--" if name == "base" else "-")
     for x, t in zip(sizes, tasks):

@@ -16,20 +16,21 @@ def _ppl(nll: float) -> float:
     return math.exp(min(nll, 50.0))
 
 
-def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, float]) -> dict:
-    return {
-        t: {
-            "train_examples": sizes[t],
-            "eval_loss": nll[t],
-            "eval_ppl": _ppl(nll[t]),
-            "base_ppl": _ppl(base[t]),
-        }
-        for t in sizes
-    }
+def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, float], failed: dict | None = None) -> dict:
+    out = {}
+    for t in sizes:
+        row = {"train_examples": sizes[t], "base_ppl": _ppl(base[t])}
+        if t in nll:
+            row |= {"eval_loss": nll[t], "eval_ppl": _ppl(nll[t])}
+        else:  # stopped: its loss diverged (the others trained on)
+            row |= {"eval_loss": None, "eval_ppl": None, "error": (failed or {}).get(t, "not evaluated")}
+        out[t] = row
+    return out
 
 
 def _macro(nll: dict[str, float]) -> float:
-    return sum(_ppl(v) for v in nll.values()) / len(nll)
+    """Mean of per-task perplexities (over the tasks that were evaluated)."""
+    return sum(_ppl(v) for v in nll.values()) / len(nll) if nll else float("nan")
 
 
 def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> dict:
@@ -41,7 +42,8 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
         "method": main["kind"],
         "base_macro_ppl": _macro(base),
         "macro_ppl": _macro(main["eval_nll"]),
-        "tasks": _tasks_block(main["eval_nll"], sizes, base),
+        "tasks": _tasks_block(main["eval_nll"], sizes, base, main.get("failed")),
+        "failed": main.get("failed", {}),
         "baselines": {},
         "train_seconds": main["seconds"],
         "tokens_per_s": main["tokens_per_s"],
@@ -52,7 +54,7 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
     for b in ("independent", "unified"):
         if b in methods:
             m = methods[b]
-            sec["baselines"][b] = {"macro_ppl": _macro(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base)}
+            sec["baselines"][b] = {"macro_ppl": _macro(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base, m.get("failed"))}
     if tau_sweep:
         by_tau = {float(m["tau"]): m for k, m in methods.items()
                   if m["kind"] != "unified" and isinstance(m.get("tau"), (int, float))}
@@ -92,8 +94,8 @@ def _tau_text(tau) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in tau.items())
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.2f}"
+def _fmt(x: float | None) -> str:
+    return "failed" if x is None else f"{x:.2f}"
 
 
 def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
@@ -121,6 +123,8 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             for k in bl:
                 row += f" {_fmt(bl[k]['tasks'][t]['eval_ppl'])} |"
             lines.append(row)
+        for t, why in fl.get("failed", {}).items():
+            lines.append(f"\n**{t}** was stopped: {why}.")
         lines.append(f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |" + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values()))
         lines.append("")
         if fl.get("tau_sweep"):

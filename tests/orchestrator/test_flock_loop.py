@@ -126,3 +126,22 @@ def test_resume_from_mid_method_state_matches_an_uninterrupted_run(tmp_path):
     assert any("resumed at step 7" in line for line in logs)
     for t in full["eval_nll"]:
         assert resumed["eval_nll"][t] == pytest.approx(full["eval_nll"][t], rel=1e-6)
+
+
+def test_a_diverged_task_is_stopped_and_the_others_train_on():
+    m, init = _model(4)
+    data = _data([0, 1, 2, 3])
+    ref = train_method(m, data, _cfg("independent", steps=6), init, log=lambda s: None)
+    poisoned = dict(init)
+    for k in poisoned:
+        if k.endswith("mlp.down_proj.lora_A"):
+            poisoned[k] = poisoned[k].clone()
+            poisoned[k][2] = float("nan")  # task 2's offset diverged
+    logs = []
+    out = train_method(m, data, _cfg("independent", steps=6), poisoned, log=logs.append)
+    assert list(out["failed"]) == [2] and "NaN/inf" in out["failed"][2]
+    assert set(out["eval_nll"]) == {0, 1, 3}
+    assert all(torch.isfinite(torch.tensor(v)) for v in out["eval_nll"].values())
+    assert any("the other tasks continue" in line for line in logs)
+    for t in (0, 1, 3):  # the others learned (not necessarily the same batches once task 2 stopped)
+        assert out["eval_nll"][t] < ref["eval_nll"][t] + 0.5
