@@ -176,7 +176,7 @@ def flops_per_token(model: nn.Module, args) -> float:
     return 2.0 * n_all + 2.0 * n_bwd + adapter
 
 
-def summarise(result: dict, tokens: int, args, flops: float | None, peak: float | None) -> dict:
+def summarise(result: dict, tokens: int, flops: float | None, peak: float | None) -> dict:
     clock = result["clock"]
     total = sum(clock.phases.values())
     row = {**{k: round(v, 3) for k, v in clock.phases.items()}, "seconds": round(total, 3), "tokens": tokens,
@@ -242,7 +242,7 @@ def main() -> None:
                 if arm not in results or secs < sum(results[arm]["clock"].phases.values()):
                     results[arm] = res
                 print(f"repeat {rep}: {arm} {secs:.1f}s", file=sys.stderr)
-    rows = {arm: summarise(r, tokens, args, flops, peak) for arm, r in results.items()}
+    rows = {arm: summarise(r, tokens, flops, peak) for arm, r in results.items()}
     does = {
         "flock": f"1 base load; inject {args.tasks} slots; 1 AdamW; {args.steps} train_step calls on mixed batches "
                  f"of {args.tasks}x{args.batch} rows; save {args.tasks} PEFT adapters",

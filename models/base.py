@@ -26,6 +26,7 @@ __all__ = [
     "resolve_model",
     "load_base",
     "load_config",
+    "resolve_dtype",
     "meta_model",
     "model_cache_dir",
     "adaptable_layers",
@@ -62,7 +63,8 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
     return name, gguf_file
 
 
-def _dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` -> bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are unusably slow)."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -140,7 +142,7 @@ def load_base(
                 f"base.name {name!r} could not be loaded ({str(e).splitlines()[0]}); give a local "
                 "model directory, a GGUF file, or a hub id reachable from this machine"
             ) from None
-    model = model.to(device=device, dtype=_dtype(dtype, device))
+    model = model.to(device=device, dtype=resolve_dtype(dtype, device))
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

@@ -133,10 +133,12 @@ def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     route = int(ids[0]) if bool((ids == ids[0]).all()) else ids  # one task: no gather
     with ctx, task_ids(model, route):
         logits = model(input_ids=batch.input_ids).logits  # (N, L, V)
-    logits = logits[:, :-1].float()
-    target = batch.input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    return nll.view(target.shape).mean(dim=1)
+    # Shift by padding the targets (ignored last position) rather than slicing the logits:
+    # a (N, L-1, V) slice would copy the largest tensor of the step (V = 49k on SmolLM2).
+    n, length = batch.input_ids.shape
+    target = F.pad(batch.input_ids[:, 1:], (0, 1), value=-100)
+    nll = F.cross_entropy(logits.reshape(n * length, -1).float(), target.reshape(-1), reduction="none", ignore_index=-100)
+    return nll.view(n, length)[:, :-1].mean(dim=1)
 
 
 @dataclass
@@ -202,7 +204,8 @@ def train_step(
     if reduce_grads is not None:
         sq = reduce_grads(params)
     else:
-        sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
+        grads = [p.grad for p in params if p.grad is not None]
+        sq = float(torch.stack([g.pow(2).sum() for g in grads]).sum()) if grads else 0.0  # one sync
     norm = math.sqrt(sq)
     if max_grad_norm is not None and norm > max_grad_norm:
         coef = max_grad_norm / (norm + 1e-6)

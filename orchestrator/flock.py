@@ -40,6 +40,16 @@ def assign_tasks(sizes: list[int], workers: int) -> list[list[int]]:
     return [sorted(a) for a in out]
 
 
+@ray.remote(num_cpus=1)
+def _base_arrays(base: dict, seed: int) -> dict:
+    """Load the base once (fp32 on CPU) and hand its weights to the object store as numpy."""
+    from models.base import load_base
+    from orchestrator.base_store import base_arrays
+
+    model = load_base(base["name"], base["gguf_file"], base["random_init"], "float32", "cpu", seed=seed)
+    return base_arrays(model)
+
+
 def _cpus_per_worker(spec: JobSpec) -> float:
     if spec.ray.cpus_per_worker is not None:
         return spec.ray.cpus_per_worker
@@ -66,6 +76,9 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         "eval": [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
     }
     assignment = assign_tasks(sizes, spec.ray.num_workers)
+    # The frozen base goes into the object store once (as numpy, returned by a Ray task so the
+    # driver owns it); every flock worker on a node maps those pages instead of loading a copy.
+    base_ref = _base_arrays.remote(spec.base.model_dump(), spec.train.seed) if spec.ray.share_base else None
     cpus = _cpus_per_worker(spec)
     trainer = TorchTrainer(
         flock_worker,
@@ -74,6 +87,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             "data_ref": ray.put(payload),
             "assignment": assignment,
             "base_model_name": base_model_name,
+            "base_ref": base_ref,
         },
         scaling_config=ScalingConfig(
             num_workers=spec.ray.num_workers,

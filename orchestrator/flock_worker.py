@@ -19,12 +19,13 @@ import ray
 import ray.train
 import torch
 
-from models.base import adaptable_layers, load_base
+from models.base import adaptable_layers, load_base, resolve_dtype
 from models.lora import adapter_params, inject
 from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
 from models.prefix import compute_prefix
 from models.train import evaluate, seed_everything
+from orchestrator.base_store import load_base_shared
 from orchestrator.flock_loop import FlockData, MethodConfig, train_method
 from orchestrator.spec import JobSpec
 
@@ -100,7 +101,12 @@ def flock_worker(config: dict) -> None:
     t0 = time.perf_counter()
     seed_everything(spec.train.seed)
     b = spec.base
-    model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, str(device), seed=spec.train.seed)
+    if config.get("base_ref") is not None:  # one copy per node, mapped read-only by every worker
+        model = load_base_shared(config["base_ref"], b.name, b.gguf_file, b.random_init)
+        if device.type != "cpu":
+            model = model.to(device=device, dtype=resolve_dtype(b.dtype, str(device)))
+    else:
+        model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, str(device), seed=spec.train.seed)
     layers = adapted_layers(model, spec.lora.top_layers)
     torch.manual_seed(spec.train.seed)  # same initial adapters on every worker and method
     inject(

@@ -247,6 +247,8 @@ class RaySpec(_Strict):
         cpus_per_worker: CPUs per worker; ``None`` = an equal share of the node.
         include_dashboard: start the dashboard for a local Ray (bound to 127.0.0.1).
         max_failures: restarts of a failed worker group from its last checkpoint.
+        share_base: put the frozen base in Ray's object store once per node, mapped read-only
+            by every worker (instead of one copy per worker).
     """
 
     address: str | None = None
@@ -255,6 +257,7 @@ class RaySpec(_Strict):
     cpus_per_worker: float | None = Field(None, gt=0)
     include_dashboard: bool = False
     max_failures: int = Field(2, ge=0)
+    share_base: bool = True
 
 
 class JobSpec(_Strict):
