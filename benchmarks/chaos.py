@@ -155,6 +155,22 @@ def has_checkpoint(d: Path) -> bool:
     return d.is_dir() and any(p.is_dir() for p in d.rglob("checkpoint_*"))
 
 
+def registered_mid_method_checkpoint(flock_dir: Path) -> str | None:
+    """The step of the latest mid-method checkpoint Ray Train has registered, e.g. ``hierarchical@20``.
+
+    A checkpoint directory exists before the controller records it in
+    ``checkpoint_manager_snapshot.json``; only a recorded one is restored after a failure,
+    so the faults wait for it (killing earlier restarts the method from step 1: nothing to show).
+    """
+    f = flock_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(f.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return None
+    step = str((latest.get("metrics") or {}).get("step", ""))
+    return step if "@" in step else None
+
+
 def kill(job: Job, markers: tuple[str, ...], what: str, faults: list[dict]) -> None:
     p = job.find(markers)
     if p is None:
@@ -187,8 +203,9 @@ def run_a(work: Path, steps: int, every: int, faults: list[dict], timeout: float
     job = Job(job_file, out, work / "a.log")
     t0 = time.monotonic()
     try:
-        if wait_for(lambda: has_checkpoint(out / "ray" / "flock"), timeout, job):
-            kill(job, ("RayTrainWorker",), "Ray Train worker (flock)", faults)
+        at = wait_for(lambda: registered_mid_method_checkpoint(out / "ray" / "flock"), timeout, job)
+        if at:
+            kill(job, ("RayTrainWorker",), f"Ray Train worker (flock, after checkpoint {at})", faults)
         if wait_for(lambda: has_checkpoint(out / "ray" / "search") and job.find(TRIAL_MARKERS), timeout, job):
             kill(job, TRIAL_MARKERS, "Tune trial (search)", faults)
         rc = job.wait(max(10.0, timeout - (time.monotonic() - t0)))
@@ -211,10 +228,12 @@ def run_b(work: Path, steps: int, every: int, faults: list[dict], timeout: float
     job_file.write_text(yaml.safe_dump(job_spec("chaos-b", steps, every, search=False)))
     job = Job(job_file, out, work / "b1.log")
     try:
-        if wait_for(lambda: has_checkpoint(out / "ray" / "flock"), timeout, job):
+        at = wait_for(lambda: registered_mid_method_checkpoint(out / "ray" / "flock"), timeout, job)
+        if at:
             job.proc.send_signal(signal.SIGINT)
-            say(f"SIGINT driver pid {job.proc.pid} during the flock")
-            faults.append({"kind": "SIGINT", "target": "driver (loraflock run)", "pid": job.proc.pid})
+            say(f"SIGINT driver pid {job.proc.pid} during the flock (after checkpoint {at})")
+            faults.append({"kind": "SIGINT", "target": f"driver (loraflock run), after checkpoint {at}",
+                           "pid": job.proc.pid})
         rc1 = job.wait(120)
     finally:
         job.kill_tree()  # whatever Ray's own shutdown left behind, by pid

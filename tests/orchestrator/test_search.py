@@ -216,6 +216,8 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
     for trial, lines in before.items():  # finished trials were kept, not run again
         assert after[trial] == lines
     for f in glob.glob(str(out / "ray" / "search" / "*" / "result.json")):  # ASHA's signal every eval_every steps
+        if Path(f).parent.name not in after:
+            continue  # a trial directory the killed driver left half-written; its trial re-ran elsewhere
         seen = [(r["step"], r["eval"]) for r in map(json.loads, Path(f).read_text().splitlines())]
         if Path(f).parent.name in before:
             assert seen == [(2, "subset"), (4, "subset"), (6, "full")], seen
