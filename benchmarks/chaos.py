@@ -6,15 +6,15 @@ Run (tiny random-init model, ~4-6 min on a shared 2-core CPU):
 What it does, each step through ``python -m orchestrator.cli run`` as a subprocess on an
 embedded local Ray:
 
-1. Run A (flock + search, 4 tasks, ``train.checkpoint_every``): once the first mid-method
-   Ray Train checkpoint exists under ``OUT_A/ray/flock/``, SIGKILL the flock's Ray Train
-   worker (``ray::RayTrainWorker``); once a Tune trial has checkpointed under
+1. Run A (flock + search, 4 tasks, ``train.checkpoint_every``): once Ray Train has recorded
+   a mid-method checkpoint (``OUT_A/ray/flock/checkpoint_manager_snapshot.json``), SIGKILL the
+   flock's Ray Train worker (``ray::RayTrainWorker``); once a Tune trial has checkpointed under
    ``OUT_A/ray/search/``, SIGKILL the trial's process (Ray 2.60 names a function trainable's
    actor ``ImplicitFunc``). Both are found only among the psutil descendants of this job's
    own CLI process: never a machine-wide name search, never ``ray stop``. The job must finish
    (``FailureConfig(max_failures)`` restarts the worker group from its last checkpoint; Tune
    retries the trial) with every adapter written.
-2. Run B (flock only, new ``--out``): SIGINT the driver after the flock's first checkpoint,
+2. Run B (flock only, new ``--out``): SIGINT the driver after the flock's first recorded checkpoint,
    then re-run the same command on the same ``--out``; the re-run must resume from the
    checkpoint (the worker prints "resumed from checkpoint" / "resumed at step") and give the
    same report task list (and, resume being exact, the same eval losses) as run A's flock,
@@ -218,8 +218,13 @@ def run_a(work: Path, steps: int, every: int, faults: list[dict], timeout: float
         "rc": rc, "out": str(out), "seconds": round(time.monotonic() - t0, 1), "report": rep,
         "worker_resume_lines": [ln.strip()[:160] for ln in text.splitlines() if any(m in ln for m in RESUME_MARKERS)],
         "trial_status": [t.get("status") for t in trials],
-        "traceback_in_output": "Traceback" in text,
+        "driver_traceback": _driver_traceback(text),
     }
+
+
+def _driver_traceback(text: str) -> bool:
+    """A traceback printed by the CLI process itself (Ray actors' lines carry a ``(Name pid=..)`` prefix)."""
+    return any(ln.startswith("Traceback") for ln in text.splitlines())
 
 
 def run_b(work: Path, steps: int, every: int, faults: list[dict], timeout: float) -> dict:
@@ -249,7 +254,7 @@ def run_b(work: Path, steps: int, every: int, faults: list[dict], timeout: float
         "rc_interrupted": rc1, "rc_resumed": rc2, "out": str(out), "interrupted_before_report": interrupted,
         "report": report_of(out),
         "resume_lines": [ln.strip()[:160] for ln in text.splitlines() if any(m in ln for m in RESUME_MARKERS)],
-        "traceback_in_output": "Traceback" in text,
+        "driver_traceback": _driver_traceback(text),
     }
 
 

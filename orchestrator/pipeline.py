@@ -115,26 +115,32 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         >>> from orchestrator import load_job, run_job
         >>> report = run_job(load_job("examples/tiny.yaml"), "runs/tiny")
     """
-    from orchestrator.report import flock_section, pesc_section, write_report
-
     from orchestrator.preflight import preflight
+    from orchestrator.report import flock_section, pesc_section, write_report
 
     out = Path(out).resolve()
     preflight(spec)  # bad targets/ranks fail here, in seconds, before Ray starts
-    state = _claim_output(out, spec)
+    target = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if target:
+        _probe(target)  # an unreachable cluster fails before anything is written
+    t0 = time.perf_counter()
+    _say(f"job {spec.name!r}: {len(spec.tasks)} tasks, output {out}")
+    data = _build_data(spec)  # bad data files fail here, before Ray starts
+    new_task = None
+    if spec.recycle.enabled and spec.recycle.new_task is not None:
+        (new_task,) = _build_data(spec, [spec.recycle.new_task])
+    data_s = time.perf_counter() - t0
+    state = _claim_output(out, spec)  # only now, so a failed data check leaves nothing behind
     state.setdefault("stages", {})
     state.setdefault("results", {})
     timing: dict[str, float] = dict(state.get("timing", {}))
+    timing["data_s"] = data_s
 
     def save_state() -> None:
         state["timing"] = timing
         atomic_write_json(out / "state.json", state)
 
     init_ray(address or spec.ray.address, spec.ray.include_dashboard)
-    t0 = time.perf_counter()
-    _say(f"job {spec.name!r}: {len(spec.tasks)} tasks, output {out}")
-    data = _build_data(spec)
-    timing["data_s"] = time.perf_counter() - t0
 
     if spec.flock.enabled and state["stages"].get("flock") != StageState.FINISHED:
         from orchestrator.flock import run_flock
@@ -174,10 +180,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         state["stages"]["recycle"] = StageState.RUNNING
         save_state()
         t1 = time.perf_counter()
-        new = None
-        if spec.recycle.new_task is not None:
-            (new,) = _build_data(spec, [spec.recycle.new_task])
-        state["results"]["recycle"] = run_recycle(spec, out, new, _base_name(spec))
+        state["results"]["recycle"] = run_recycle(spec, out, new_task, _base_name(spec))
         timing["recycle_s"] = time.perf_counter() - t1
         state["stages"]["recycle"] = StageState.FINISHED
         save_state()

@@ -226,3 +226,27 @@ def test_job_json_holds_the_spec_but_no_env_tokens(secret_token, monkeypatch, tm
     for f in out.rglob("*"):
         if f.is_file():
             assert SECRET not in f.read_text(errors="replace"), f
+
+
+# ------------------------------------------------------------------ atomic writes
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporaries(monkeypatch, tmp_path):
+    """A crash between writing and renaming (simulated) keeps the previous complete file."""
+    import os
+
+    from models.files import atomic_dir, atomic_write_json
+
+    target = tmp_path / "report.json"
+    atomic_write_json(target, {"v": 1})
+
+    def crash(*a, **k):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write_json(target, {"v": 2, "big": list(range(10_000))})
+    with pytest.raises(OSError, match="simulated"):
+        with atomic_dir(tmp_path / "adapter") as d:
+            (d / "adapter_model.safetensors").write_bytes(b"partial")
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no .tmp files, no half adapter
