@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from models.files import atomic_dir
-from models.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, _module_of, read_adapter
+from models.peft_io import AdapterFormatError, module_of_key, read_adapter, write_adapter_dir
 
 __all__ = [
     "SubspaceError",
@@ -44,7 +44,6 @@ __all__ = [
     "Subspace",
     "build_subspace",
     "load_peft_adapters",
-    "write_lora_dir",
     "SUBSPACE_CONFIG",
     "SUBSPACE_WEIGHTS",
 ]
@@ -166,7 +165,7 @@ class Subspace:
         rec = self.reconstruct(task)
         ranks = {n: int(a.shape[0]) for n, (a, _) in rec.items()}
         alphas = {n: self.scales[task][n] * ranks[n] for n in rec}
-        return write_lora_dir(directory, self.adapter_state(task), ranks, alphas, base_model_name_or_path)
+        return write_adapter_dir(directory, self.adapter_state(task), ranks, alphas, base_model_name_or_path)
 
     # ---------------------------------------------------------------------- storage
     def storage_bytes(self) -> int:
@@ -416,7 +415,7 @@ def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) ->
             raise SubspaceError(f"{d}: DoRA adapters carry magnitude vectors and cannot be recycled; use plain LoRA adapters")
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
-            hit = _module_of(key)
+            hit = module_of_key(key)
             if hit:
                 pairs.setdefault(hit[0], {})[hit[1]] = value.float()
         if not pairs or any(len(ab) != 2 for ab in pairs.values()):
@@ -432,40 +431,3 @@ def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) ->
         where={t: f"adapter directory {str(d)!r}" for t, d in named.items()},
     )
     return adapters, scales
-
-
-def write_lora_dir(
-    directory: str | Path,
-    tensors: Mapping[str, torch.Tensor],
-    ranks: Mapping[str, int],
-    alphas: Mapping[str, float],
-    base_model_name_or_path: str | None = None,
-    dropout: float = 0.0,
-    fan_in_fan_out: bool = False,
-) -> Path:
-    """Write PEFT-keyed LoRA tensors as a PEFT adapter directory (config by ``peft.LoraConfig``).
-
-    ``models.peft_io.save_adapter`` needs :class:`MultiTaskLoraLinear` layers to describe the
-    config; this writes the same format from plain per-module ranks and alphas.
-    """
-    from peft import LoraConfig  # lazy: heavy import
-
-    names = list(ranks)
-    r0, a0 = ranks[names[0]], alphas[names[0]]
-    config = LoraConfig(
-        r=r0,
-        lora_alpha=a0,
-        lora_dropout=dropout,
-        target_modules=names,  # full module names: exact, no pattern guessing
-        fan_in_fan_out=fan_in_fan_out,  # GPT-2 Conv1D bases; the LoRA tensors keep Linear layout
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_name_or_path,
-        rank_pattern={n: r for n, r in ranks.items() if r != r0},
-        alpha_pattern={n: a for n, a in alphas.items() if a != a0},
-    )
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    with atomic_dir(directory) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
-        (tmp / WEIGHTS_NAME).write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
-    return Path(directory)

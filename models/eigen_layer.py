@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.eigen import Subspace, SubspaceError, write_lora_dir
-from models.lora import MultiTaskLoraLinear, TaskRouter, _in_out, adapter_params
+from models.eigen import Subspace, SubspaceError
+from models.peft_io import write_adapter_dir
+from models.lora import MultiTaskLoraLinear, TaskRouter, linear_dims, adapter_params
 
 __all__ = [
     "EigenLoraLinear",
@@ -98,7 +99,7 @@ class EigenLoraLinear(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        in_f, out_f, fan_in_fan_out = _in_out(base)
+        in_f, out_f, fan_in_fan_out = linear_dims(base)
         if basis_A.shape[0] != in_f or basis_B.shape[0] != out_f or basis_A.shape[1] != basis_B.shape[1]:
             raise SubspaceError(
                 f"subspace bases A {tuple(basis_A.shape)} / B {tuple(basis_B.shape)} do not fit a {in_f}->{out_f} layer: "
@@ -266,7 +267,7 @@ def export_peft(model: nn.Module, task: int, directory: str | Path, base_name: s
     state = eigen_adapter_state(model, task)
     layers = eigen_layers(model)
     first = next(iter(layers.values()))
-    return write_lora_dir(
+    return write_adapter_dir(
         directory,
         state,
         {n: l.rank for n, l in layers.items()},

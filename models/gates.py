@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.lora import MultiTaskLoraLinear, TaskRouter, _in_out, _layer_index, _matches
+from models.lora import MultiTaskLoraLinear, TaskRouter, linear_dims, block_index, matches_target
 
 __all__ = [
     "GateConfigError",
@@ -180,7 +180,7 @@ def _widths(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, MultiTaskLoraLinear):
         return module.in_features, module.out_features
     try:
-        in_f, out_f, _ = _in_out(module)
+        in_f, out_f, _ = linear_dims(module)
     except ValueError:
         raise GateConfigError(
             f"cannot gate a {type(module).__name__}: only nn.Linear, GPT-2 Conv1D and LoRA layers"
@@ -227,7 +227,7 @@ def inject_gates(
     for name, module in model.named_modules():
         if isinstance(module, GatedLinear) or ".inner" in name or ".base_layer" in name:
             continue
-        if not _matches(name, target_modules) or (wanted is not None and _layer_index(name) not in wanted):
+        if not matches_target(name, target_modules) or (wanted is not None and block_index(name) not in wanted):
             continue
         chosen.append(name)
     if not chosen:

@@ -39,6 +39,9 @@ __all__ = [
     "set_trainable",
     "adapter_params",
     "LoraTargetError",
+    "linear_dims",
+    "matches_target",
+    "block_index",
 ]
 
 
@@ -56,7 +59,7 @@ class TaskRouter:
     extras: dict = field(default_factory=dict)
 
 
-def _in_out(base: nn.Module) -> tuple[int, int, bool]:
+def linear_dims(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of nn.Linear or HF's GPT-2 Conv1D."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, False
@@ -98,7 +101,7 @@ class MultiTaskLoraLinear(nn.Module):
         max_rank: int | None = None,
     ) -> None:
         super().__init__()
-        in_f, out_f, fan_in_fan_out = _in_out(base)
+        in_f, out_f, fan_in_fan_out = linear_dims(base)
         ranks = [int(rank)] * num_tasks if isinstance(rank, int) else [int(r) for r in rank]
         if len(ranks) != num_tasks:
             raise LoraTargetError(f"got {len(ranks)} ranks for {num_tasks} tasks")
@@ -198,12 +201,12 @@ class MultiTaskLoraLinear(nn.Module):
 
 
 # --------------------------------------------------------------------------- free functions
-def _matches(name: str, targets: Sequence[str]) -> bool:
+def matches_target(name: str, targets: Sequence[str]) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return any(name == t or leaf == t or name.endswith("." + t) for t in targets)
 
 
-def _layer_index(name: str) -> int | None:
+def block_index(name: str) -> int | None:
     for part in name.split("."):
         if part.isdigit():
             return int(part)
@@ -244,9 +247,9 @@ def inject(
     for name, module in model.named_modules():
         if isinstance(module, MultiTaskLoraLinear) or ".base_layer" in name:
             continue
-        if not _matches(name, target_modules):
+        if not matches_target(name, target_modules):
             continue
-        if layers is not None and _layer_index(name) not in set(layers):
+        if layers is not None and block_index(name) not in set(layers):
             continue
         chosen.append(name)
     if not chosen:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import MultiTaskLoraLinear, _layer_index, _matches, task_ids
+from models.lora import MultiTaskLoraLinear, block_index, matches_target, task_ids
 from models.quant import PackedTensor, quantize
 from models.train import Batch, row_nll
 
@@ -236,9 +236,9 @@ def _targets(model: nn.Module, target_modules: str | Sequence[str], layers: Sequ
         inner = module.base_layer if isinstance(module, MultiTaskLoraLinear) else module
         if _linear_weight(inner) is None and not isinstance(inner, QuantizedLinear):
             continue
-        if target_modules != "all-linear" and not _matches(name, target_modules):
+        if target_modules != "all-linear" and not matches_target(name, target_modules):
             continue
-        if layers is not None and _layer_index(name) not in set(layers):
+        if layers is not None and block_index(name) not in set(layers):
             continue
         found[name] = module
     if not found:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from models.files import atomic_dir
 from models.lora import MultiTaskLoraLinear, lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state", "theta_state", "read_adapter", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state", "theta_state", "read_adapter", "write_adapter_dir", "module_of_key", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,30 +68,56 @@ def save_adapter(
     Example:
         >>> save_adapter(model, 0, "out/adapters/json", "HuggingFaceTB/SmolLM2-135M")
     """
-    from peft import LoraConfig  # lazy: heavy import
-
     layers = lora_layers(model)
     if not layers:
         raise AdapterFormatError("model has no LoRA layers to save")
     first = next(iter(layers.values()))
-    config = LoraConfig(
-        r=first.ranks[task],
-        lora_alpha=first.alpha,
-        lora_dropout=float(getattr(first.dropout, "p", 0.0)),
-        target_modules=list(layers),  # full module names: exact, no pattern guessing
+    tensors = state if state is not None else adapter_state(model, task)
+    return write_adapter_dir(
+        directory,
+        tensors,
+        ranks={n: l.ranks[task] for n, l in layers.items()},
+        alphas={n: l.alpha for n, l in layers.items()},
+        base_model_name_or_path=base_model_name_or_path,
+        dropout=float(getattr(first.dropout, "p", 0.0)),
         fan_in_fan_out=first.fan_in_fan_out,
+    )
+
+
+def write_adapter_dir(
+    directory: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float],
+    base_model_name_or_path: str | None = None,
+    dropout: float = 0.0,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write PEFT-keyed LoRA tensors as a PEFT adapter directory (config by ``peft.LoraConfig``).
+
+    Every writer of adapters goes through here (``save_adapter``, eigen-adapter export), so
+    the format is produced in one place.
+    """
+    from peft import LoraConfig  # lazy: heavy import
+
+    names = list(ranks)
+    r0, a0 = ranks[names[0]], alphas[names[0]]
+    config = LoraConfig(
+        r=r0,
+        lora_alpha=a0,
+        lora_dropout=dropout,
+        target_modules=names,  # full module names: exact, no pattern guessing
+        fan_in_fan_out=fan_in_fan_out,  # GPT-2 Conv1D bases; the LoRA tensors keep Linear layout
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
-        rank_pattern={n: l.ranks[task] for n, l in layers.items() if l.ranks[task] != first.ranks[task]},
-        alpha_pattern={n: l.alpha for n, l in layers.items() if l.alpha != first.alpha},
+        rank_pattern={n: r for n, r in ranks.items() if r != r0},
+        alpha_pattern={n: a for n, a in alphas.items() if a != a0},
     )
-    cfg = config.to_dict()
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    tensors = state if state is not None else adapter_state(model, task)
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
+        (tmp / WEIGHTS_NAME).write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
     return Path(directory)
 
 
@@ -112,7 +138,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, load_file(str(w_path))
 
 
-def _module_of(key: str) -> tuple[str, str] | None:
+def module_of_key(key: str) -> tuple[str, str] | None:
     """``base_model.model.x.y.lora_A[.default].weight`` -> (``x.y``, ``A``)."""
     if not key.startswith(_PREFIX):
         return None
@@ -137,7 +163,7 @@ def load_adapter(model: torch.nn.Module, task: int, directory: str | Path) -> li
     layers = lora_layers(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        hit = _module_of(key)
+        hit = module_of_key(key)
         if hit:
             pairs.setdefault(hit[0], {})[hit[1]] = value
     missing = [m for m in pairs if m not in layers]

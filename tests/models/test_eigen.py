@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models.base import load_base
-from models.eigen import Subspace, SubspaceError, build_subspace, load_peft_adapters, write_lora_dir
+from models.eigen import Subspace, SubspaceError, build_subspace, load_peft_adapters
+from models.peft_io import write_adapter_dir
 from models.lora import inject, lora_layers
 from models.peft_io import save_adapter
 from tests.conftest import TINY_LLAMA
@@ -160,7 +161,7 @@ def test_mismatched_directories_name_the_directory_and_module(tmp_path):
         for n, (r, i, o) in shapes.items():
             tensors[f"base_model.model.{n}.lora_A.weight"] = torch.randn(r, i, generator=g)
             tensors[f"base_model.model.{n}.lora_B.weight"] = torch.randn(o, r, generator=g)
-        write_lora_dir(d, tensors, {n: s[0] for n, s in shapes.items()}, {n: 8.0 for n in shapes})
+        write_adapter_dir(d, tensors, {n: s[0] for n, s in shapes.items()}, {n: 8.0 for n in shapes})
         return d
 
     good = write(tmp_path / "good", {q: (4, 64, 64), v: (4, 64, 32)})

@@ -17,7 +17,7 @@ from models.eigen_layer import (
     inject_eigen,
     lora_params,
 )
-from models.lora import TaskRouter, _in_out, inject, lora_layers, task_ids
+from models.lora import TaskRouter, linear_dims, inject, lora_layers, task_ids
 from tests.conftest import TINY_GPT2, TINY_LLAMA
 
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "attn.c_attn", "mlp.c_fc")
@@ -31,7 +31,7 @@ def _subspace(model, k=3, n_tasks=4, rank=4, seed=0):
     for t in range(n_tasks):
         adapters[f"t{t}"] = {}
         for n in names:
-            n_in, n_out, _ = _in_out(model.get_submodule(n))
+            n_in, n_out, _ = linear_dims(model.get_submodule(n))
             adapters[f"t{t}"][n] = (torch.randn(rank, n_in, generator=g) * 0.1, torch.randn(n_out, rank, generator=g) * 0.1)
     return build_subspace(adapters, k=k)
 
