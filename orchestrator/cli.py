@@ -16,7 +16,10 @@ __all__ = ["main", "build_parser"]
 def _cmd_validate(a: argparse.Namespace) -> int:
     from orchestrator.spec import load_job
 
+    from orchestrator.preflight import preflight
+
     spec = load_job(a.job)
+    preflight(spec)  # target modules and ranks against the model's architecture (meta device)
     print(f"{a.job}: valid job {spec.name!r} ({len(spec.tasks)} tasks, base {spec.base.name or 'random-init'})")
     return 0
 

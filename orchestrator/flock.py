@@ -101,7 +101,10 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train V2's own SIGINT handler aborts the run with sys.exit(0)
+        raise KeyboardInterrupt from None
     if result.checkpoint is None:
         raise StageError(f"the flock finished without a checkpoint: see the worker logs under {storage}/flock")
     merged: dict = {"base_eval_nll": {}, "methods": {}}
