@@ -196,7 +196,9 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         report["search"] = state["results"]["search"]
     if "recycle" in state["results"]:
         report["recycle"] = state["results"]["recycle"]
-    timing["total_s"] = time.perf_counter() - t0  # this invocation (a resumed job counts its own time)
+    timing.pop("total_s", None)
+    # every stage's time, across invocations when the job was resumed
+    timing["total_s"] = sum(v for k, v in timing.items() if k.endswith("_s"))
     report["timing"] = timing
     save_state()
     write_report(out, report)
@@ -204,7 +206,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     if fl:
         _say(f"macro perplexity: base {fl['base_macro_ppl']:.2f} -> flock {fl['macro_ppl']:.2f}"
              + "".join(f", {k} {v['macro_ppl']:.2f}" for k, v in fl["baselines"].items()))
-    _say(f"done in {timing['total_s']:.0f}s: {out / 'report.md'}")
+    _say(f"done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
     return report
 
 
