@@ -15,6 +15,7 @@ import os
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 from models.files import atomic_write_json
 from orchestrator.errors import ClusterAddressError, OutputDirError
@@ -140,52 +141,50 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         state["timing"] = timing
         atomic_write_json(out / "state.json", state)
 
-    init_ray(address or spec.ray.address, spec.ray.include_dashboard)
+    enabled = {"flock": spec.flock.enabled, "search": spec.search.enabled, "recycle": spec.recycle.enabled}
+    if any(on and state["stages"].get(n) != StageState.FINISHED for n, on in enabled.items()):
+        init_ray(address or spec.ray.address, spec.ray.include_dashboard)  # only when there is work left
 
-    if spec.flock.enabled and state["stages"].get("flock") != StageState.FINISHED:
+    def stage(name: str, enabled: bool, run: Callable[[], dict], what: str) -> None:
+        """Run one stage unless it already finished (state.json), timing it."""
+        if not enabled:
+            return
+        if state["stages"].get(name) == StageState.FINISHED:
+            _say(f"stage {name}: already finished, skipped")
+            return
+        state["stages"][name] = StageState.RUNNING
+        save_state()
+        _say(f"stage {name}: {what}")
+        t1 = time.perf_counter()
+        state["results"][name] = run()
+        timing[f"{name}_s"] = time.perf_counter() - t1
+        state["stages"][name] = StageState.FINISHED
+        save_state()
+
+    def flock() -> dict:
         from orchestrator.flock import run_flock
 
-        state["stages"]["flock"] = StageState.RUNNING
-        save_state()
-        t1 = time.perf_counter()
-        _say("stage flock: training " + ", ".join(m for m, _, _ in _methods(spec)) + (", then pesc" if spec.pesc.enabled else ""))
-        res = run_flock(spec, data, out, out / "ray", _base_name(spec))
-        timing["flock_s"] = time.perf_counter() - t1
-        if "pesc" in res:  # trained on the flock's workers, base and cached prefix
-            timing["pesc_s"] = res["pesc"]["seconds"]
-            timing["flock_s"] -= timing["pesc_s"]
-        state["results"]["flock"] = res
-        state["stages"]["flock"] = StageState.FINISHED
-        save_state()
-    elif spec.flock.enabled:
-        _say("stage flock: already finished, skipped")
+        return run_flock(spec, data, out, out / "ray", _base_name(spec))
 
-    if spec.search.enabled and state["stages"].get("search") != StageState.FINISHED:
+    def search() -> dict:
         from orchestrator.search import run_search
 
-        state["stages"]["search"] = StageState.RUNNING
-        save_state()
-        t1 = time.perf_counter()
-        _say(f"stage search: {spec.search.num_samples} Ray Tune trials over tune_spaces/{spec.search.space}")
-        state["results"]["search"] = run_search(spec, spec.search, data, out, _base_name(spec))
-        timing["search_s"] = time.perf_counter() - t1
-        state["stages"]["search"] = StageState.FINISHED
-        save_state()
-    elif spec.search.enabled:
-        _say("stage search: already finished, skipped")
+        return run_search(spec, spec.search, data, out, _base_name(spec))
 
-    if spec.recycle.enabled and state["stages"].get("recycle") != StageState.FINISHED:
+    def recycle() -> dict:
         from orchestrator.recycle import run_recycle
 
-        state["stages"]["recycle"] = StageState.RUNNING
+        return run_recycle(spec, out, new_task, _base_name(spec))
+
+    methods = ", ".join(m for m, _, _ in _methods(spec)) + (", then pesc" if spec.pesc.enabled else "")
+    stage("flock", spec.flock.enabled, flock, f"training {methods}")
+    pesc = state["results"].get("flock", {}).get("pesc")
+    if pesc and "pesc_s" not in timing:  # PESC ran on the flock's workers, base and prefix cache
+        timing["pesc_s"] = pesc["seconds"]
+        timing["flock_s"] -= pesc["seconds"]
         save_state()
-        t1 = time.perf_counter()
-        state["results"]["recycle"] = run_recycle(spec, out, new_task, _base_name(spec))
-        timing["recycle_s"] = time.perf_counter() - t1
-        state["stages"]["recycle"] = StageState.FINISHED
-        save_state()
-    elif spec.recycle.enabled:
-        _say("stage recycle: already finished, skipped")
+    stage("search", spec.search.enabled, search, f"{spec.search.num_samples} Ray Tune trials over tune_spaces/{spec.search.space}")
+    stage("recycle", spec.recycle.enabled, recycle, "recycling the flock's adapters into a principal subspace")
 
     report: dict = {"job": _job_summary(spec, data), "timing": {}}
     if "flock" in state["results"]:
