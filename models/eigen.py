@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from models.files import atomic_dir
-from models.peft_io import AdapterFormatError, module_of_key, read_adapter, write_adapter_dir
+from models.peft_io import WEIGHTS_NAME, AdapterFormatError, module_of_key, read_adapter, write_adapter_dir
 
 __all__ = [
     "SubspaceError",

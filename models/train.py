@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ __all__ = [
     "train_step",
     "evaluate",
     "seed_everything",
+    "perplexity",
 ]
 
 
@@ -255,6 +256,6 @@ def evaluate(
     return out
 
 
-def perplexities(nll: dict, names: Iterable | None = None) -> dict:
-    """exp of each mean NLL."""
-    return {k: math.exp(v) for k, v in nll.items()}
+def perplexity(nll: float) -> float:
+    """``exp`` of a mean NLL, capped so a diverged value stays a finite number in reports."""
+    return math.exp(min(nll, 50.0))

@@ -23,17 +23,11 @@ from models.eigen_layer import coeff_params, eigen_params, export_peft, inject_e
 from models.lora import adapter_params, inject
 from models.peft_io import save_adapter
 from models.prefix import compute_prefix
-from models.train import evaluate, seed_everything
+from models.train import evaluate, perplexity, seed_everything
 from orchestrator.flock_loop import FlockData, MethodConfig, train_method
 from orchestrator.spec import JobSpec
 
 __all__ = ["adapt_new_task"]
-
-
-def _ppl(nll: float) -> float:
-    import math
-
-    return math.exp(min(nll, 50.0))
 
 
 def adapt_new_task(
@@ -88,8 +82,8 @@ def adapt_new_task(
         "k_extra": k_extra,
         "coeff_params": coeff_params(model),
         "lora_params": lora_params(model),
-        "base_ppl": _ppl(base_nll[0]),
-        "coeff_ppl": _ppl(res_c["eval_nll"][0]),
+        "base_ppl": perplexity(base_nll[0]),
+        "coeff_ppl": perplexity(res_c["eval_nll"][0]),
         "coeff_seconds": res_c["seconds"],
     }
     export_peft(model, 0, out_dir / "coeff", base_model_name)
@@ -104,10 +98,10 @@ def adapt_new_task(
                              0.0, tr.max_grad_norm, 1.0, tr.eval_batch_size, tr.log_every)
         res_l = train_method(model, data, cfg_l, init, log=log, device=device)
         save_adapter(model, 0, out_dir / "lora", base_model_name)
-        gain_l = result["base_ppl"] - _ppl(res_l["eval_nll"][0])
+        gain_l = result["base_ppl"] - perplexity(res_l["eval_nll"][0])
         gain_c = result["base_ppl"] - result["coeff_ppl"]
         result |= {
-            "lora_ppl": _ppl(res_l["eval_nll"][0]),
+            "lora_ppl": perplexity(res_l["eval_nll"][0]),
             "lora_seconds": res_l["seconds"],
             "gain_fraction": gain_c / gain_l if gain_l > 0 else float("nan"),
         }

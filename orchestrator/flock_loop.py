@@ -16,7 +16,6 @@ joint MAP up to float rounding. Ray is touched only by the caller (``report`` ho
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +193,8 @@ def train_method(
     # Replicated parameters (Theta, MoE experts): gradients are all-reduced across workers.
     shared = [p for p in adapter_params(model, "shared") if id(p) in ids]
     if trainable is not None:
-        shared = [p for p in params if not any(p is q for q in adapter_params(model, "task"))]
+        task_ids_ = {id(p) for p in adapter_params(model, "task")}
+        shared = [p for p in params if id(p) not in task_ids_]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = BatchSampler(data.sizes, cfg.batch_size, cfg.seed, cfg.temperature)
     reducer = grad_reducer(shared, sync=cfg.sync_every == 1)
@@ -316,7 +316,3 @@ def _update_tau(prior: object, step: int) -> None:
     if _distributed():
         dist.all_reduce(packed)
     prior.update_tau(packed, step=step)
-
-
-def ppl(nll: float) -> float:
-    return math.exp(min(nll, 50.0))

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from models.files import atomic_write_json, atomic_write_text
+from models.train import perplexity
 from orchestrator import plots
 
 __all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
 
 
-def _ppl(nll: float) -> float:
-    return math.exp(min(nll, 50.0))
 
 
 def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, float], failed: dict | None = None) -> dict:
     out = {}
     for t in sizes:
-        row = {"train_examples": sizes[t], "base_ppl": _ppl(base[t])}
+        row = {"train_examples": sizes[t], "base_ppl": perplexity(base[t])}
         if t in nll:
-            row |= {"eval_loss": nll[t], "eval_ppl": _ppl(nll[t])}
+            row |= {"eval_loss": nll[t], "eval_ppl": perplexity(nll[t])}
         else:  # stopped: its loss diverged (the others trained on)
             row |= {"eval_loss": None, "eval_ppl": None, "error": (failed or {}).get(t, "not evaluated")}
         out[t] = row
@@ -30,7 +28,7 @@ def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, f
 
 def _macro(nll: dict[str, float]) -> float:
     """Mean of per-task perplexities (over the tasks that were evaluated)."""
-    return sum(_ppl(v) for v in nll.values()) / len(nll) if nll else float("nan")
+    return sum(perplexity(v) for v in nll.values()) / len(nll) if nll else float("nan")
 
 
 def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> dict:
@@ -60,7 +58,7 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
                   if m["kind"] != "unified" and isinstance(m.get("tau"), (int, float))}
         sec["tau_sweep"] = [
             {"tau": float(t), "macro_ppl": _macro(by_tau[float(t)]["eval_nll"]),
-             "tasks": {k: _ppl(v) for k, v in by_tau[float(t)]["eval_nll"].items()}}
+             "tasks": {k: perplexity(v) for k, v in by_tau[float(t)]["eval_nll"].items()}}
             for t in sorted(set(tau_sweep)) if float(t) in by_tau
         ]
     sec["curves"] = {k: m["curve"] for k, m in methods.items()}

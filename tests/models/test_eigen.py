@@ -175,3 +175,16 @@ def test_mismatched_directories_name_the_directory_and_module(tmp_path):
         load_peft_adapters([good, tmp_path / "missing"])
     adapters, _ = load_peft_adapters([good, write(tmp_path / "rank2", {q: (2, 64, 64), v: (2, 64, 32)})])
     assert adapters["rank2"][q][0].shape == (2, 64)  # ranks may differ
+
+
+def test_adapter_without_lora_pairs_is_a_clear_error(tmp_path):
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}, str(d / "adapter_model.safetensors"))
+    with pytest.raises(SubspaceError, match="adapter_model.safetensors has no complete lora_A/lora_B pairs"):
+        load_peft_adapters([d])
