@@ -11,7 +11,9 @@ matrix's width under a byte budget equal to the b-bit NF format's own size (b + 
 bits per weight plus a 20-byte header per matrix: the fp16 block scales count), the base is decomposed as Q + L1 L2^T
 (LQ-LoRA) and the adapters start from L1 L2^T. Then every configuration trains the same
 steps on the same batches; fp32 is the reference. Data: Python standard-library source files
-(file-level train / eval split), tokenised by the model's own tokenizer.
+(file-level train / eval split: every 4th file of the same 7 packages is held out),
+tokenised by the model's own tokenizer. ``--bits`` may hold fractional budgets (e.g. 3.5): the
+allocator then mixes widths, which a uniform width cannot do within the same bytes.
 
 Prints one JSON object.
 """
@@ -35,21 +37,36 @@ from models.bit_budget import allocate  # noqa: E402
 from models.lora import adapter_params, inject, set_trainable  # noqa: E402
 from models.lq import quantizable_matrices, quantize_model  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
-from models.quant import quantize  # noqa: E402
+from models.quant import packed_nbytes  # noqa: E402
 from models.train import Batch, evaluate, seed_everything, train_step  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}
-TRAIN_PKGS = ["json", "logging", "email", "http", "concurrent", "importlib"]
-EVAL_PKGS = ["asyncio"]
+PKGS = ["json", "logging", "email", "http", "concurrent", "importlib", "asyncio"]
+EVAL_EVERY = 4  # every 4th file (sorted by path) is held out for evaluation
 
 
-def corpus(pkgs: list[str], max_chars: int) -> str:
-    """Source of the packages' files, in order, cut at ``max_chars`` (tokenising is not free)."""
+def corpus(pkgs: list[str], max_chars: int, held_out: bool) -> str:
+    """Source of the packages' train (or held-out) files, in order, cut at ``max_chars``.
+
+    A file-level split inside the same packages: the eval text is unseen, but from the
+    distribution the adapters train on (an unrelated package would measure transfer instead).
+    Files are interleaved across packages so a short cut still covers all of them.
+    """
     lib = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join(p.read_text(errors="ignore") for pkg in pkgs for p in sorted((lib / pkg).rglob("*.py")))
-    return text[:max_chars]
+    files = [p for pkg in pkgs for p in sorted((lib / pkg).rglob("*.py"))]
+    files = [p for i, p in enumerate(files) if (i % EVAL_EVERY == EVAL_EVERY - 1) == held_out]
+    by_pkg = [[p for p in files if p.relative_to(lib).parts[0] == pkg] for pkg in pkgs]
+    order = [p for group in zip(*[g + [None] * (max(map(len, by_pkg)) - len(g)) for g in by_pkg]) for p in group if p]
+    text, size = [], 0
+    for p in order:
+        if size >= max_chars:
+            break
+        t = p.read_text(errors="ignore")
+        text.append(t)
+        size += len(t)
+    return "\n".join(text)[:max_chars]
 
 
 def chunks(ids: list[int], seq: int, count: int) -> torch.Tensor:
@@ -69,12 +86,12 @@ def build(args: argparse.Namespace):
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
         enc = lambda text: tok(text)["input_ids"]  # noqa: E731
     chars = lambda n: 8 * args.seq * n  # ~3-4 characters per token in Python source  # noqa: E731
-    train = chunks(enc(corpus(TRAIN_PKGS, chars(args.train_seqs))), args.seq, args.train_seqs)
-    evals = chunks(enc(corpus(EVAL_PKGS, chars(args.eval_seqs))), args.seq, args.eval_seqs)
+    train = chunks(enc(corpus(PKGS, chars(args.train_seqs), held_out=False)), args.seq, args.train_seqs)
+    evals = chunks(enc(corpus(PKGS, chars(args.eval_seqs), held_out=True)), args.seq, args.eval_seqs)
     return model, train, evals
 
 
-def run_config(args, bits: int | None, data: dict, table: dict | None) -> dict:
+def run_config(args, bits: float | None, data: dict, table: dict | None) -> dict:
     """Load the base, inject LoRA, quantise the top blocks to ``bits`` (None: fp32), train, eval."""
     model = data["model_fn"]()
     n_blocks = len(adaptable_layers(model)[1])
@@ -85,15 +102,18 @@ def run_config(args, bits: int | None, data: dict, table: dict | None) -> dict:
         t0 = time.time()
         mats = quantizable_matrices(model, PROJ, layers=top)
         # the b-bit NF format's own size (codes + fp16 scales + header), exactly, from the packer
-        nominal = sum(quantize(torch.zeros(w.shape), "nf", bits, args.block_size).nbytes for w in mats.values())
-        budget_bits = 8.0 * (nominal + 1) / sum(w.numel() for w in mats.values())
+        numel = sum(w.numel() for w in mats.values())
+        whole = int(bits) if float(bits).is_integer() else 2
+        nominal = sum(packed_nbytes(tuple(w.shape), "nf", whole, args.block_size) for w in mats.values())
+        # b whole bits: the NF format's own size; fractional b: b plus the same per-weight overhead
+        budget_bits = 8.0 * (nominal + 1) / numel + (bits - whole)
         alloc = allocate(mats, budget_bits, (("nf", 2), ("nf", 3), ("nf", 4), ("nf", 8)), block_size=args.block_size, table=table)
         report = quantize_model(model, PROJ, bits=alloc, layers=top, iters=args.lq_iters, block_size=args.block_size,
                                 cache_weight=True)  # same numbers, no per-step dequantisation on 2 CPU cores
         counts: dict[str, int] = {}
         for r in alloc.rows:
             counts[f"nf{r.bits}"] = counts.get(f"nf{r.bits}", 0) + 1
-        out = {"bits": bits, "budget_bits_per_weight": budget_bits, "budget_bytes": alloc.budget_bytes,
+        out = {"bits": int(bits) if float(bits).is_integer() else bits, "budget_bits_per_weight": budget_bits, "budget_bytes": alloc.budget_bytes,
                "stored_bytes": report.stored_bytes, "fp32_bytes": 4 * report.numel,
                "recon_rel_error": report.recon_rel_error,
                "recon_rel_error_q_only": math.sqrt(sum((r["rel_error_q_only"] ** 2) * r["norm2"] for r in report.rows)
@@ -121,7 +141,8 @@ def run_config(args, bits: int | None, data: dict, table: dict | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2-135M")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2, 8], help="run in this order (the time box may cut the last)")
+    ap.add_argument("--bits", type=float, nargs="+", default=[4, 3, 2, 8, 3.5],
+                    help="budgets in bits per weight, run in this order (the time box may cut the last); fractional ones mix widths")
     ap.add_argument("--top", type=int, default=2, help="adapted and quantised top blocks")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)

@@ -61,7 +61,7 @@ class TaskRouter:
 
 def linear_dims(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of nn.Linear or HF's GPT-2 Conv1D."""
-    if isinstance(base, nn.Linear):
+    if isinstance(base, nn.Linear) or getattr(base, "is_quantized_linear", False):  # models.lq.QuantizedLinear
         return base.in_features, base.out_features, False
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers.pytorch_utils
         w = base.weight  # (in, out)
@@ -118,7 +118,7 @@ class MultiTaskLoraLinear(nn.Module):
         self.ranks = ranks
         self.router = router
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev = next(base.parameters()).device
+        dev = next(iter([*base.parameters(), *base.buffers()])).device  # a QuantizedLinear may hold buffers only
         # Theta (shared) and delta_t (per task); effective slot = shared + delta.
         self.lora_A_shared = nn.Parameter(torch.empty(r_max, in_f, device=dev))
         self.lora_B_shared = nn.Parameter(torch.zeros(out_f, r_max, device=dev))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.lora import MultiTaskLoraLinear, block_index, matches_target, task_ids
-from models.quant import PackedTensor, quantize
+from models.quant import PackedTensor, packed_shapes, quantize
 from models.train import Batch, row_nll
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "lq_decompose",
     "quantizable_matrices",
     "quantize_model",
+    "quantize_base",
+    "apply_lq_init",
     "fisher_diag",
     "weighted_error",
 ]
@@ -173,6 +175,8 @@ class QuantizedLinear(nn.Module):
         >>> layer = QuantizedLinear(quantize(lin.weight, "nf", 4), lin.bias)
     """
 
+    is_quantized_linear = True  # read by models.lora / models.moe (they cannot import this module)
+
     def __init__(self, packed: PackedTensor, bias: torch.Tensor | None = None, cache_weight: bool = False) -> None:
         super().__init__()
         if len(packed.shape) != 2:
@@ -185,6 +189,31 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.cache_weight = cache_weight
         self._cached: torch.Tensor | None = None
+
+    @classmethod
+    def skeleton(cls, shape: tuple[int, int], method: str, bits: int, block_size: int = 64, bias: bool = False) -> "QuantizedLinear":
+        """A layer of this format whose tensors live on ``meta`` (no memory), to be pointed at stored arrays.
+
+        ``orchestrator.base_store`` builds workers' models this way: the codes, scales,
+        codebook and bias are then replaced by zero-copy views of the object store.
+        """
+        shapes = packed_shapes(tuple(shape), method, bits, block_size)
+        dtypes = {"codes": torch.uint8, "scales": torch.float16, "codebook": torch.float16}
+        t = {k: torch.empty(v, dtype=dtypes[k], device="meta") for k, v in shapes.items()}
+        packed = PackedTensor(method, bits, tuple(shape), block_size, t["codes"], t["scales"], t["codebook"])
+        return cls(packed, torch.empty(shape[0], device="meta") if bias else None)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model but keep the packed format: ``model.to(torch.bfloat16)`` must not
+        round the fp16 scales and codebook (only devices change; the bias may change dtype)."""
+        keep = {k: self._buffers[k] for k in ("scales", "codebook")}
+        super()._apply(fn, recurse)
+        for k, old in keep.items():
+            new = self._buffers[k]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(new.device)
+        self._cached = None
+        return self
 
     @property
     def packed(self) -> PackedTensor:
@@ -353,30 +382,127 @@ def quantize_model(
                 raise QuantTargetError(f"{name}: LQ init needs one LoRA rank for all tasks (got {module.ranks}); pass rank=0")
             r = min(module.ranks) if rank is None else min(rank, min(module.ranks))
         fis = None if fisher is None else fisher.get(name)
-        dec = lq_decompose(w, b, r, method, iters, fis, block_size)
+        dec, row = _decompose(name, w, method, b, r, iters, fis, block_size)
         new = QuantizedLinear(dec.Q, getattr(inner, "bias", None), cache_weight).to(w.device)
-        w_hat = dec.Q.dequantize()
         if wrapped:
             module.base_layer = new
             if dec.best > 0:  # else L = 0: keep LoRA's own init (A random, B = 0), or A = B = 0 would never train
-                s = float(module.scaling[0])
-                module.lora_A_shared[:r] = dec.L2.T.to(module.lora_A_shared)
-                module.lora_B_shared[:, :r] = (dec.L1 / s).to(module.lora_B_shared)
-                module.lora_B_shared[:, r:] = 0.0  # components above r: standard init, B = 0
-                w_hat = w_hat + dec.L1 @ dec.L2.T
+                _set_shared(module, dec.L1, dec.L2)
         else:
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-        wf = w.detach().float().cpu()
-        err2 = float((wf - w_hat).double().pow(2).sum())
-        norm2 = float(wf.double().pow(2).sum())
-        report.rows.append({
-            "name": name, "quantizer": method, "bits": b, "rank": r if dec.best > 0 else 0, "numel": wf.numel(),
-            "bytes": dec.Q.nbytes, "rel_error": math.sqrt(err2 / max(norm2, 1e-30)),
-            "rel_error_q_only": dec.history[0] / math.sqrt(max(norm2, 1e-30)) if fis is None else None,
-            "lq_history": dec.history, "err2": err2, "norm2": norm2,
-        })
+            _replace(model, name, new)
+        report.rows.append(row)
     return report
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def _decompose(
+    name: str, w: torch.Tensor, method: str, b: int, r: int, iters: int, fis: torch.Tensor | None, block_size: int
+) -> tuple[LQDecomposition, dict]:
+    """LQ-decompose one matrix; the report row measures W - (Q + L1 L2^T) of the kept iterate."""
+    wf = w.detach().float().cpu()
+    dec = lq_decompose(wf, b, min(r, min(wf.shape)), method, iters, fis, block_size)
+    w_hat = dec.Q.dequantize()
+    if dec.best > 0:
+        w_hat = w_hat + dec.L1 @ dec.L2.T
+    err2 = float((wf - w_hat).double().pow(2).sum())
+    norm2 = float(wf.double().pow(2).sum())
+    row = {
+        "name": name, "quantizer": method, "bits": b, "rank": r if dec.best > 0 else 0, "numel": wf.numel(),
+        "bytes": dec.Q.nbytes, "rel_error": math.sqrt(err2 / max(norm2, 1e-30)),
+        "rel_error_q_only": dec.history[0] / math.sqrt(max(norm2, 1e-30)) if fis is None else None,
+        "lq_history": dec.history, "err2": err2, "norm2": norm2,
+    }
+    return dec, row
+
+
+@torch.no_grad()
+def _set_shared(module: MultiTaskLoraLinear, l1: torch.Tensor, l2: torch.Tensor) -> None:
+    """Start the layer's shared adapter Theta at L1 L2^T: ``A[:r] = L2^T``, ``B[:, :r] = L1 / s``."""
+    r = l1.shape[1]
+    if r > min(module.ranks) or len(set(module.ranks)) > 1:
+        raise QuantTargetError(
+            f"LQ rank {r} needs one LoRA rank >= {r} for every task (the layer has ranks {module.ranks}): "
+            "lower the LQ rank (0 = plain quantisation) or use one LoRA rank"
+        )
+    s = float(module.scaling[0])
+    module.lora_A_shared[:r] = l2.T.to(module.lora_A_shared)
+    module.lora_B_shared[:, :r] = (l1 / s).to(module.lora_B_shared)
+    module.lora_B_shared[:, r:] = 0.0  # components above r: standard init, B = 0
+
+
+@torch.no_grad()
+def quantize_base(
+    model: nn.Module,
+    bits: int | Mapping[str, tuple[str, int]] | object = 4,
+    layers: Sequence[int] | None = None,
+    target_modules: str | Sequence[str] = "all-linear",
+    lq_rank: int = 0,
+    lq_targets: Sequence[str] = (),
+    quantizer: str = "nf",
+    iters: int = 2,
+    block_size: int = 64,
+) -> tuple[QuantReport, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Quantise a model that has no LoRA yet; keep the LQ factors for the adapters injected later.
+
+    This is the order of a shared base: the quantised base is built once (and put in the
+    object store), and every worker injects its own adapters on top and starts their shared
+    part from the stored factors (:func:`apply_lq_init`). For the same matrices and settings
+    the result equals :func:`quantize_model` after ``inject``.
+
+    Args:
+        model: modified in place (its linear layers become :class:`QuantizedLinear`).
+        bits: one bit width for all, or an ``Allocation`` / dict name -> (quantizer, bits).
+        layers: only blocks with these indices.
+        target_modules: which linear layers to quantise (``"all-linear"``: all but the head).
+        lq_rank: rank of L1 L2^T for the matrices matching ``lq_targets`` (0: plain Q).
+        lq_targets: module names that will get LoRA (as in ``inject``); the others keep plain Q.
+        quantizer, iters, block_size: as in :func:`quantize_model`.
+
+    Returns:
+        (report, factors) with ``factors[name] = (L1 (out, r), L2 (in, r))`` for every matrix
+        whose kept iterate has a low-rank part.
+
+    Example:
+        >>> report, factors = quantize_base(model, 4, layers=[1], lq_rank=8, lq_targets=["q_proj"])
+        >>> inject(model, ["q_proj"], num_tasks=2, rank=8, alpha=16, layers=[1])
+        >>> apply_lq_init(model, factors)
+    """
+    report = QuantReport()
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in _targets(model, target_modules, layers).items():
+        if isinstance(module, MultiTaskLoraLinear):
+            raise QuantTargetError(f"{name} already has LoRA: use quantize_model, or quantise before inject")
+        w = _linear_weight(module)
+        if w is None:
+            raise QuantTargetError(f"{name} is already quantised: quantise a model once")
+        method, b = _choice_of(name, bits, quantizer)
+        r = lq_rank if lq_targets and matches_target(name, lq_targets) else 0
+        dec, row = _decompose(name, w, method, b, r, iters, None, block_size)
+        _replace(model, name, QuantizedLinear(dec.Q, getattr(module, "bias", None)))
+        if dec.best > 0:
+            factors[name] = (dec.L1.contiguous(), dec.L2.contiguous())
+        report.rows.append(row)
+    return report, factors
+
+
+def apply_lq_init(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Start every LoRA layer named in ``factors`` at its L1 L2^T (after ``inject``).
+
+    With zero task offsets each such layer then computes ``(Q + L1 L2^T) x + b``: the LQ
+    approximation of the original weight, which the adapters improve on.
+
+    Raises:
+        QuantTargetError: a factor's layer has no LoRA, or task ranks that cannot hold it.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiTaskLoraLinear)}
+    for name, (l1, l2) in factors.items():
+        if name not in layers:
+            raise QuantTargetError(f"{name} has LQ factors but no LoRA layer: inject the same target_modules/layers")
+        _set_shared(layers[name], torch.as_tensor(l1), torch.as_tensor(l2))
 
 
 def fisher_diag(

@@ -42,6 +42,8 @@ __all__ = [
     "vq_dim",
     "pack_bits",
     "unpack_bits",
+    "packed_shapes",
+    "packed_nbytes",
 ]
 
 ALLOWED_BITS = (2, 3, 4, 8)
@@ -130,6 +132,33 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- storage
+def packed_shapes(shape: tuple[int, ...], method: str, bits: int, block_size: int = 64) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stored tensors (codes, scales, codebook) of a ``shape`` tensor, without quantising.
+
+    Lets a model skeleton be built on the ``meta`` device (or a budget be checked) from the
+    weight shapes alone; ``quantize`` produces exactly these shapes.
+    """
+    _check(method, bits, block_size)
+    n_blocks = -(-math.prod(shape) // block_size)
+    d = vq_dim(bits) if method == "vq" else 1
+    n_codes = n_blocks * block_size // d
+    return {
+        "codes": ((n_codes * bits * d + 7) // 8,),
+        "scales": (n_blocks,),
+        "codebook": (2 ** (bits * d), d) if method == "vq" else (0, 1),
+    }
+
+
+def packed_nbytes(shape: tuple[int, ...], method: str, bits: int, block_size: int = 64) -> int:
+    """Exact ``PackedTensor.nbytes`` of a ``shape`` tensor in this format (shape-determined)."""
+    s = packed_shapes(shape, method, bits, block_size)
+    codes = s["codes"][0]
+    scales = 2 * s["scales"][0]
+    codebook = 2 * math.prod(s["codebook"])
+    header = 4 * (3 + len(shape))
+    return codes + scales + codebook + header
+
+
 _METHOD_ID = {m: i for i, m in enumerate(QUANTIZERS)}
 
 

@@ -29,6 +29,14 @@ back to the device it came from, so a base put from a GPU worker would be copied
 reader's GPU. The explicit numpy dict works with Ray's default configuration, is scoped to
 the base weights only, and says in code which tensors are shared. Its one gap, numpy having
 no bfloat16, is closed by storing such tensors as int16 bit patterns and viewing them back.
+
+Quantised bases (``base.bits`` / ``base.bit_budget``, :mod:`orchestrator.base_quant`). When the
+model holds :class:`models.lq.QuantizedLinear` layers, what sits in the store for them is the
+packed format itself (uint8 codes, fp16 scales and codebooks), never a dequantised matrix, plus
+a small manifest (format of each layer) and the LQ low-rank factors ``L1, L2`` that start the
+adapters. A worker builds each such layer as a meta skeleton and points its buffers at the
+store (:meth:`QuantizedLinear.skeleton`), so the quantised matrices exist once per node, packed,
+and are dequantised one layer at a time in the forward.
 """
 
 from __future__ import annotations
@@ -41,10 +49,12 @@ import torch
 from torch import nn
 
 from models.base import load_config, meta_model
+from models.lq import QuantizedLinear
 
 __all__ = [
     "BaseStoreError",
     "base_arrays",
+    "lq_factors",
     "model_from_arrays",
     "put_base",
     "load_base_shared",
@@ -74,12 +84,25 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def base_arrays(model: nn.Module) -> dict[str, dict[str, Any]]:
+def base_arrays(
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The model's weights as ``{"arrays": {name: ndarray}, "torch_dtypes": {name: str}}``.
 
     Every distinct tensor (parameters and buffers, including non-persistent ones such as
     rotary ``inv_freq``) appears once, under the first of its names. The arrays are CPU
     views of the model's own memory (no copy here; ``ray.put`` makes the one copy).
+
+    A quantised model (with :class:`QuantizedLinear` layers) also gets ``"quant"``:
+    ``{"modules": {name: format}, "lq": {name: {"L1", "L2"}}, "summary": summary}``; its
+    layers' arrays are their packed codes, scales and codebooks.
+
+    Args:
+        model: the base (quantised or not), without adapters.
+        factors: LQ factors ``name -> (L1, L2)`` from ``models.lq.quantize_base``.
+        summary: the quantisation report (``report.json`` ``base.quant``), passed along.
     """
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
@@ -91,7 +114,23 @@ def base_arrays(model: nn.Module) -> dict[str, dict[str, Any]]:
         if t.dtype in _BIT_VIEWS:
             t = t.view(_BIT_VIEWS[t.dtype])
         arrays[group[0]] = t.numpy()
-    return {"arrays": arrays, "torch_dtypes": dtypes}
+    out: dict[str, Any] = {"arrays": arrays, "torch_dtypes": dtypes}
+    modules = {
+        name: {"method": m.method, "bits": m.bits, "shape": [m.out_features, m.in_features],
+               "block_size": m.block_size, "bias": m.bias is not None}
+        for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
+    }
+    if modules or factors:
+        lq = {n: {"L1": l1.detach().float().cpu().contiguous().numpy(), "L2": l2.detach().float().cpu().contiguous().numpy()}
+              for n, (l1, l2) in (factors or {}).items()}
+        out["quant"] = {"modules": modules, "lq": lq, "summary": summary}
+    return out
+
+
+def lq_factors(state: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The stored LQ factors as zero-copy, read-only tensors (``models.lq.apply_lq_init`` copies them)."""
+    lq = (state.get("quant") or {}).get("lq") or {}
+    return {n: (_as_tensor(f["L1"], "float32"), _as_tensor(f["L2"], "float32")) for n, f in lq.items()}
 
 
 def _as_tensor(array: np.ndarray, dtype_name: str) -> torch.Tensor:
@@ -119,6 +158,14 @@ def model_from_arrays(state: dict[str, dict[str, Any]], config: Any) -> nn.Modul
     """
     arrays, dtypes = state["arrays"], state["torch_dtypes"]
     model = meta_model(config)
+    for name, fmt in ((state.get("quant") or {}).get("modules") or {}).items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise BaseStoreError(f"the stored quantised base has a layer {name!r} this model lacks: load it with the config it was put with") from None
+        layer = QuantizedLinear.skeleton(tuple(fmt["shape"]), fmt["method"], fmt["bits"], fmt["block_size"], fmt["bias"])
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, leaf, layer)
     meta = dict(model.named_parameters(remove_duplicate=False))
     meta_buffers = dict(model.named_buffers(remove_duplicate=False))
     for group in _alias_groups(model):

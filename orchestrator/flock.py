@@ -41,13 +41,24 @@ def assign_tasks(sizes: list[int], workers: int) -> list[list[int]]:
 
 
 @ray.remote(num_cpus=1)
-def _base_arrays(base: dict, seed: int) -> dict:
-    """Load the base once (fp32 on CPU) and hand its weights to the object store as numpy."""
+def _base_arrays(spec_dict: dict) -> dict:
+    """Load the base once (fp32 on CPU) and hand its weights to the object store as numpy.
+
+    With ``base.bits``/``base.bit_budget`` the base is quantised here, once for the job: the
+    store then holds the packed codes and the LQ factors, not the fp32 matrices.
+    """
     from models.base import load_base
     from orchestrator.base_store import base_arrays
 
-    model = load_base(base["name"], base["gguf_file"], base["random_init"], "float32", "cpu", seed=seed)
-    return base_arrays(model)
+    spec = JobSpec.model_validate(spec_dict)
+    b = spec.base
+    model = load_base(b.name, b.gguf_file, b.random_init, "float32", "cpu", seed=spec.train.seed)
+    if not b.quantized:
+        return base_arrays(model)
+    from orchestrator.base_quant import build_quant_base
+
+    summary, factors = build_quant_base(model, spec)
+    return base_arrays(model, factors, summary)
 
 
 def _cpus_per_worker(spec: JobSpec) -> float:
@@ -78,7 +89,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
     assignment = assign_tasks(sizes, spec.ray.num_workers)
     # The frozen base goes into the object store once (as numpy, returned by a Ray task so the
     # driver owns it); every flock worker on a node maps those pages instead of loading a copy.
-    base_ref = _base_arrays.remote(spec.base.model_dump(), spec.train.seed) if spec.ray.share_base else None
+    base_ref = _base_arrays.remote(spec.model_dump(mode="json")) if spec.ray.share_base else None
     cpus = _cpus_per_worker(spec)
     trainer = TorchTrainer(
         flock_worker,
@@ -115,12 +126,14 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             merged["base_eval_nll"].update(part["base_eval_nll"])
             if "pesc" in part:
                 pesc_parts.append(part["pesc"])
+            if part.get("quant"):  # the quantised base's report (identical on every worker)
+                merged["quant"] = part["quant"]
             for m, r in part["methods"].items():
                 tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
                 tgt["eval_nll"].update(r["eval_nll"])
                 tgt.setdefault("failed", {}).update(r.get("failed", {}))
                 tgt["seconds"] = max(tgt["seconds"], r["seconds"])
-        for sub in ("adapters", "prior", "pesc"):  # replace whole, via a temporary name
+        for sub in ("adapters", "prior", "pesc", "quant_base"):  # replace whole, via a temporary name
             src = Path(d) / sub
             if src.is_dir():
                 dst, tmp = out / sub, out / f".{sub}.tmp"

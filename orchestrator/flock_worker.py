@@ -25,7 +25,8 @@ from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
 from models.prefix import compute_prefix
 from models.train import evaluate, seed_everything
-from orchestrator.base_store import load_base_shared
+from orchestrator.base_store import load_base_shared, lq_factors
+from orchestrator.base_quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
 from orchestrator.flock_loop import FlockData, MethodConfig, train_method
 from orchestrator.spec import JobSpec
 
@@ -101,12 +102,20 @@ def flock_worker(config: dict) -> None:
     t0 = time.perf_counter()
     seed_everything(spec.train.seed)
     b = spec.base
+    factors: dict = {}  # LQ low-rank parts (quantised base): they start the shared adapter Theta
+    quant = None
     if config.get("base_ref") is not None:  # one copy per node, mapped read-only by every worker
-        model = load_base_shared(config["base_ref"], b.name, b.gguf_file, b.random_init)
+        state = ray.get(config["base_ref"])  # zero-copy: numpy views of the node's object store
+        model = load_base_shared(state, b.name, b.gguf_file, b.random_init)  # quantised layers stay packed
+        factors, quant = lq_factors(state), (state.get("quant") or {}).get("summary")
         if device.type != "cpu":
             model = model.to(device=device, dtype=resolve_dtype(b.dtype, str(device)))
     else:
         model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, str(device), seed=spec.train.seed)
+        if b.quantized:  # no shared store: this worker quantises its own copy
+            from orchestrator.base_quant import build_quant_base
+
+            quant, factors = build_quant_base(model, spec)
     layers = adapted_layers(model, spec.lora.top_layers)
     torch.manual_seed(spec.train.seed)  # same initial adapters on every worker and method
     inject(
@@ -119,9 +128,14 @@ def flock_worker(config: dict) -> None:
         layers=layers,
         max_rank=max(spec.rank_of(n) for n in names),  # same Theta shape on every worker
     )
+    if factors:  # LQ-LoRA: Theta starts at L1 L2^T, so the initial model is Q + L1 L2^T ~ W
+        from models.lq import apply_lq_init
+
+        apply_lq_init(model, factors)
     ad = {id(p) for p in adapter_params(model)}
     init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
-    say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}")
+    say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}"
+        + (f"; base quantised to {quant['bits_per_weight']:.2f} bits/weight ({quant['matrices_count']} matrices)" if quant else ""))
 
     # Object-store arrays are read-only views; token ids are small, so take private copies.
     train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
@@ -160,6 +174,10 @@ def flock_worker(config: dict) -> None:
         say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
     results.setdefault("methods", {})
     results["owned"] = [names[g] for g in owned]
+    if quant is not None and rank == 0:
+        results["quant"] = quant
+        if not (kept / QUANT_DIR).is_dir():
+            write_quant_base(model, quant, kept / QUANT_DIR)  # the adapters belong with this base
 
     tr = spec.train
     for mname, kind, tau in methods_of(spec):
@@ -190,8 +208,10 @@ def flock_worker(config: dict) -> None:
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
             for s, g in enumerate(owned):
                 save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
+                _note_quant(quant, kept / "adapters" / names[g])
             if rank == 0:  # Theta is replicated: one copy, with the prior's state
                 save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
+                _note_quant(quant, kept / "prior" / "theta")
                 if prior is not None:
                     (kept / "prior").mkdir(parents=True, exist_ok=True)
                     (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
@@ -202,7 +222,14 @@ def flock_worker(config: dict) -> None:
         if rank == 0:
             save_moe(model, kept / "pesc" / "moe")
             save_adapter(model, 0, kept / "pesc" / "attention_lora", config["base_model_name"], state=theta_state(model))
+            _note_quant(quant, kept / "pesc" / "attention_lora")
         _report(rank, results, kept, "pesc")
+
+
+def _note_quant(quant: dict | None, adapter_dir: Path) -> None:
+    """Say beside an adapter that it was trained on the quantised base (it belongs with that base)."""
+    if quant is not None:
+        (adapter_dir / NOTE_FILE).write_text(json.dumps(adapter_note(quant), indent=2))
 
 
 def _report(rank: int, results: dict, kept: Path, step: str) -> None:

@@ -189,6 +189,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     report: dict = {"job": _job_summary(spec, data), "timing": {}}
     if "flock" in state["results"]:
         report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau, spec.flock.tau_sweep)
+        if state["results"]["flock"].get("quant"):  # base.bits / base.bit_budget: the quantised base's figures
+            report["base"] = {"quant": state["results"]["flock"]["quant"]}
         if "pesc" in state["results"]["flock"]:
             report["pesc"] = pesc_section(state["results"]["flock"])
     if "search" in state["results"]:

@@ -1,7 +1,9 @@
 """Checks run on the driver before any Ray work starts, so bad input fails in seconds.
 
 Target modules, ranks and layer choices are checked against the architecture built on the
-``meta`` device (no weights, no memory); errors name the spec field and the fix.
+``meta`` device (no weights, no memory); errors name the spec field and the fix. A quantised
+base (``base.bits`` / ``base.bit_budget``) is checked there too: something to quantise, and a
+budget no smaller than the smallest packed encoding of those matrices' shapes.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ def preflight(spec: JobSpec) -> list[str]:
     """Validate the spec against the model; return the module names that get adapters."""
     from orchestrator.flock_worker import adapted_layers
 
+    from orchestrator.base_quant import check_quant
+
     b = spec.base
     model = meta_model(load_config(b.name, b.gguf_file, b.random_init))
+    check_quant(spec, model)  # before inject: the matrices as the quantiser will see them
     layers = adapted_layers(model, spec.lora.top_layers)
     try:
         return inject(

@@ -104,6 +104,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
                  + (f" (top {job['top_layers']} blocks)" if job.get("top_layers") else "") + f", {job['steps']} steps.")
     lines.append("")
     fl = report.get("flock")
+    quant = (report.get("base") or {}).get("quant")
     if fl:
         base, main = fl["base_macro_ppl"], fl["macro_ppl"]
         gain = (base - main) / base * 100
@@ -133,6 +134,10 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
+    if quant:
+        from orchestrator.base_quant import render_quant_md
+
+        lines += render_quant_md(quant)
     if report.get("search"):
         from orchestrator.search_report import render_search_md
 
@@ -174,7 +179,8 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     t = report.get("timing", {})
     if t:
         lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]
-    lines += ["## Files", "", "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)",
+    lines += ["## Files", "", "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)"
+              + (" trained on the quantised base in `quant_base/` (packed safetensors + `quant.json`)" if quant else ""),
               "- `report.json`: every figure above, machine-readable", ""]
     return "\n".join(lines)
 
