@@ -36,7 +36,7 @@ from models.quant import ALLOWED_BITS, packed_nbytes
 from orchestrator.errors import SpecError
 from orchestrator.spec import JobSpec
 
-__all__ = ["quant_layers", "check_quant", "build_quant_base", "write_quant_base", "adapter_note", "NOTE_FILE", "QUANT_DIR"]
+__all__ = ["quant_layers", "check_quant", "build_quant_base", "write_quant_base", "load_quant_base", "render_quant_md", "adapter_note", "NOTE_FILE", "QUANT_DIR"]
 
 NOTE_FILE = "loraflock_quantized_base.json"  # next to adapter_config.json of every delivered adapter
 QUANT_DIR = "quant_base"  # the packed base, in the job's output directory
@@ -220,3 +220,32 @@ def render_quant_md(section: dict[str, Any], max_rows: int = 40) -> list[str]:
             lines.append(f"| ... {len(rows) - max_rows} more in report.json `base.quant.matrices` | | | | |")
         lines.append("")
     return lines
+
+
+def load_quant_base(model: nn.Module, directory: str | Path) -> list[str]:
+    """Put a run's packed base (``quant_base/``) into a freshly loaded unquantised base, in place.
+
+    The delivered adapters then load on top exactly as they were trained (inject the job's
+    target modules and layers, then ``models.peft_io.load_adapter``).
+
+    Returns:
+        The names of the replaced layers.
+
+    Example:
+        >>> model = load_base(...); load_quant_base(model, "runs/job/quant_base")
+        >>> inject(model, targets, num_tasks=1, rank=8, alpha=16, layers=[29]); load_adapter(model, 0, "runs/job/adapters/json")
+    """
+    from safetensors.torch import load_file
+
+    from models.quant import PackedTensor
+
+    directory = Path(directory)
+    section = json.loads((directory / "quant.json").read_text())
+    tensors = load_file(str(directory / "quantized_base.safetensors"))
+    names = [r["name"] for r in section["matrices"]]
+    for name in names:
+        packed = PackedTensor.from_tensors(tensors, f"{name}.")
+        layer = QuantizedLinear(packed, tensors.get(f"{name}.bias"))
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, leaf, layer)
+    return names

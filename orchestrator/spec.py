@@ -119,7 +119,7 @@ class BaseSpec(_Strict):
     @classmethod
     def _budget_ok(cls, v: float | None) -> float | None:
         if v is not None and not 0 < v <= 16:  # NaN fails the comparison too
-            raise ValueError(f"bit_budget={v} must be an average number of bits per weight in (0, 16], e.g. 3.0")
+            raise ValueError(f"bit_budget={v:g} must be an average number of bits per weight in (0, 16], e.g. 3.0")
         return v
 
     @property

@@ -144,3 +144,47 @@ def test_a_ray_worker_maps_the_same_store(ray_local):
     logits, (in_store, total) = ray_local.get(in_worker.remote([ref]))
     assert torch.equal(logits, _logits(original, _ids()))
     assert in_store == total > 0
+
+
+def test_quantised_base_is_stored_packed_and_workers_map_it_read_only(ray_local):
+    """base.bits: the store holds codes/scales/codebooks + LQ factors; a worker's QuantizedLinear
+    layers are views of those read-only buffers (no fp32 copy), and the worker's model (inject +
+    LQ init from the stored factors) computes exactly what the quantised model does."""
+    from models.lq import QuantizedLinear, apply_lq_init
+    from orchestrator.base_quant import build_quant_base
+    from orchestrator.base_store import lq_factors
+    from orchestrator.spec import parse_job
+
+    spec = parse_job({
+        "base": {"random_init": TINY_LLAMA, "tokenizer": "bytes", "bits": 3, "quant": {"quantizer": "vq"}},
+        "tasks": [{"name": "a", "source": {"kind": "builtin", "package": "json"}}],
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "top_layers": 1},
+    })
+    driver = load_base(random_init=TINY_LLAMA, seed=5)
+    summary, factors = build_quant_base(driver, spec)
+    ref = ray_local.put(base_arrays(driver, factors, summary))
+    state = ray_local.get(ref)
+    assert state["quant"]["summary"]["stored_bytes"] == summary["stored_bytes"]
+    worker = load_base_shared(state, random_init=TINY_LLAMA)
+    layers = {n: m for n, m in worker.named_modules() if isinstance(m, QuantizedLinear)}
+    assert sorted(layers) == sorted(state["quant"]["modules"]) and len(layers) == 7
+    for name, layer in layers.items():
+        for part in ("codes", "scales", "codebook"):
+            arr = state["arrays"][f"{name}.{part}"]
+            assert getattr(layer, part).data_ptr() == arr.__array_interface__["data"][0] or arr.size == 0
+            assert not arr.flags.writeable
+        assert layer.codes.dtype == torch.uint8 and layer.codebook.shape == (64, 2)  # 3-bit VQ on pairs
+        assert not hasattr(layer, "weight") and not layer.cache_weight
+    assert sum(m.nbytes for m in layers.values()) == summary["stored_bytes"]
+    in_store, total = object_store_bytes(worker)
+    assert in_store == total  # every byte of the worker's base, packed codes included, is the store's
+    fp32_weights = sum(p.numel() for n, p in worker.named_parameters() if ".layers.1." in n and n.endswith("proj.weight"))
+    assert fp32_weights == 0  # no dequantised copy of a quantised matrix is kept
+    stored_factors = lq_factors(state)
+    assert sorted(stored_factors) == sorted(factors)
+    for model, fac in ((driver, factors), (worker, stored_factors)):
+        torch.manual_seed(0)
+        inject(model, ["q_proj", "v_proj"], num_tasks=2, rank=4, alpha=8, layers=[1])
+        apply_lq_init(model, fac)
+    with task_ids(driver, 1), task_ids(worker, 1):
+        assert torch.equal(_logits(worker, _ids()), _logits(driver, _ids()))
