@@ -482,7 +482,7 @@ def quantize_base(
         method, b = _choice_of(name, bits, quantizer)
         r = lq_rank if lq_targets and matches_target(name, lq_targets) else 0
         dec, row = _decompose(name, w, method, b, r, iters, None, block_size)
-        _replace(model, name, QuantizedLinear(dec.Q, getattr(module, "bias", None)))
+        _replace(model, name, QuantizedLinear(dec.Q, getattr(module, "bias", None)).to(w.device))
         if dec.best > 0:
             factors[name] = (dec.L1.contiguous(), dec.L2.contiguous())
         report.rows.append(row)

@@ -381,6 +381,12 @@ class JobSpec(_Strict):
             raise ValueError(f"lora.ranks names unknown tasks {unknown}; tasks are {names}")
         if self.base.quantized:
             self._check_lq_rank()
+            if self.recycle.enabled and self.recycle.new_task is not None:
+                raise ValueError(
+                    "recycle.new_task is adapted on the unquantised base, but base.bits/base.bit_budget train the "
+                    "flock's adapters on a quantised one (they hold its LQ low-rank part): not supported together yet; "
+                    "drop recycle.new_task (the subspace is still built) or base.bits/base.bit_budget"
+                )
         return self
 
     def _check_lq_rank(self) -> None:

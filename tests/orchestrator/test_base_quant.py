@@ -187,3 +187,11 @@ def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
     q = rep["base"]["quant"]
     assert q["mode"] == "bits" and q["widths"] == {"nf4": 7} and 4.25 < q["bits_per_weight"] < 4.5
     assert "unified" in rep["flock"]["baselines"]
+
+
+def test_recycle_new_task_on_a_quantised_base_is_refused_with_the_fix():
+    d = _job({"bits": 4}, recycle={"enabled": True, "new_task": {"name": "logging", "source": {"kind": "builtin", "package": "logging"}}})
+    with pytest.raises(SpecError, match="drop recycle.new_task"):
+        parse_job(d)
+    d["recycle"].pop("new_task")
+    assert parse_job(d).recycle.enabled  # the subspace alone is fine
