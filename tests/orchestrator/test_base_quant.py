@@ -132,10 +132,10 @@ def _eval_loss_on_delivered_base(out: Path, spec, task: str) -> float:
     return evaluate(model, {0: data[task].eval_ids}, batch_size=8)[0]
 
 
-def _check_outputs(out: Path, spec) -> dict:
+def _check_outputs(out: Path, spec, matrices: int = 7) -> dict:
     rep = json.loads((out / "report.json").read_text())
     q = rep["base"]["quant"]
-    assert q["matrices_count"] == 7 and len(q["matrices"]) == 7
+    assert q["matrices_count"] == matrices and len(q["matrices"]) == matrices
     assert q["stored_bytes"] == sum(r["bytes"] for r in q["matrices"]) and q["bf16_bytes"] == 2 * q["numel"]
     assert 0 < q["recon_rel_error"] < q["recon_rel_error_q_only"] < 1
     for t in ("json", "http"):
@@ -167,12 +167,15 @@ def test_bit_budget_example_runs_end_to_end(tmp_path):
 
 
 def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
-    """base.bits: 4 with ray.share_base: false (each worker quantises): one width, and the baseline too."""
+    """base.bits: 4 on every block with ray.share_base: false (each worker quantises): one width, the
+    baseline too, and the frozen-prefix cache computed through the quantised lower block (the
+    delivered base + adapter, run without any cache, reproduce the reported loss)."""
     d = yaml.safe_load(TINY.read_text())
     for stage in ("pesc", "recycle", "search"):
         d[stage]["enabled"] = False
     d["tasks"] = d["tasks"][:2]
     d["base"]["bits"] = 4
+    d["base"]["quant"] = {"layers": "all"}
     d["train"]["steps"] = 6
     d["flock"]["baselines"] = ["unified"]
     d["ray"] = {"share_base": False}
@@ -183,9 +186,9 @@ def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from orchestrator.spec import load_job
 
-    rep = _check_outputs(out, load_job(p))
+    rep = _check_outputs(out, load_job(p), matrices=14)
     q = rep["base"]["quant"]
-    assert q["mode"] == "bits" and q["widths"] == {"nf4": 7} and 4.25 < q["bits_per_weight"] < 4.5
+    assert q["mode"] == "bits" and q["widths"] == {"nf4": 14} and q["layers"] == "all" and 4.25 < q["bits_per_weight"] < 4.5
     assert "unified" in rep["flock"]["baselines"]
 
 
