@@ -149,7 +149,7 @@ class BaseSpec(_Strict):
                     f"take at least {floor:g} bits per weight at quant.block_size {self.quant.block_size}; "
                     f"raise base.bit_budget to {floor:g} or more (or use a larger base.quant.block_size)"
                 )
-        if "quant" in self.model_fields_set and not self.quantized:
+        if self.quant != QuantSpec() and not self.quantized:  # by value: model_dump() round trips carry the defaults
             raise ValueError("base.quant has no effect without base.bits (2, 3, 4 or 8) or base.bit_budget: set one, or drop base.quant")
         return self
 

@@ -198,3 +198,10 @@ def test_recycle_new_task_on_a_quantised_base_is_refused_with_the_fix():
         parse_job(d)
     d["recycle"].pop("new_task")
     assert parse_job(d).recycle.enabled  # the subspace alone is fine
+
+
+def test_specs_survive_the_model_dump_round_trip_to_the_workers():
+    """Workers re-validate ``spec.model_dump()``: defaults written out must not read as user settings."""
+    for d in (_job(), _job({"bits": 4}), _job({"bit_budget": 3.5, "quant": {"quantizer": "vq", "lq_rank": 2}})):
+        spec = parse_job(d)
+        assert parse_job(spec.model_dump(mode="json")) == spec
