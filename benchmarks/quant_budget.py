@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import sysconfig
 import time
@@ -96,6 +97,7 @@ def run_config(args, bits: float | None, data: dict, table: dict | None) -> dict
     model = data["model_fn"]()
     n_blocks = len(adaptable_layers(model)[1])
     top = list(range(n_blocks - args.top, n_blocks))
+    torch.manual_seed(args.seed)  # the same initial adapters (random A) in every configuration
     inject(model, PROJ, num_tasks=1, rank=args.rank, alpha=2.0 * args.rank, layers=top)
     out: dict = {}
     if bits is not None:
@@ -123,10 +125,10 @@ def run_config(args, bits: float | None, data: dict, table: dict | None) -> dict
         table = alloc.table
     set_trainable(model, shared=True, task=False)
     params = [p for p in adapter_params(model) if p.requires_grad]
-    seed_everything(0)
+    seed_everything(args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr)
     split, train, pre = data["split"], data["train"], data["train_prefix"]
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches in every configuration
     t0 = time.time()
     for _ in range(args.steps):
         rows = torch.randint(0, len(train), (args.batch,), generator=gen)
@@ -153,9 +155,11 @@ def main() -> None:
     ap.add_argument("--eval-seqs", type=int, default=24)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--lq-iters", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="adapter init and batch order (the data split is fixed)")
     ap.add_argument("--max-s", type=float, default=300.0, help="start no new budget after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
+    load_start = os.getloadavg()
     model, train, evals = build(args)
     n_blocks = len(adaptable_layers(model)[1])
     split = n_blocks - args.top
@@ -185,7 +189,7 @@ def main() -> None:
         "quantizer": "NF 2/3/4/8-bit per matrix chosen by the MILP allocator; LQ (Q + rank-r L1 L2^T, adapters start from it)",
         "setup": {"rank": args.rank, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                   "train_seqs": len(train), "eval_seqs": len(evals), "block_size": args.block_size,
-                  "lq_iters": args.lq_iters, "threads": torch.get_num_threads(),
+                  "lq_iters": args.lq_iters, "seed": args.seed, "threads": torch.get_num_threads(),
                   "note": "dequantised weights cached after the first forward (cache_weight=True): same numbers, less CPU"},
         "base_ppl": math.exp(base_nll),
         "fp32_lora_ppl": fp32["lora_ppl"],
@@ -193,6 +197,7 @@ def main() -> None:
         "budgets": sorted(budgets, key=lambda r: r["bits"]),
         "skipped_bits_time_box": skipped,
         "total_s": round(time.time() - t_start, 1),
+        "load_avg_1_5_15": {"start": load_start, "end": os.getloadavg()},
     }, indent=1))
 
 
