@@ -36,7 +36,7 @@ from models.quant import ALLOWED_BITS, packed_nbytes
 from orchestrator.errors import SpecError
 from orchestrator.spec import JobSpec
 
-__all__ = ["quant_layers", "check_quant", "build_quant_base", "write_quant_base", "load_quant_base", "render_quant_md", "adapter_note", "NOTE_FILE", "QUANT_DIR"]
+__all__ = ["quant_layers", "check_quant", "build_quant_base", "write_quant_base", "load_quant_base", "render_quant_md", "describe_quant", "adapter_note", "NOTE_FILE", "QUANT_DIR"]
 
 NOTE_FILE = "loraflock_quantized_base.json"  # next to adapter_config.json of every delivered adapter
 QUANT_DIR = "quant_base"  # the packed base, in the job's output directory
@@ -96,6 +96,17 @@ def check_quant(spec: JobSpec, model: nn.Module) -> dict[str, Any] | None:
             f"{bs} weights, codebooks and headers included); raise base.bit_budget to at least {need:g} or use base.bits: 2"
         )
     return {"matrices": len(mats), "numel": numel, "min_bits_per_weight": min_bits}
+
+
+def describe_quant(spec: JobSpec) -> str:
+    """One line for ``loraflock validate``: what will be quantised and the smallest possible budget."""
+    from models.base import load_config, meta_model
+
+    b = spec.base
+    info = check_quant(spec, meta_model(load_config(b.name, b.gguf_file, b.random_init)))
+    setting = f"bit_budget {b.bit_budget:g}" if b.bit_budget is not None else f"bits {b.bits}"
+    return (f"  quantised base: {setting} ({b.quant.quantizer}, LQ rank {spec.lq_rank()}) over {info['matrices']} matrices, "
+            f"{info['numel']:,} weights; the smallest encoding is {info['min_bits_per_weight']:.3f} bits/weight")
 
 
 @torch.no_grad()

@@ -21,6 +21,10 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     spec = load_job(a.job)
     preflight(spec)  # target modules and ranks against the model's architecture (meta device)
     print(f"{a.job}: valid job {spec.name!r} ({len(spec.tasks)} tasks, base {spec.base.name or 'random-init'})")
+    if spec.base.quantized:
+        from orchestrator.base_quant import describe_quant
+
+        print(describe_quant(spec))
     return 0
 
 

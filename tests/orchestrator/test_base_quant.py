@@ -205,3 +205,17 @@ def test_specs_survive_the_model_dump_round_trip_to_the_workers():
     for d in (_job(), _job({"bits": 4}), _job({"bit_budget": 3.5, "quant": {"quantizer": "vq", "lq_rank": 2}})):
         spec = parse_job(d)
         assert parse_job(spec.model_dump(mode="json")) == spec
+
+
+def test_validate_cli_reports_the_quantised_base_and_refuses_a_too_small_budget(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(["validate", str(EXAMPLE)]) == 0
+    assert "quantised base: bit_budget 3.5 (nf, LQ rank 4) over 7 matrices" in capsys.readouterr().out
+    d = yaml.safe_load(EXAMPLE.read_text())
+    d["base"]["bit_budget"] = 2.26
+    p = tmp_path / "low.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "loraflock: error: base.bit_budget = 2.26 is below the smallest encoding" in err and "Traceback" not in err
