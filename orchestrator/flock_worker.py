@@ -4,6 +4,11 @@ Ray is touched only here and only through ``ray.train`` (context, checkpoint, re
 training itself is :func:`orchestrator.flock_loop.train_method`. After each method the
 worker reports a checkpoint (its results + the flock's adapters in PEFT format), so a
 restarted worker group (``FailureConfig``) skips the methods already finished.
+
+With ``base.bits``/``base.bit_budget`` the worker's base is the quantised one put in the
+object store (packed codes mapped read-only, dequantised per layer in the forward); its LQ
+low-rank factors start the shared adapter Theta, so every method, the baselines, PESC and
+the frozen-prefix cache all run on that base (:mod:`orchestrator.base_quant`).
 """
 
 from __future__ import annotations
