@@ -168,10 +168,10 @@ def test_bit_budget_example_runs_end_to_end(tmp_path):
 
 def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
     """base.bits: 4 on every block with ray.share_base: false (each worker quantises): one width, the
-    baseline too, and the frozen-prefix cache computed through the quantised lower block (the
+    baseline and PESC on the same base, and the frozen-prefix cache computed through the quantised lower block (the
     delivered base + adapter, run without any cache, reproduce the reported loss)."""
     d = yaml.safe_load(TINY.read_text())
-    for stage in ("pesc", "recycle", "search"):
+    for stage in ("recycle", "search"):  # PESC stays: it runs on the same quantised base
         d[stage]["enabled"] = False
     d["tasks"] = d["tasks"][:2]
     d["base"]["bits"] = 4
@@ -190,6 +190,7 @@ def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
     q = rep["base"]["quant"]
     assert q["mode"] == "bits" and q["widths"] == {"nf4": 14} and q["layers"] == "all" and 4.25 < q["bits_per_weight"] < 4.5
     assert "unified" in rep["flock"]["baselines"]
+    assert rep["pesc"]["macro_ppl"] > 0 and (out / "pesc" / "attention_lora" / NOTE_FILE).is_file()
 
 
 def test_recycle_new_task_on_a_quantised_base_is_refused_with_the_fix():
