@@ -116,3 +116,15 @@ def test_zero_matrix_is_exact():
     w = torch.zeros(8, 32)
     for m in QUANTIZERS:
         assert torch.equal(quantize(w, m, 2, block_size=16).dequantize(), w)
+
+
+@pytest.mark.parametrize("method", QUANTIZERS)
+@pytest.mark.parametrize("bits", ALLOWED_BITS)
+def test_sizes_from_the_shape_alone_match_the_packed_tensors(method, bits):
+    """``packed_nbytes``/``packed_shapes`` (used on meta models in preflight) equal what ``quantize`` stores."""
+    from models.quant import packed_nbytes, packed_shapes
+
+    p = quantize(gaussian((9, 22)), method, bits, block_size=16)
+    assert packed_nbytes((9, 22), method, bits, 16) == p.nbytes
+    shapes = packed_shapes((9, 22), method, bits, 16)
+    assert shapes == {"codes": tuple(p.codes.shape), "scales": tuple(p.scales.shape), "codebook": tuple(p.codebook.shape)}
