@@ -11,6 +11,7 @@ number of steps, so the comparison is like for like:
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,8 +45,15 @@ def adapt_new_task(
     compare_lora: bool = True,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    picked: dict | None = None,
 ) -> dict:
     """Train ``name`` on the subspace (and, to compare, as a full LoRA); export PEFT adapters.
+
+    Args:
+        picked: the search's ``search.picked`` record with ``checkpoint`` an absolute path:
+            both arms train on that trial's compressed base (its bits, LQ quantisation and
+            pruned rows/columns, :func:`orchestrator.search_pick.picked_base`) at its rank,
+            the full LoRA kept inside the pruned rows/columns; ``None`` = the job's base.
 
     Returns:
         ``{coeff_params, lora_params, base_ppl, coeff_ppl, lora_ppl, ...}`` (the report's
@@ -57,7 +65,19 @@ def adapt_new_task(
     sub = Subspace.load(subspace_dir)
     out_dir = Path(out_dir)
     seed_everything(tr.seed)
-    model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, device, seed=tr.seed)
+    rank, gates = spec.lora.rank, {}
+    if picked is not None:
+        from orchestrator.search_pick import picked_base
+
+        compressed, gates = picked_base(spec, picked, picked["checkpoint"], device)
+        rank = int(picked.get("rank", rank))
+
+    def base_model():
+        if picked is not None:
+            return copy.deepcopy(compressed)
+        return load_base(b.name, b.gguf_file, b.random_init, b.dtype, device, seed=tr.seed)
+
+    model = base_model()
     layers = adapted_layers(model, spec.lora.top_layers)
     split = layers[0] if layers and layers[0] > 0 else 0
     train_ids, eval_ids = train_ids.to(device), eval_ids.to(device)
@@ -71,7 +91,7 @@ def adapt_new_task(
     cfg = MethodConfig(f"adapt {name}: coefficients", "coeff", steps or tr.steps, tr.batch_size, lr or tr.lr, tr.seed,
                        0.0, tr.max_grad_norm, 1.0, tr.eval_batch_size, tr.log_every)
     torch.manual_seed(tr.seed)
-    inject_eigen(model, sub, num_tasks=1, rank=spec.lora.rank, alpha=spec.lora.alpha, k_extra=k_extra, seed=tr.seed)
+    inject_eigen(model, sub, num_tasks=1, rank=rank, alpha=spec.lora.alpha, k_extra=k_extra, seed=tr.seed)
     if base_nll is None:
         base_nll = evaluate(model, data.eval, tr.eval_batch_size)  # alpha_B = 0: the base itself
     res_c = train_method(model, data, cfg, {}, log=log, device=device, trainable=eigen_params(model))
@@ -89,9 +109,13 @@ def adapt_new_task(
     export_peft(model, 0, out_dir / "coeff", base_model_name)
     if compare_lora:
         del model
-        model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, device, seed=tr.seed)
+        model = base_model()
         torch.manual_seed(tr.seed)
-        inject(model, spec.lora.target_modules, 1, spec.lora.rank, spec.lora.alpha, spec.lora.dropout, layers=layers)
+        inject(model, spec.lora.target_modules, 1, rank, spec.lora.alpha, spec.lora.dropout, layers=layers)
+        if gates:
+            from orchestrator.search_pick import restrict_lora
+
+            restrict_lora(model, gates)
         ad = {id(p) for p in adapter_params(model)}
         init = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
         cfg_l = MethodConfig(f"adapt {name}: full LoRA", "independent", steps or tr.steps, tr.batch_size, tr.lr, tr.seed,

@@ -174,7 +174,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     def recycle() -> dict:
         from orchestrator.recycle import run_recycle
 
-        return run_recycle(spec, out, new_task, _base_name(spec))
+        picked = state["results"].get("search", {}).get("picked") if spec.search.enabled else None
+        return run_recycle(spec, out, new_task, _base_name(spec), picked)
 
     methods = ", ".join(m for m, _, _ in _methods(spec)) + (", then pesc" if spec.pesc.enabled else "")
     stage("flock", spec.flock.enabled, flock, f"training {methods}")
@@ -184,7 +185,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         timing["flock_s"] -= pesc["seconds"]
         save_state()
     stage("search", spec.search.enabled, search, f"{spec.search.num_samples} Ray Tune trials over tune_spaces/{spec.search.space}")
-    stage("recycle", spec.recycle.enabled, recycle, "recycling the flock's adapters into a principal subspace")
+    what = "the picked search trial's" if spec.search.enabled and spec.search.pick else "the flock's"
+    stage("recycle", spec.recycle.enabled, recycle, f"recycling {what} adapters into a principal subspace")
 
     report: dict = {"job": _job_summary(spec, data), "timing": {}}
     if "flock" in state["results"]:

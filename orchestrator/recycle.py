@@ -1,5 +1,11 @@
 """The recycle stage (EigenLoRAx): the flock's adapters become a shared principal subspace.
 
+With ``search.pick`` the stage recycles the picked search trial instead: its task adapters
+(gates folded in, :mod:`orchestrator.search_pick`, written to ``search/pick/adapters/``)
+make the subspace, and the new task trains on that trial's compressed base, so the
+recycled deployment is the picked compressed model. Without a pick it reads the flock's
+``adapters/`` as before.
+
 Every adapter is stored as its coefficients on the subspace (``recycle/subspace``), the
 report gets the explained variance, the storage ratio and each adapter's reconstruction
 error, and a task held out of the flock is trained twice on Ray, with coefficients only and
@@ -25,17 +31,29 @@ def _say(msg: str) -> None:
     print(f"[loraflock {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_recycle(spec: JobSpec, out: Path, new_task_data, base_model_name: str | None) -> dict:
+def run_recycle(
+    spec: JobSpec, out: Path, new_task_data, base_model_name: str | None, picked: dict | None = None
+) -> dict:
     """Build and save the subspace; adapt the held-out task (if any) as a Ray task.
 
     Args:
         spec: the job.
-        out: output directory holding ``adapters/`` from the flock.
+        out: output directory holding ``adapters/`` from the flock (or ``search/pick/``).
         new_task_data: ``tasks.TaskData`` of ``recycle.new_task`` or ``None``.
         base_model_name: recorded in exported adapters.
+        picked: the search's ``search.picked`` record: recycle that trial's compressed model.
     """
     rc = spec.recycle
-    dirs: dict[str, Path] = {t.name: out / "adapters" / t.name for t in spec.tasks}
+    if picked is not None:
+        from orchestrator.search_pick import export_picked_adapters
+
+        picked = {**picked, "checkpoint": str(out / picked["checkpoint"])}
+        _say(f"recycle: the picked search trial {picked['trial_id']} ({picked.get('bits', 16)}-bit base, "
+             f"sparsity {picked.get('sparsity', 0.0):.2f}, rank {picked.get('rank')})")
+        dirs: dict[str, Path] = export_picked_adapters(spec, picked, picked["checkpoint"], out / "search" / "pick" / "adapters",
+                                                       base_model_name)
+    else:
+        dirs = {t.name: out / "adapters" / t.name for t in spec.tasks}
     for src in rc.sources:
         p = Path(src)
         dirs[p.name if p.name not in dirs else f"{p.parent.name}-{p.name}"] = p
@@ -57,7 +75,11 @@ def run_recycle(spec: JobSpec, out: Path, new_task_data, base_model_name: str | 
         "reconstruction_rel_error": summary["reconstruction_rel_error"],
         "reconstruction_rel_error_per_task": summary["reconstruction_rel_error_per_task"],
         "adapters": sorted(dirs),
+        "source": "flock" if picked is None else "search.picked",
     }
+    if picked is not None:
+        section["picked"] = {k: picked.get(k) for k in ("trial_id", "bits", "rank", "target_sparsity", "sparsity",
+                                                        "tau", "macro_ppl", "model_bytes")}
     _say(f"recycle: {len(dirs)} adapters -> K = {section['k']} principal directions per module, "
          f"explained variance {section['explained_variance']:.3f}, storage {section['storage_ratio']:.1f}x smaller")
     if new_task_data is not None:
@@ -68,7 +90,7 @@ def run_recycle(spec: JobSpec, out: Path, new_task_data, base_model_name: str | 
         ref = task.remote(
             spec, str(out / "recycle" / "subspace"), new_task_data.name, new_task_data.train_ids, new_task_data.eval_ids,
             str(out / "recycle" / "new_task"), base_model_name, rc.steps, rc.lr, rc.k_extra, True, print,
-            "cuda" if spec.ray.use_gpu else "cpu",
+            "cuda" if spec.ray.use_gpu else "cpu", picked,
         )
         section["new_task"] = ray.get(ref)
         nt = section["new_task"]

@@ -158,6 +158,12 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     rc = report.get("recycle")
     if rc:
         lines += ["## Recycling (EigenLoRAx)", ""]
+        pk = rc.get("picked")
+        if pk:  # search.pick: the recycled deployment is the picked compressed model
+            lines += [f"Recycled model: the search's picked trial {pk['trial_id']} ({pk.get('bits', 16)}-bit base, "
+                      f"{_fmt(pk.get('sparsity'))} of the adapted weights pruned, rank {pk.get('rank')}, "
+                      f"{(pk.get('model_bytes') or 0) / 1e6:.1f} MB): its task adapters make the subspace and the "
+                      "new task trains on its compressed base.", ""]
         lines.append(f"{len(rc['adapters'])} adapters -> K = {rc['k']} principal directions per module "
                      f"(explained variance {rc['explained_variance']:.3f}); stored as subspace + coefficients they take "
                      f"**{rc['storage_ratio']:.1f}x** less space, with a mean relative reconstruction error of "
@@ -166,9 +172,9 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         if nt:
             lines += ["", f"New task `{nt['task']}` (held out of the flock, {nt['train_examples']} training sequences), same steps:", "",
                       "| adapter | trainable params | eval ppl |", "|---|---:|---:|",
-                      f"| base | 0 | {_fmt(nt['base_ppl'])} |",
+                      f"| {'compressed base' if pk else 'base'} | 0 | {_fmt(nt['base_ppl'])} |",
                       f"| coefficients on the subspace | {nt['coeff_params']:,} | {_fmt(nt['coeff_ppl'])} |",
-                      f"| full LoRA r={job['rank']} | {nt['lora_params']:,} | {_fmt(nt['lora_ppl'])} |", ""]
+                      f"| full LoRA r={pk['rank'] if pk else job['rank']} | {nt['lora_params']:,} | {_fmt(nt['lora_ppl'])} |", ""]
             if nt.get("lora_ppl") is not None and nt["lora_ppl"] >= nt["base_ppl"]:
                 lines.append(f"The full LoRA did not improve on the base in these steps (it overfits {nt['train_examples']} "
                              f"sequences); the coefficients, with **{nt['param_ratio']:.0f}x** fewer trainable parameters, did.")

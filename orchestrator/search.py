@@ -9,8 +9,16 @@ completed trials in (macro_ppl, model_bytes), both minimised). An interrupted se
 resumes with ``Tuner.restore`` from ``<storage>/search``: finished trials are kept, not
 re-run; unfinished ones continue from their last checkpoint.
 
-Trials stopped early by ASHA keep their last (subset) measurement in ``trials.csv`` with
-status ``stopped``; only ``done`` trials (full eval at the last step) enter the front.
+Which trials the front is computed over: the ``done`` ones only, i.e. trials that trained
+every step and were measured on the whole eval set. A trial stopped early by the scheduler
+keeps its last measurement in ``trials.csv`` (status ``stopped``), but that is a subset eval
+after fewer steps: not comparable with the others, and not the model its configuration would
+give, so it is plotted and never on the front. The scheduler
+(:class:`orchestrator.search_scheduler.ParetoASHA`) stops a trial only when enough trials
+that are at least as small beat it, so compressed trials reach the end and the front spans
+the sizes. With ``search.pick`` the job picks one point of the front
+(:func:`orchestrator.pareto.pick_point`) for the recycle stage: ``report.json``
+``search.picked`` and its checkpoint in ``out/search/pick/``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from orchestrator.search_report import plot_pareto
 from orchestrator.search_spec import SearchSpec
 from orchestrator.search_trial import build_payload, search_trial
 from orchestrator.spec import JobSpec
-from tune_spaces.loader import load_space, to_tune
+from tune_spaces.loader import load_space, to_optuna, to_tune
 
 __all__ = ["run_search", "trial_rows", "write_csv", "TRIAL_COLUMNS"]
 
@@ -45,21 +53,26 @@ TRIAL_COLUMNS = [
 
 
 def _scheduler(search: SearchSpec, steps: int):
-    from ray.tune.schedulers import ASHAScheduler
+    """Two-objective ASHA (see :mod:`orchestrator.search_scheduler`) on (macro_ppl, rung_bytes)."""
+    from orchestrator.search_scheduler import ParetoASHA
 
-    return ASHAScheduler(
-        time_attr="step", metric="macro_ppl", mode="min", max_t=steps,
-        grace_period=min(search.grace_period, steps), reduction_factor=search.reduction_factor,
-    )
+    return ParetoASHA("step", ("macro_ppl", "rung_bytes"), max_t=steps,
+                      grace_period=min(search.grace_period, steps), reduction_factor=search.reduction_factor)
 
 
-def _search_alg(search: SearchSpec, concurrent: int):
+def _optuna_search(seed: int, space):
+    from orchestrator.search_scheduler import FinalOnlyOptunaSearch
+
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise StageError("search.algorithm 'optuna' needs optuna: pip install 'loraflock[optuna]'") from None
+    return FinalOnlyOptunaSearch(space=to_optuna(space), metric=["macro_ppl", "model_bytes"], mode=["min", "min"], seed=seed)
+
+
+def _search_alg(search: SearchSpec, concurrent: int, space):
     if search.algorithm == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise StageError("search.algorithm 'optuna' needs optuna: pip install 'loraflock[optuna]'") from None
-        return OptunaSearch(metric=["macro_ppl", "model_bytes"], mode=["min", "min"], seed=search.seed)
+        return _optuna_search(search.seed, space)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(max_concurrent=concurrent, random_state=search.seed)
@@ -176,10 +189,11 @@ def run_search(
         }
         tuner = tune.Tuner(
             trainable,
-            param_space={**to_tune(space), "_search": fixed},
+            # Optuna samples from its own define-by-run space (tune_spaces.loader.to_optuna)
+            param_space={**(to_tune(space) if search.algorithm == "random" else {}), "_search": fixed},
             tune_config=tune.TuneConfig(
                 num_samples=search.num_samples, scheduler=_scheduler(search, steps),
-                search_alg=_search_alg(search, concurrent),
+                search_alg=_search_alg(search, concurrent, space),
                 # the variant generator enforces its own limit; Tune's applies to Searchers (optuna)
                 max_concurrent_trials=concurrent if search.algorithm != "random" else None,
                 reuse_actors=True,  # a trial's process keeps torch/transformers imported for the next
@@ -192,6 +206,39 @@ def run_search(
         )
     results = tuner.fit()
     return _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0)
+
+
+def _pick(search: SearchSpec, front: list[dict], out: Path) -> dict | None:
+    """Apply ``search.pick`` to the front; copy the picked trial's checkpoint to ``out/search/pick``.
+
+    Returns the picked row plus what rebuilds its model (``quantizer``, ``lq_iters``,
+    ``gate_lr``), ``rule``, ``met`` (False: no point met the rule and ``on_miss: closest``
+    took the nearest one) and ``checkpoint`` (relative to ``out``); ``None`` without a rule.
+    """
+    if search.pick is None:
+        return None
+    rule = search.pick.model_dump(exclude_none=True, exclude={"on_miss"})
+    row = pick_point(front, **rule)
+    met = row is not None
+    if row is None:
+        what = ", ".join(f"{k} = {v:g}" for k, v in rule.items())
+        if search.pick.on_miss == "error" or not front:
+            raise StageError(
+                f"search.pick ({what}): no point of the Pareto front meets it ({len(front)} finished trials; "
+                f"see {out}/search/pareto.csv): relax the rule, or set search.pick.on_miss: closest"
+            )
+        key = "model_bytes" if "max_bytes" in rule else "macro_ppl"  # the nearest to the budget
+        row = min(front, key=lambda r: (float(r[key]), float(r["macro_ppl"]), float(r["model_bytes"])))
+        print(f"[loraflock] search.pick ({what}): no point of the front meets it; picked the closest, trial "
+              f"{row['trial_id']} ({key} {row[key]:.4g})", flush=True)
+    if not row.get("checkpoint"):
+        raise StageError(f"search.pick: trial {row['trial_id']} has no checkpoint under {out}/ray/search")
+    dst = out / "search" / "pick"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(row["checkpoint"], dst)
+    return {**row, "quantizer": row.get("quantizer") or search.quantizer, "lq_iters": search.lq_iters,
+            "gate_lr": search.gate_lr, "rule": {**rule, "on_miss": search.pick.on_miss}, "met": met,
+            "checkpoint": "search/pick"}
 
 
 def _collect(
@@ -208,17 +255,10 @@ def _collect(
     (out / "search").mkdir(parents=True, exist_ok=True)
     write_csv(out / "search" / "trials.csv", rows, TRIAL_COLUMNS)
     write_csv(out / "search" / "pareto.csv", front, TRIAL_COLUMNS)
-    pick = rule = None
-    if search.pick is not None:
-        rule = search.pick.model_dump(exclude_none=True)
-        pick = pick_point(front, **rule)
-        if pick is not None and pick.get("checkpoint"):
-            dst = out / "search" / "pick"
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(pick["checkpoint"], dst)
+    picked = _pick(search, front, out)
 
     def public(r: dict) -> dict:
-        return {k: v for k, v in r.items() if k not in ("checkpoint", "timestamp")
+        return {k: v for k, v in r.items() if k not in ("checkpoint", "timestamp", "rule", "met")
                 and not (isinstance(v, float) and math.isnan(v))}
 
     section = {
@@ -229,8 +269,8 @@ def _collect(
         "steps": steps,
         "trials": [public(r) for r in rows],
         "pareto": [public(r) for r in front],
-        "pick": public(pick) if pick is not None else None,
-        "pick_rule": rule,
+        "picked": None if picked is None else {
+            **public(picked), "rule": picked["rule"], "met": picked["met"], "checkpoint": picked["checkpoint"]},
         "seconds": seconds,
     }
     section["plot"] = plot_pareto(out, section)

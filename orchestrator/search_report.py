@@ -70,7 +70,8 @@ def render_search_md(section: dict) -> list[str]:
         "",
         f"{len(trials)} trials over `{Path(str(section.get('space', '?'))).name}` ({section.get('algorithm', 'random')} "
         f"search, ASHA on macro perplexity, {section.get('steps', '?')} steps per trial): {done} finished, "
-        f"{stopped} stopped early. Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
+        f"{stopped} stopped early (successive halving on both objectives: a trial stops only when trials at least as "
+        "small beat it). Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
         "pruned rows/columns removed, every task's adapter). The front holds the finished trials that no "
         "other finished trial beats on both perplexity and size.",
         "",
@@ -81,11 +82,13 @@ def render_search_md(section: dict) -> list[str]:
         *_table(front, hparams),
         "",
     ]
-    if section.get("pick_rule"):
-        rule = ", ".join(f"{k} = {_fmt(v)}" for k, v in section["pick_rule"].items())
-        p = section.get("pick")
-        lines += [f"Pick ({rule}): " + (f"trial {p['trial_id']}, macro ppl {p['macro_ppl']:.3f}, "
-                                        f"{_mb(p['model_bytes'])} MB" if p else "no point of the front meets the rule"), ""]
+    p = section.get("picked")
+    if p:
+        rule = ", ".join(f"{k} = {_fmt(v)}" for k, v in p["rule"].items() if k != "on_miss")
+        verdict = "meets it" if p.get("met", True) else "the closest point: none of the front meets it"
+        lines += [f"**Picked for the recycle stage** ({rule}; {verdict}): trial {p['trial_id']}, "
+                  f"{p.get('bits', 16)}-bit base, sparsity {_fmt(p.get('sparsity'))}, rank {p.get('rank')}, "
+                  f"tau {_fmt(p.get('tau'))}: macro ppl {p['macro_ppl']:.3f}, {_mb(p['model_bytes'])} MB.", ""]
     lines += ["### All trials", "", *_table(trials, hparams), ""]
     return lines
 
@@ -110,7 +113,7 @@ def plot_pareto(out: str | Path, section: dict) -> str:
         ax.scatter(xs, ys, color="#1f77b4", s=60, label=f"Pareto front ({len(front)})", zorder=4)
         for r, x, y in zip(front, xs, ys):
             ax.annotate(_label(r), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color="#1f77b4")
-    pick = section.get("pick")
+    pick = section.get("picked")
     if pick:
         ax.scatter([pick["model_bytes"] / 1e6], [pick["macro_ppl"]], s=180, facecolors="none", edgecolors="#d62728",
                    linewidths=2, label="pick", zorder=5)

@@ -29,13 +29,22 @@ class _Strict(BaseModel):
 class PickSpec(_Strict):
     """How the job picks one point of the Pareto front (exactly one rule).
 
+    The picked trial's compressed model (its bits, LQ-quantised and pruned base, and adapters)
+    becomes the recycle stage's input: the subspace is built from its task adapters and a new
+    task is adapted on its compressed base.
+
     Args:
         max_bytes: the lowest macro perplexity among points with ``model_bytes <= max_bytes``.
         max_ppl: the smallest model among points with ``macro_ppl <= max_ppl``.
+        on_miss: when no point meets the rule: ``closest`` takes the point nearest to it (the
+            smallest model for ``max_bytes``, the lowest perplexity for ``max_ppl``) and the
+            report says the rule was not met (``search.picked.met: false``); ``error`` fails
+            the stage (its trials and front are written first).
     """
 
     max_bytes: int | None = Field(None, gt=0)
     max_ppl: float | None = Field(None, gt=1.0)
+    on_miss: Literal["closest", "error"] = "closest"
 
     @model_validator(mode="after")
     def _one_rule(self) -> "PickSpec":
@@ -59,8 +68,10 @@ class SearchSpec(_Strict):
         eval_every: steps between intermediate reports (ASHA's rungs); <= steps.
         eval_subset: eval sequences per task for intermediate reports (the final report
             uses the whole eval set).
-        grace_period: steps every trial runs before ASHA may stop it.
-        reduction_factor: ASHA's eta (keep the top 1/eta at each rung).
+        grace_period: steps every trial runs before the scheduler may stop it (the first rung).
+        reduction_factor: eta: rungs at ``grace_period * eta**k`` steps; a trial is stopped at a
+            rung when at least ``ceil(n / eta)`` of the ``n`` trials recorded there before it
+            dominate it in (macro_ppl, size) (:class:`orchestrator.search_scheduler.ParetoASHA`).
         max_concurrent_trials: trials at once; ``None`` = cluster CPUs // cpus_per_trial.
         cpus_per_trial: CPUs (torch threads) of each trial.
         quantizer: base quantiser when the space has no ``quantizer`` dimension.
@@ -99,6 +110,14 @@ class SearchSpec(_Strict):
 
         load_space(v)  # SpaceError (a ValueError) names the file and key
         return v
+
+    @model_validator(mode="after")
+    def _optuna_space(self) -> "SearchSpec":
+        if self.algorithm == "optuna":
+            from tune_spaces.loader import load_space, to_optuna
+
+            to_optuna(load_space(self.space))  # `grid` dimensions: a SpaceError saying to use `choice`
+        return self
 
     @model_validator(mode="after")
     def _grace_fits(self) -> "SearchSpec":

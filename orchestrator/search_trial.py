@@ -188,13 +188,19 @@ def _adapter_bytes(layer: MultiTaskLoraLinear, rows: int, cols: int) -> int:
 
 
 @torch.no_grad()
-def deployed_bytes(model: nn.Module) -> dict:
+def deployed_bytes(model: nn.Module, keep: float | None = None) -> dict:
     """Bytes of the deployed model (see the module docstring for the exact definition).
+
+    Args:
+        keep: instead of the gates' current state, keep this fraction of every gated
+            matrix's rows and columns (``1 - target_sparsity``: the size the trial is
+            headed for; the penalty drives the mean open gate to ``1 - target``).
 
     Returns:
         ``{"model_bytes", "base_bytes", "compressed_bytes", "adapter_bytes", "mask_bytes"}``.
     """
-    kept = sparsity_report(model)["layers"] if any(isinstance(m, GatedLinear) for m in model.modules()) else {}
+    gated = any(isinstance(m, GatedLinear) for m in model.modules())
+    kept = sparsity_report(model)["layers"] if gated and keep is None else {}
     seen: set[int] = set()
     handled: set[int] = set()
     compressed = adapters = masks = 0
@@ -207,7 +213,10 @@ def deployed_bytes(model: nn.Module) -> dict:
         if id(mod) in handled:
             continue
         if isinstance(mod, GatedLinear):
-            rows, cols = kept[name]["rows_kept"], kept[name]["cols_kept"]
+            if keep is None:
+                rows, cols = kept[name]["rows_kept"], kept[name]["cols_kept"]
+            else:
+                rows, cols = max(1, round(mod.out_features * keep)), max(1, round(mod.in_features * keep))
             masks += math.ceil(mod.out_features / 8) + math.ceil(mod.in_features / 8)
             inner = mod.inner
         elif isinstance(mod, (MultiTaskLoraLinear, QuantizedLinear)):
@@ -293,10 +302,13 @@ def search_trial(config: dict, payload: dict) -> None:
 
     def measure(step: int, nll: dict[int, float], final: bool) -> dict:
         size = deployed_bytes(model)
+        # the size once the gates reach their target: the scheduler's size at early rungs
+        goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
         return {
             "step": step, "macro_ppl": _macro_ppl(nll), "final": final, "eval": "full" if final else "subset",
             "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
-            "bits": int(config.get("bits", 16)), **size, "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
+            "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
+            "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
             "seconds": time.perf_counter() - t0,
         }
 

@@ -374,8 +374,9 @@ class JobSpec(_Strict):
             raise ValueError(f"task names must be unique; repeated: {dup}")
         if self.recycle.new_task is not None and self.recycle.new_task.name in names:
             raise ValueError(f"recycle.new_task {self.recycle.new_task.name!r} must be held out of the flock's tasks")
-        if self.recycle.enabled and not self.flock.enabled and not self.recycle.sources:
-            raise ValueError("recycle needs adapters: enable the flock or list recycle.sources")
+        picks = self.search.enabled and self.search.pick is not None  # recycle then uses the picked trial
+        if self.recycle.enabled and not self.flock.enabled and not self.recycle.sources and not picks:
+            raise ValueError("recycle needs adapters: enable the flock, list recycle.sources, or set search.pick")
         unknown = sorted(set(self.lora.ranks) - set(names))
         if unknown:
             raise ValueError(f"lora.ranks names unknown tasks {unknown}; tasks are {names}")

@@ -53,6 +53,7 @@ __all__ = [
     "parse_space",
     "load_space",
     "to_tune",
+    "to_optuna",
 ]
 
 SPACE_DIR = Path(__file__).resolve().parent
@@ -269,3 +270,46 @@ def to_tune(space: SearchSpace) -> dict[str, Any]:
         else:
             out[name] = tune.loguniform(*d.values)
     return out
+
+
+def to_optuna(space: SearchSpace):
+    """A define-by-run space for ``OptunaSearch(space=...)`` (Optuna's own distributions).
+
+    Tune's converter cannot express ``loguniform`` with ``zero: p`` (a point mass at 0 plus a
+    log-uniform range); here it becomes a categorical ``<name>_zero`` and, when that is
+    False, a log-uniform ``<name>``; TPE learns both. ``value`` dimensions are returned as
+    constants. ``grid`` has no Optuna form (it is exhaustive, not sampled): a
+    :class:`SpaceError` says to use ``choice``.
+
+    Example:
+        >>> OptunaSearch(space=to_optuna(load_space("default")), metric=["macro_ppl", "model_bytes"], mode=["min", "min"])
+    """
+    grid = [n for n, d in space.dimensions.items() if d.kind == "grid"]
+    if grid:
+        raise SpaceError(
+            f"{space.source}: dimensions {grid} use `grid`, which Optuna cannot sample: use `choice` for an "
+            "Optuna search (or algorithm: random)"
+        )
+    return _OptunaSpace(dict(space.dimensions))
+
+
+class _OptunaSpace:
+    """The define-by-run callable of :func:`to_optuna` (a class, so Tune can pickle its searcher)."""
+
+    def __init__(self, dims: dict[str, Dimension]) -> None:
+        self.dims = dims
+
+    def __call__(self, trial) -> dict[str, Any]:
+        const: dict[str, Any] = {}
+        for name, d in self.dims.items():
+            if d.kind == "value":
+                const[name] = d.values[0]
+            elif d.kind == "choice":
+                trial.suggest_categorical(name, list(d.values))
+            elif d.kind == "uniform":
+                trial.suggest_float(name, *d.values)
+            elif d.zero > 0 and trial.suggest_categorical(f"{name}_zero", [False, True]):
+                const[name] = 0.0
+            else:
+                trial.suggest_float(name, *d.values, log=True)
+        return const

@@ -243,7 +243,7 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
     assert [r["trial_id"] for r in section["pareto"]] == [r["trial_id"] for r in front]
     assert {t["trial_id"] for t in trials if t["pareto"] == "True"} == {r["trial_id"] for r in front}
     assert (out / "plots" / "pareto.png").stat().st_size > 1000
-    assert section["pick"]["trial_id"] == min(expected, key=lambda r: r["model_bytes"])["trial_id"]
+    assert section["picked"]["trial_id"] == min(expected, key=lambda r: r["model_bytes"])["trial_id"]
     assert (out / "search" / "pick" / "trial_state.safetensors").is_file()
     json.dumps(section)  # report.json-ready
     md = "\n".join(render_search_md(section))
