@@ -32,6 +32,10 @@ Deployed size (:func:`deployed_bytes`), in bytes, of the model one would ship:
   bytes) of each gated matrix;
 * adapters: every task's full adapter (A_t = A_shared + dA[t], B_t likewise, the LQ
   low-rank part included) at its rank over the kept dimensions, 2 bytes per parameter.
+
+Every report also carries ``target_bytes`` (the same count with ``1 - target_sparsity`` of
+each gated matrix's rows and columns kept: where the gates are headed) and ``rung_bytes =
+min(model_bytes, target_bytes)``, the size the scheduler compares at its rungs.
 """
 
 from __future__ import annotations
