@@ -184,7 +184,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         timing["pesc_s"] = pesc["seconds"]
         timing["flock_s"] -= pesc["seconds"]
         save_state()
-    stage("search", spec.search.enabled, search, f"{spec.search.num_samples} Ray Tune trials over tune_spaces/{spec.search.space}")
+    n_trials = spec.search.num_samples * (_grid_size(spec.search.space) if spec.search.enabled else 1)
+    stage("search", spec.search.enabled, search, f"{n_trials} Ray Tune trials over tune_spaces/{spec.search.space}")
     what = "the picked search trial's" if spec.search.enabled and spec.search.pick else "the flock's"
     stage("recycle", spec.recycle.enabled, recycle, f"recycling {what} adapters into a principal subspace")
 
@@ -217,6 +218,12 @@ def _methods(spec: JobSpec):
     from orchestrator.flock_worker import methods_of
 
     return methods_of(spec)
+
+
+def _grid_size(space: str) -> int:
+    from tune_spaces.loader import load_space
+
+    return load_space(space).grid_size
 
 
 def _base_name(spec: JobSpec) -> str | None:

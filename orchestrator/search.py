@@ -115,6 +115,13 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def trial_job(spec: JobSpec) -> dict:
+    """The job as the trials re-validate it: without its search section (a space path may
+    not exist on workers) and without recycle (its checks may depend on ``search.pick``;
+    trials do not recycle)."""
+    return spec.model_dump(mode="json", exclude={"search", "recycle"})
+
+
 def _concurrency(search: SearchSpec) -> int:
     if search.max_concurrent_trials is not None:
         return search.max_concurrent_trials
@@ -168,8 +175,7 @@ def run_search(
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     threads = max(1, min(search.cpus_per_trial * concurrent, int(node_cpus)))
     payload_task = ray.remote(num_cpus=threads, num_gpus=0)(build_payload)
-    # The trials re-validate the job without its search section (a space path may not exist on workers).
-    job = spec.model_dump(mode="json", exclude={"search"})
+    job = trial_job(spec)
     payload = ray.get(payload_task.remote(
         job, names, [int(d.train_examples) for d in data],
         [np.ascontiguousarray(d.train_ids.numpy()) for d in data], [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],

@@ -112,6 +112,16 @@ def _gated(model):
     return [m for m in model.modules() if isinstance(m, GatedLinear)]
 
 
+def test_recycling_a_pick_needs_no_flock_and_the_trials_accept_such_a_job():
+    from orchestrator.search import trial_job
+
+    job = _spec().model_dump(mode="json") | {"flock": {"enabled": False}, "recycle": {"enabled": True}}
+    with pytest.raises(ValueError, match="set search.pick"):
+        JobSpec.model_validate(job)
+    spec = JobSpec.model_validate(job | {"search": {"enabled": True, "space": "demo", "pick": {"max_bytes": 10**9}}})
+    JobSpec.model_validate(trial_job(spec))  # what every trial re-validates
+
+
 def test_search_spec_validation():
     assert SearchSpec().space == "default" and not SearchSpec().enabled
     with pytest.raises(ValueError, match="exactly one of"):
