@@ -86,7 +86,7 @@ def render_search_md(section: dict) -> list[str]:
     if p:
         rule = ", ".join(f"{k} = {_fmt(v)}" for k, v in p["rule"].items() if k != "on_miss")
         verdict = "meets it" if p.get("met", True) else "the closest point: none of the front meets it"
-        lines += [f"**Picked for the recycle stage** ({rule}; {verdict}): trial {p['trial_id']}, "
+        lines += [f"**Picked point** (search.pick: {rule}; {verdict}; the recycle stage recycles it): trial {p['trial_id']}, "
                   f"{p.get('bits', 16)}-bit base, sparsity {_fmt(p.get('sparsity'))}, rank {p.get('rank')}, "
                   f"tau {_fmt(p.get('tau'))}: macro ppl {p['macro_ppl']:.3f}, {_mb(p['model_bytes'])} MB.", ""]
     lines += ["### All trials", "", *_table(trials, hparams), ""]
