@@ -69,9 +69,8 @@ def render_search_md(section: dict) -> list[str]:
         "## Compression search",
         "",
         f"{len(trials)} trials over `{Path(str(section.get('space', '?'))).name}` ({section.get('algorithm', 'random')} "
-        f"search, ASHA on macro perplexity, {section.get('steps', '?')} steps per trial): {done} finished, "
-        f"{stopped} stopped early (successive halving on both objectives: a trial stops only when trials at least as "
-        "small beat it). Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
+        f"search, {section.get('steps', '?')} steps per trial): {done} finished, {stopped} stopped early by "
+        "successive halving on both objectives (a trial stops only when trials at least as small beat it). Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
         "pruned rows/columns removed, every task's adapter). The front holds the finished trials that no "
         "other finished trial beats on both perplexity and size.",
         "",
