@@ -94,3 +94,22 @@ def test_spaces_survive_cloudpickle_for_tuner_restore():
     a = back["tau"].sample(size=50, random_state=np.random.default_rng(3))
     b = t["tau"].sample(size=50, random_state=np.random.default_rng(3))
     assert np.array_equal(a, b) and (a == 0).any() and (a > 0).any()
+
+
+def test_optuna_space_samples_every_dimension_and_refuses_grid():
+    optuna = pytest.importorskip("optuna")
+    from tune_spaces.loader import to_optuna
+
+    define = to_optuna(load_space("default"))  # tau: loguniform with a point mass at 0
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    taus = []
+    for _ in range(40):
+        trial = study.ask()
+        const = define(trial)
+        cfg = {**trial.params, **const}
+        assert cfg["rank"] in (4, 8, 16, 32) and cfg["bits"] in (2, 3, 4, 8, 16) and 0 <= cfg["target_sparsity"] <= 0.5
+        assert 1e-4 <= cfg["lr"] <= 3e-3
+        taus.append(cfg["tau"])
+    assert 0.0 in taus and any(10.0 <= t <= 1000.0 for t in taus)
+    with pytest.raises(SpaceError, match="Optuna cannot sample"):
+        to_optuna(load_space("demo"))  # bits x sparsity grid
