@@ -223,7 +223,7 @@ def _methods(spec: JobSpec):
 def _grid_size(space: str) -> int:
     from tune_spaces.loader import load_space
 
-    return load_space(space).grid_size
+    return load_space(space).grid_size()
 
 
 def _base_name(spec: JobSpec) -> str | None:
