@@ -153,3 +153,25 @@ def test_unreachable_cluster_fails_fast(tmp_path):
     r = _run(["run", str(TINY), "--out", str(tmp_path / "o"), "--address", "127.0.0.1:1"], timeout=120)
     assert r.returncode == 2 and "cannot reach a Ray cluster at 127.0.0.1:1" in r.stderr
     assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60
+
+
+def test_search_pick_feeds_the_recycle_stage_without_a_flock(tmp_path):
+    """search.pick with a budget nothing meets: the closest point is picked (and said so), and
+    recycle builds its subspace from that trial's adapters and adapts the new task on its base."""
+    job = yaml.safe_load(TINY.read_text())
+    job["flock"]["enabled"] = False
+    job["pesc"]["enabled"] = False
+    job["search"].update({"space": "demo", "num_samples": 1, "pick": {"max_bytes": 1}})
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(job))
+    out = tmp_path / "out"
+    r = _run(["run", str(spec), "--out", str(out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    picked = rep["search"]["picked"]
+    done = [t for t in rep["search"]["trials"] if t["status"] == "done"]
+    assert not picked["met"] and picked["model_bytes"] == min(t["model_bytes"] for t in done)
+    assert rep["recycle"]["source"] == "search.picked" and rep["recycle"]["picked"]["trial_id"] == picked["trial_id"]
+    assert sorted(rep["recycle"]["adapters"]) == ["email", "http", "json"] and "flock" not in rep
+    md = (out / "report.md").read_text()
+    assert f"trial {picked['trial_id']}" in md and "none of the front meets it" in md and "compressed base" in md
