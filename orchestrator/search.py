@@ -1,9 +1,9 @@
-"""The search stage on the driver: Ray Tune over a compression space, ASHA, Pareto front.
+"""The search stage on the driver: Ray Tune over a compression space, two-objective ASHA, Pareto front.
 
 ``run_search`` builds the shared payload once (token ids plus the frozen lower blocks'
 activations, computed by one Ray task and handed to every trial through
 ``tune.with_parameters``, i.e. one object-store copy), runs a ``ray.tune.Tuner`` over
-:func:`orchestrator.search_trial.search_trial` with ASHA on ``macro_ppl``, and writes
+:func:`orchestrator.search_trial.search_trial` with two-objective ASHA on (``macro_ppl``, size), and writes
 ``out/search/trials.csv`` (every trial) and ``out/search/pareto.csv`` (the non-dominated
 completed trials in (macro_ppl, model_bytes), both minimised). An interrupted search
 resumes with ``Tuner.restore`` from ``<storage>/search``: finished trials are kept, not

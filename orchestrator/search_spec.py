@@ -1,4 +1,4 @@
-"""The ``search:`` section of a job: Ray Tune over a compression space, ASHA, a Pareto pick.
+"""The ``search:`` section of a job: Ray Tune over a compression space, two-objective successive halving, a Pareto pick.
 
 Example (YAML, inside a job)::
 
@@ -7,7 +7,7 @@ Example (YAML, inside a job)::
       space: demo              # tune_spaces/demo.yaml, or a path to a space file
       num_samples: 8
       steps: 30                # per trial (default: train.steps)
-      eval_every: 10           # intermediate macro_ppl on a small eval subset (ASHA's signal)
+      eval_every: 10           # intermediate macro_ppl on a small eval subset (the scheduler's signal)
       grace_period: 10
       max_concurrent_trials: 2
       pick: {max_bytes: 200000000}
@@ -65,7 +65,7 @@ class SearchSpec(_Strict):
         space: a bundled space name (``default``, ``demo``, ``gpu``) or a YAML path.
         num_samples: samples drawn from the space (times the grid size if it has ``grid``).
         steps: training steps per trial; ``None`` = ``train.steps``.
-        eval_every: steps between intermediate reports (ASHA's rungs); <= steps.
+        eval_every: steps between intermediate reports (the scheduler sees them at its rungs); <= steps.
         eval_subset: eval sequences per task for intermediate reports (the final report
             uses the whole eval set).
         grace_period: steps every trial runs before the scheduler may stop it (the first rung).

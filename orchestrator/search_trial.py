@@ -17,7 +17,7 @@ quantizer, tau, lr) it
 Only the top blocks are touched, so the activations entering them, computed once from the
 unquantised lower blocks (the payload's ``train_prefix``/``eval_prefix``), stay exact for
 every trial. Every ``eval_every`` steps the trial reports ``macro_ppl`` on the first
-``eval_subset`` eval sequences of each task (ASHA's signal) with a checkpoint; the final
+``eval_subset`` eval sequences of each task (the scheduler's signal) with a checkpoint; the final
 report (``final: True``) is on the whole eval set.
 
 Deployed size (:func:`deployed_bytes`), in bytes, of the model one would ship:
