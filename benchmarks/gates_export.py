@@ -175,6 +175,9 @@ def main() -> None:
 
     results = {}
     models = {}
+    probe = make_model(args, base_state, top, False, train_ids[:0])  # B = 0: the base itself
+    results["base"] = {"eval_ppl": math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])}
+    del probe
     for arm in ("lora", "gated"):
         model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
         secs = train(model, args, train_ids, gated=arm == "gated")
@@ -207,6 +210,7 @@ def main() -> None:
         "compared": "LoRA+FineGates exported (pruned, merged) vs LoRA-only on the same base, steps, batches",
         "base": "tiny-random-llama" if args.tiny else args.base,
         "removed_fraction": round(report["removed_fraction"], 4),
+        "ppl_base": round(results["base"]["eval_ppl"], 4),
         "ppl_lora": round(results["lora"]["eval_ppl"], 4),
         "ppl_gated": round(results["gated"]["eval_ppl"], 4),
         "ppl_exported": round(math.exp(exp_nll), 4),

@@ -172,44 +172,79 @@ def _set_theta(layer: GatedLinear, side: str, value: torch.Tensor) -> None:
 def _weight(inner: nn.Module) -> torch.Tensor:
     """The frozen base weight in nn.Linear layout (out, in)."""
     base = inner.base_layer if isinstance(inner, MultiTaskLoraLinear) else inner
+    if hasattr(base, "dequantized_weight"):  # a quantised base (models.lq.QuantizedLinear)
+        return base.dequantized_weight()
     return base.weight if isinstance(base, nn.Linear) else base.weight.T
 
 
-@torch.no_grad()
-def importance_scores(model: nn.Module, forward: Callable[[], None]) -> dict[str, dict[str, torch.Tensor]]:
+def importance_scores(
+    model: nn.Module, forward: Callable[[], torch.Tensor | None], kind: str = "magnitude"
+) -> dict[str, dict[str, torch.Tensor]]:
     """Importance of every gate entry from the activations of ``forward()``.
 
     Args:
-        model: a model with gates (any gate values: the inputs are read before the column
-            gates and the outputs' energy after the row gates, so open gates are best).
-        forward: runs the model on a few calibration batches (its outputs are ignored).
+        model: a model with gates (open gates are best: inputs are read before the column
+            gates, outputs after the row gates).
+        forward: runs the model on a few calibration batches; for ``kind="taylor"`` it
+            returns their (scalar) loss, which is back-propagated.
+        kind: ``magnitude``: columns ``rms(x_j) * ||W[:, j]||`` (activation-weighted weight
+            norm), rows ``rms(y_i)``; ``taylor``: the first-order loss change of closing the
+            gate, ``mean over sequences of |sum_t x_tj dL/dx_tj|`` (rows: the same on y).
 
     Returns:
-        ``{layer name: {"rows": (out,), "cols": (in,)}}`` (sides that are gated only):
-        columns ``rms(x_j) * ||W[:, j]||``, rows ``rms(y_i)``.
+        ``{layer name: {"rows": (out,), "cols": (in,)}}`` for the sides that are gated.
     """
+    if kind not in ("magnitude", "taylor"):
+        raise GateConfigError(f"importance kind {kind!r} is unknown: use magnitude or taylor")
     layers = gate_layers(model)
-    sq_in: dict[str, torch.Tensor] = {}
-    sq_out: dict[str, torch.Tensor] = {}
+    acc: dict[tuple[str, str], torch.Tensor] = {}
     count: dict[str, int] = {}
+    leaves: list[tuple[str, str, torch.Tensor]] = []
+    taylor = kind == "taylor"
+
+    def add(key: tuple[str, str], v: torch.Tensor) -> None:
+        acc[key] = acc[key] + v if key in acc else v
+
     hooks = []
     for name, layer in layers.items():
         def pre(mod, args, name=name):
-            x = args[0].detach().float()
-            sq_in[name] = sq_in.get(name, 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-            count[name] = count.get(name, 0) + x.numel() // x.shape[-1]
+            x = args[0]
+            count[name] = count.get(name, 0) + (x.shape[0] if taylor else x.numel() // x.shape[-1])
+            if taylor:  # a leaf per layer: its .grad is dL/dx (the graph upstream is not needed)
+                x = x.detach().requires_grad_(True)
+                leaves.append((name, "cols", x))
+                return (x, *args[1:])
+            add((name, "cols"), x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0))
+            return None
 
         def post(mod, args, y, name=name):
-            y = y.detach().float()
-            sq_out[name] = sq_out.get(name, 0) + y.pow(2).reshape(-1, y.shape[-1]).sum(0)
+            if taylor:
+                if y.requires_grad:  # keep the graph to this layer's input leaf
+                    y.retain_grad()
+                    leaves.append((name, "rows", y))
+                    return None
+                y = y.detach().requires_grad_(True)
+                leaves.append((name, "rows", y))
+                return y
+            add((name, "rows"), y.detach().float().pow(2).reshape(-1, y.shape[-1]).sum(0))
+            return None
 
         hooks += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
+    was = model.training
     try:
-        was = model.training
         model.eval()
-        forward()
-        model.train(was)
+        with torch.enable_grad() if taylor else torch.no_grad():
+            loss = forward()
+            if taylor:
+                if loss is None or not torch.is_tensor(loss):
+                    raise GateConfigError("taylor importance needs forward() to return the calibration loss")
+                loss.backward()
+                for name, side, v in leaves:
+                    g = v.grad if v.grad is not None else torch.zeros_like(v)
+                    prod = (v.detach().float() * g.float()).reshape(v.shape[0], -1, v.shape[-1])  # (N, T, dim)
+                    add((name, side), prod.sum(1).abs().sum(0))
     finally:
+        model.train(was)
         for h in hooks:
             h.remove()
     if not count:
@@ -219,10 +254,11 @@ def importance_scores(model: nn.Module, forward: Callable[[], None]) -> dict[str
         n = max(count.get(name, 0), 1)
         sides = {}
         if layer.theta_cols is not None:
-            rms_in = (sq_in[name] / n).sqrt()
-            sides["cols"] = rms_in * _weight(layer.inner).float().norm(dim=0)
+            v = acc[(name, "cols")] / n
+            sides["cols"] = v if taylor else v.sqrt() * _weight(layer.inner).float().norm(dim=0)
         if layer.theta_rows is not None:
-            sides["rows"] = (sq_out[name] / n).sqrt()
+            v = acc[(name, "rows")] / n
+            sides["rows"] = v if taylor else v.sqrt()
         out[name] = sides
     return out
 

@@ -114,3 +114,23 @@ def test_importance_is_activation_weighted_weight_norm_and_orders_the_init() -> 
     assert torch.equal(torch.argsort(th), torch.argsort(scores["0"]["cols"]))
     rows, cols = layer.eval_gates()  # init_low >= 0.55: the model starts exactly ungated
     assert bool((rows == 1).all() and (cols == 1).all()) and math.isclose(float(torch.tanh(torch.tensor(0.6))) + 0.5, 1.037, abs_tol=1e-3)
+
+
+def test_taylor_importance_is_the_first_order_loss_change_of_closing_a_gate() -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 5)
+    model = nn.Sequential(GatedLinear(lin, 6, 5))
+    x = torch.randn(3, 7, 6)
+    target = torch.randn(3, 7, 5)
+    scores = importance_scores(model, lambda: (model(x) - target).pow(2).sum(), kind="taylor")
+    xr = x.clone().requires_grad_(True)
+    y = lin(xr)
+    y.retain_grad()
+    (y - target).pow(2).sum().backward()
+    expect_cols = (xr * xr.grad).sum(1).abs().mean(0)  # (in,): |d loss / d g_c| at g = 1, per sequence
+    expect_rows = (y * y.grad).sum(1).abs().mean(0)
+    assert torch.allclose(scores["0"]["cols"], expect_cols.detach(), rtol=1e-5)
+    assert torch.allclose(scores["0"]["rows"], expect_rows.detach(), rtol=1e-5)
+    assert all(p.grad is None for p in lin.parameters() if not p.requires_grad)
+    with pytest.raises(GateConfigError, match="taylor importance needs"):
+        importance_scores(model, lambda: None, kind="taylor")
