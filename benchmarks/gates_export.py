@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
 from models.gate_export import export_pruned, strip_adapters  # noqa: E402
-from models.gate_schedule import GateController, GateSchedule, importance_scores, init_from_importance  # noqa: E402
+from models.gate_schedule import GateController, GateSchedule, clear_hard, harden, importance_scores, init_from_importance  # noqa: E402
 from models.gates import gate_params, inject_gates, sparsity_report  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, task_ids  # noqa: E402
 from models.train import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
@@ -76,13 +76,16 @@ def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool,
         # One gate per MLP intermediate channel (the input columns of down_proj) in every block:
         # exactly the dimension the export removes.
         inject_gates(model, ["down_proj"], gate_rows=False, sigma=args.sigma)
-        if args.init == "importance":
-            def forward() -> None:
-                with torch.no_grad():
-                    for i in range(0, len(calib), 8):
-                        rows = calib[i : i + 8]
-                        row_nll(model, Batch(rows, torch.zeros(len(rows), dtype=torch.long), torch.ones(len(rows))))
-            init_from_importance(model, importance_scores(model, forward), args.init_low, args.init_high)
+        if args.init in ("importance", "taylor") and len(calib):
+            def forward() -> torch.Tensor:
+                total = torch.zeros(())
+                for i in range(0, len(calib), 8):
+                    rows = calib[i : i + 8]
+                    total = total + row_nll(model, Batch(rows, torch.zeros(len(rows), dtype=torch.long), torch.ones(len(rows)))).mean()
+                return total
+
+            kind = "taylor" if args.init == "taylor" else "magnitude"
+            init_from_importance(model, importance_scores(model, forward, kind), args.init_low, args.init_high)
     return model
 
 
@@ -140,12 +143,13 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.1, help="training noise at step 1 (annealed to 0)")
     ap.add_argument("--warmup", type=float, default=0.2, help="penalty warm-up, fraction of steps")
     ap.add_argument("--harden-at", type=float, default=0.7, help="binary gates after this fraction of steps")
-    ap.add_argument("--init", choices=["importance", "constant"], default="importance")
+    ap.add_argument("--init", choices=["importance", "taylor", "constant"], default="taylor")
     ap.add_argument("--init-low", type=float, default=0.6)
     ap.add_argument("--init-high", type=float, default=8.0)
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for the importance init")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--gate-lr", type=float, default=None, help="default: GateSchedule.auto_gate_lr()")
+    ap.add_argument("--compare-init", action="store_true", help="also measure one-shot pruning by each importance")
     ap.add_argument("--lat-batch", type=int, default=4)
     ap.add_argument("--lat-seq", type=int, default=128)
     ap.add_argument("--eval", type=int, default=32, help="eval sequences")
@@ -178,6 +182,24 @@ def main() -> None:
     probe = make_model(args, base_state, top, False, train_ids[:0])  # B = 0: the base itself
     results["base"] = {"eval_ppl": math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])}
     del probe
+    oneshot = {}
+    if args.compare_init:  # no training: prune the target fraction by each importance, measure
+        calib = train_ids[: args.calib]
+        probe = make_model(args, base_state, top, True, calib[:0])
+        for kind in ("magnitude", "taylor"):
+            def forward() -> torch.Tensor:
+                return sum(row_nll(probe, Batch(calib[i : i + 8], torch.zeros(len(calib[i : i + 8]), dtype=torch.long),
+                                                torch.ones(len(calib[i : i + 8])))).mean() for i in range(0, len(calib), 8))
+            with torch.no_grad():  # all gates open again before scoring
+                for p in gate_params(probe):
+                    p.fill_(1.0)
+            init_from_importance(probe, importance_scores(probe, forward, kind))
+            harden(probe, args.target)
+            oneshot[kind] = math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])
+            clear_hard(probe)
+            print(f"[{time.perf_counter() - t_start:.0f}s] one-shot {kind} pruning, no training: ppl {oneshot[kind]:.2f}",
+                  file=sys.stderr, flush=True)
+        del probe
     for arm in ("lora", "gated"):
         model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
         secs = train(model, args, train_ids, gated=arm == "gated")
@@ -211,6 +233,7 @@ def main() -> None:
         "base": "tiny-random-llama" if args.tiny else args.base,
         "removed_fraction": round(report["removed_fraction"], 4),
         "ppl_base": round(results["base"]["eval_ppl"], 4),
+        "ppl_oneshot_pruned_untrained": {k: round(v, 3) for k, v in oneshot.items()},
         "ppl_lora": round(results["lora"]["eval_ppl"], 4),
         "ppl_gated": round(results["gated"]["eval_ppl"], 4),
         "ppl_exported": round(math.exp(exp_nll), 4),
@@ -220,7 +243,7 @@ def main() -> None:
         "speedup_last_token_logits": round(prefill["original"] / prefill["exported"], 3),
         "latency_s": {"full_logits": full, "last_token_logits": prefill},
         "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
-        "train_s": {k: v["train_s"] for k, v in results.items()},
+        "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},
         "settings": {k: v for k, v in vars(args).items()} | {"lora_blocks": top, "threads": torch.get_num_threads(),
                                                             "latency_batch": list(lat_ids.shape)},
         "total_s": round(time.perf_counter() - t_start, 1),

@@ -274,21 +274,21 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
     from models.train import Batch, row_nll
 
     g, bs = spec.gates, spec.train.batch_size
-    if g.init == "importance":
-        def forward() -> None:
-            left = g.calibration_batches
+    if g.init in ("importance", "taylor"):
+        def forward() -> torch.Tensor:
+            left, total = g.calibration_batches, torch.zeros(())
             for s, ids in data.train.items():
                 for i in range(0, len(ids), bs):
                     if left == 0:
-                        return
+                        return total
                     rows = ids[i : i + bs]
                     pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
                     tid = torch.full((len(rows),), s, dtype=torch.long, device=rows.device)
-                    with torch.no_grad():
-                        row_nll(model, Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split))
+                    total = total + row_nll(model, Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split)).mean()
                     left -= 1
+            return total
 
-        scores = importance_scores(model, forward)
+        scores = importance_scores(model, forward, "taylor" if g.init == "taylor" else "magnitude")
         if world > 1 and dist.is_available() and dist.is_initialized() and g.scope == "shared":
             for sides in scores.values():
                 for t in sides.values():

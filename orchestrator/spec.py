@@ -348,7 +348,9 @@ class GatesSpec(_Strict):
         allocation: ``layer`` (the same closed fraction in every gated layer: the exported
             blocks keep one width) or ``global``.
         init: ``importance`` (theta from activation-weighted weight norms on
-            ``calibration_batches`` training batches) or ``constant`` (theta ~ N(1, 0.1)).
+            ``calibration_batches`` training batches), ``taylor`` (from the first-order loss
+            change of closing each gate, one backward pass per batch) or ``constant``
+            (theta ~ N(1, 0.1)).
         export: write ``export/`` at the end.
     """
 
@@ -367,7 +369,7 @@ class GatesSpec(_Strict):
     sigma_final: float = Field(0.0, ge=0)
     harden_at: float = Field(0.75, gt=0, le=1)
     allocation: Literal["layer", "global"] = "layer"
-    init: Literal["importance", "constant"] = "importance"
+    init: Literal["importance", "taylor", "constant"] = "importance"
     calibration_batches: int = Field(4, ge=1)
     export: bool = True
 

@@ -29,8 +29,8 @@ def test_penalty_warms_up_linearly_and_stops_once_hard() -> None:
     assert GateSchedule(10, 0.3, warmup=0.0).lam_at(1) == 50.0  # no warm-up: full from step 1
     never = GateSchedule(10, 0.3, harden_at=1.0)
     assert never.harden_step is None and never.lam_at(10) == 50.0
-    # auto step size: the target quantile (theta 0.6 + 7.4 * 0.3) reaches -0.55 by step 75, +25%
-    assert s.auto_gate_lr() == pytest.approx(1.25 * (0.6 + 7.4 * 0.3 + 0.55) / 75)
+    # auto step size: the target quantile (theta 0.6 + 7.4 * 0.3) reaches -0.55 by step 75, x2
+    assert s.auto_gate_lr() == pytest.approx(2.0 * (0.6 + 7.4 * 0.3 + 0.55) / 75)
     with pytest.raises(GateConfigError, match="target_sparsity"):
         GateSchedule(10, 1.0)
     with pytest.raises(GateConfigError, match="allocation"):
