@@ -1,18 +1,25 @@
 """FineGates end to end: train gates + LoRA, export the pruned model, measure what it costs.
 
-Run (real demo base, ~5 min on a shared 2-core CPU):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --steps 40
+Run (real demo base; ~10 min on an idle 2-core CPU, under the benchmark lock):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py --steps 120 --batch 4 --seq 64 \
+        --lr 2e-3 --harden-at 0.6 --compare-init
 Quick check on a tiny random model (byte tokens):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --tiny --steps 20
 
 Compares, with the same seed, LoRA init and batches:
-  * ``lora``:  base + LoRA on the top layers, trained ``--steps`` steps;
-  * ``gated``: the same + FineGates on the MLP intermediate channels of every block
-    (rows of gate_proj/up_proj, columns of down_proj) with the sparsity penalty,
-    then exported (gates folded, closed channels removed, adapter merged).
+  * ``lora``:  base + LoRA (all 7 projections of every block unless ``--lora-top``), trained
+    ``--steps`` steps;
+  * ``gated``: the same + one FineGate per MLP intermediate channel (the input columns of
+    down_proj) in every block, trained on ``models.gate_schedule``'s schedule (importance
+    init, penalty warm-up, noise annealing, binary gates with exactly ``--target`` closed per
+    layer after ``--harden-at`` of the steps), then exported (gates folded, closed channels
+    removed, adapter merged).
 Prints ONE JSON object: removed_fraction (gated base weights removed), ppl_increase_rel
 (gated eval ppl / lora eval ppl - 1), speedup (forward latency of the original model over the
-exported one, same inputs, timed alternately), exactness of the export and the settings.
+exported one, full logits, same inputs, timed alternately), speedup_last_token_logits (the
+same with ``logits_to_keep=1``, the prefill of generation), ppl of the untuned base, with
+``--compare-init`` the ppl of one-shot pruning (no training) by each importance score,
+exactness of the export, the settings and the load average.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ quantizer, tau, lr) it
    (``models.gates``, shared scope: one pruned base serves every task) trained with
    ``gate_lambda * (mean P_open - (1 - target))^2`` on the schedule of
    ``models.gate_schedule`` (importance init from a few training batches, penalty warm-up,
-   noise annealing, binary gates with exactly ``target`` closed after 3/4 of the steps);
+   noise annealing, binary gates with exactly ``target`` closed after 3/4 of the steps; the
+   gate step size is at least ``GateSchedule.auto_gate_lr()``);
 3. trains with :func:`orchestrator.flock_loop.train_method` (the one training loop; the
    hierarchical prior at the trial's tau, or independent adapters at tau = 0).
 
@@ -272,9 +273,13 @@ def search_trial(config: dict, payload: dict) -> None:
     t0 = time.perf_counter()
     names, sizes = payload["names"], payload["sizes"]
     device = "cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu"
-    model, info = build_trial_model(
-        spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, fixed.get("gate_lr")
-    )
+    steps, target = int(fixed["steps"]), float(config.get("target_sparsity", 0.0))
+    gate_lr = fixed.get("gate_lr")
+    if target > 0:  # at least fast enough to close the target by the hardening step
+        from models.gate_schedule import GateSchedule
+
+        gate_lr = max(float(gate_lr or 0.0), GateSchedule(steps, target).auto_gate_lr())
+    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, gate_lr)
     tau = float(config.get("tau", spec.flock.tau if spec.flock.tau != "infer" else 100.0))
     kind = "independent" if tau == 0 else "hierarchical"
     set_trainable(model, shared=kind == "hierarchical", task=True)
