@@ -58,6 +58,10 @@ def test_gates_need_the_flock_and_gateable_targets() -> None:
     d["flock"]["enabled"] = False
     with pytest.raises(SpecError, match="gates train in the flock stage"):
         parse_job(d)
+    d = _job()
+    d["base"]["bits"] = 4
+    with pytest.raises(SpecError, match="gates on a quantised base"):
+        parse_job(d)
     from orchestrator.preflight import preflight
 
     with pytest.raises(SpecError, match="gates: gate target_modules \\['nope'\\] match no layer"):
