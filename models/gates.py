@@ -49,6 +49,7 @@ __all__ = [
     "inject_gates",
     "gate_layers",
     "gate_params",
+    "remove_gates",
     "open_probabilities",
     "sparsity_penalty",
     "sparsity_report",
@@ -278,6 +279,19 @@ def inject_gates(
 def gate_layers(model: nn.Module) -> dict[str, GatedLinear]:
     """Name -> gated layer for every :class:`GatedLinear`, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, GatedLinear)}
+
+
+def remove_gates(model: nn.Module) -> list[str]:
+    """Replace every :class:`GatedLinear` by the module it wraps (the ungated model), in place.
+
+    For a stage that must not be gated (e.g. PESC after a gated flock). Returns the names.
+    """
+    names = list(gate_layers(model))
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, getattr(parent, leaf).inner)
+    return names
 
 
 def gate_params(model: nn.Module) -> list[nn.Parameter]:

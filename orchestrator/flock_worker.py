@@ -243,9 +243,10 @@ def flock_worker(config: dict) -> None:
 
     if spec.pesc.enabled and "pesc" not in results:
         if gates is not None:
-            from models.gate_schedule import open_all
+            from models.gates import remove_gates
 
-            open_all(model)  # PESC is not gated
+            remove_gates(model)  # PESC is not gated: the plain base (+ LoRA) again
+            init_state = {k.replace(".inner.", "."): v for k, v in init_state.items() if ".theta_" not in k}
         results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, say, device)
         if rank == 0:
             save_moe(model, kept / "pesc" / "moe")

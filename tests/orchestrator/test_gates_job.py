@@ -136,3 +136,35 @@ def test_task_scope_export_gives_each_task_its_own_pruned_model(tmp_path) -> Non
             assert torch.allclose(pruned(input_ids=ids).logits, ref, atol=1e-5)
         closed.append(torch.nonzero(model.model.layers[0].mlp.down_proj.hard_cols[slot] == 0).flatten().tolist())
     assert closed[0] != closed[1]  # the two tasks really pruned different channels
+
+
+def test_export_of_top_blocks_only_keeps_per_block_widths(tmp_path) -> None:
+    """Gates on the top block only: widths differ per block; load_pruned rebuilds them exactly."""
+    from peft import PeftModel
+
+    from models.base import load_base
+    from models.gate_export import load_pruned
+    from models.gate_schedule import harden
+    from models.gates import gate_params, inject_gates
+    from models.lora import adapter_params, inject, task_ids
+    from orchestrator.flock_worker import export_gated
+
+    spec = parse_job(yaml.safe_load(JOB.read_text()))
+    model = load_base(random_init=spec.base.random_init, seed=0)
+    inject(model, ["v_proj", "down_proj"], num_tasks=1, rank=4, alpha=8.0)
+    inject_gates(model, ["down_proj"], layers=[1], gate_rows=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapter_params(model) + gate_params(model):
+            p.copy_(torch.randn(p.shape, generator=g))
+    harden(model, 0.5)
+    ids = torch.randint(0, 257, (2, 16), generator=g)
+    with torch.no_grad(), task_ids(model, 0):
+        ref = model.eval()(input_ids=ids).logits
+    export_gated(model, tmp_path, ["a"], [0], 0, "shared")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["intermediate_size"] == 128
+    plain = load_pruned(tmp_path / "model")
+    assert plain.model.layers[0].mlp.down_proj.in_features == 128 and plain.model.layers[1].mlp.down_proj.in_features == 64
+    with torch.no_grad():
+        out = PeftModel.from_pretrained(plain, tmp_path / "adapters" / "a").eval()(input_ids=ids).logits
+    assert torch.allclose(out, ref, atol=1e-5)
