@@ -93,6 +93,7 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
     assert g["removed_fraction"] == pytest.approx(0.25) and set(g["methods"]) == {"hierarchical", "unified"}
     assert all(v == pytest.approx(0.25) for v in g["methods"].values()) and set(g["tasks"]) == {"json", "http"}
     assert [row["cols_kept"] for row in g["layers"].values()] == [96, 96]
+    assert rep["pesc"]["macro_ppl"] > 1  # PESC ran after the gated flock, on the ungated model
     md = (out / "report.md").read_text()
     assert "### FineGates" in md and "| model.layers.1.mlp.down_proj | 64 | 96 | 25.0% |" in md
     # the export: a plain LlamaForCausalLM at intermediate 96 (+ PEFT adapters) gives the reported eval loss
