@@ -29,6 +29,10 @@ mean runs over every gate entry of every gated layer (rows and columns, all task
 entry counted once). FineGates uses ``|mean - keep|`` per layer and side; the squared
 global form is smooth at the target and lets layers differ in sparsity.
 
+How the gates are trained (importance init, penalty warm-up, noise annealing, hardening
+to a binary mask) is ``models.gate_schedule``; once hardened (``hard_rows``/``hard_cols``
+set) a layer uses that fixed 0/1 mask in training and eval alike.
+
 Inject LoRA first (``models.lora.inject``), then gates: gates wrap the LoRA layers.
 Model code only: no Ray here.
 """
