@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.1, help="training noise at step 1 (annealed to 0)")
     ap.add_argument("--warmup", type=float, default=0.2, help="penalty warm-up, fraction of steps")
     ap.add_argument("--harden-at", type=float, default=0.7, help="binary gates after this fraction of steps")
-    ap.add_argument("--init", choices=["importance", "taylor", "constant"], default="taylor")
+    ap.add_argument("--init", choices=["importance", "taylor", "constant"], default="importance")
     ap.add_argument("--init-low", type=float, default=0.6)
     ap.add_argument("--init-high", type=float, default=8.0)
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for the importance init")
