@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from models.gates import GateConfigError, GatedLinear, gate_layers, sparsity_penalty
 from models.lora import MultiTaskLoraLinear
 
-__all__ = ["GateSchedule", "GateController", "importance_scores", "init_from_importance", "harden", "clear_hard", "open_all"]
+__all__ = ["GateSchedule", "GateController", "importance_scores", "init_from_importance", "harden", "pin_theta", "clear_hard", "open_all"]
 
 _THETA_CLOSED = -3.0  # tanh(-3) + 0.5 < 0: closed with a wide margin
 
@@ -147,6 +147,8 @@ class GateController:
         if hs is not None and step > hs and self.hardened_at is None:
             harden(self.model, s.target, s.allocation)
             self.hardened_at = step
+        elif self.hardened_at is not None:
+            pin_theta(self.model)  # undo the last step's momentum drift of theta
 
     def penalty(self) -> torch.Tensor:
         """``lam_now * (mean P - (1 - target))^2`` (a zero tensor when off)."""
@@ -159,6 +161,8 @@ class GateController:
         if self.schedule.harden_step is not None and self.hardened_at is None:
             harden(self.model, self.schedule.target, self.schedule.allocation)
             self.hardened_at = self.schedule.steps
+        elif self.hardened_at is not None:
+            pin_theta(self.model)
 
 
 def _set_theta(layer: GatedLinear, side: str, value: torch.Tensor) -> None:
@@ -323,12 +327,26 @@ def harden(model: nn.Module, target: float, allocation: str = "layer") -> dict:
                 off += d
         for n, l in group.items():
             setattr(l, f"hard_{side}", masks[n])
-            # theta follows the mask so that open probabilities and eval gates agree with it
-            th = getattr(l, f"theta_{side}").detach()
-            _set_theta(l, side, torch.where(masks[n] > 0, th.clamp(min=0.6), torch.full_like(th, _THETA_CLOSED)))
             closed += int((masks[n] == 0).sum())
             total += masks[n].numel()
+    pin_theta(model)
     return {"closed": closed, "total": total}
+
+
+@torch.no_grad()
+def pin_theta(model: nn.Module) -> None:
+    """Make theta of hard gates say the same as the mask (closed -3, open >= 0.6: ``z = 1``).
+
+    After hardening the optimizer's momentum still moves theta a little; pinning it every
+    step keeps saved states (which hold theta, not the mask) rebuilding the exact mask.
+    """
+    for l in gate_layers(model).values():
+        for side in ("rows", "cols"):
+            mask = getattr(l, f"hard_{side}")
+            if mask is None or getattr(l, f"theta_{side}") is None:
+                continue
+            th = getattr(l, f"theta_{side}").detach()
+            _set_theta(l, side, torch.where(mask > 0, th.clamp(min=0.6), torch.full_like(th, _THETA_CLOSED)))
 
 
 def clear_hard(model: nn.Module) -> None:

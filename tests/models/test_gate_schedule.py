@@ -70,6 +70,12 @@ def test_controller_applies_the_schedule_then_hardens_to_exactly_the_target() ->
         _, cols = layer.eval_gates()
         assert int((cols == 0).sum()) == 12 and int((cols == 1).sum()) == 28
     assert sparsity_report(model)["removed_fraction"] == pytest.approx(12 / 40)
+    ctrl.finish()  # theta is pinned to the mask: a model rebuilt from theta alone has the same gates
+    for layer in gate_layers(model).values():
+        mask = layer.hard_cols.clone()
+        layer.hard_cols = None
+        assert torch.equal(layer.eval_gates()[1], mask)
+        layer.hard_cols = mask
     # hard gates ignore the noise: training-mode forward is deterministic
     model.train()
     with torch.no_grad():
