@@ -1,18 +1,25 @@
 """FineGates end to end: train gates + LoRA, export the pruned model, measure what it costs.
 
-Run (real demo base, ~5 min on a shared 2-core CPU):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --steps 40
+Run (real demo base; ~10 min on an idle 2-core CPU, under the benchmark lock):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py --steps 120 --batch 4 --seq 64 \
+        --lr 2e-3 --harden-at 0.6 --compare-init
 Quick check on a tiny random model (byte tokens):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --tiny --steps 20
 
 Compares, with the same seed, LoRA init and batches:
-  * ``lora``:  base + LoRA on the top layers, trained ``--steps`` steps;
-  * ``gated``: the same + FineGates on the MLP intermediate channels of every block
-    (rows of gate_proj/up_proj, columns of down_proj) with the sparsity penalty,
-    then exported (gates folded, closed channels removed, adapter merged).
+  * ``lora``:  base + LoRA (all 7 projections of every block unless ``--lora-top``), trained
+    ``--steps`` steps;
+  * ``gated``: the same + one FineGate per MLP intermediate channel (the input columns of
+    down_proj) in every block, trained on ``models.gate_schedule``'s schedule (importance
+    init, penalty warm-up, noise annealing, binary gates with exactly ``--target`` closed per
+    layer after ``--harden-at`` of the steps), then exported (gates folded, closed channels
+    removed, adapter merged).
 Prints ONE JSON object: removed_fraction (gated base weights removed), ppl_increase_rel
 (gated eval ppl / lora eval ppl - 1), speedup (forward latency of the original model over the
-exported one, same inputs, timed alternately), exactness of the export and the settings.
+exported one, full logits, same inputs, timed alternately), speedup_last_token_logits (the
+same with ``logits_to_keep=1``, the prefill of generation), ppl of the untuned base, with
+``--compare-init`` the ppl of one-shot pruning (no training) by each importance score,
+exactness of the export, the settings and the load average.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import sysconfig
@@ -32,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
 from models.gate_export import export_pruned, strip_adapters  # noqa: E402
-from models.gates import gate_params, inject_gates, sparsity_penalty, sparsity_report  # noqa: E402
+from models.gate_schedule import GateController, GateSchedule, clear_hard, harden, importance_scores, init_from_importance  # noqa: E402
+from models.gates import gate_params, inject_gates, sparsity_report  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, task_ids  # noqa: E402
-from models.train import Batch, evaluate, seed_everything, train_step  # noqa: E402
+from models.train import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
@@ -58,7 +67,12 @@ def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int) -> tuple[torch.Ten
     return torch.tensor(train), torch.tensor(held)
 
 
-def make_model(args, base_state, lora_layers_idx: list[int], gated: bool) -> torch.nn.Module:
+def schedule(args) -> GateSchedule:
+    return GateSchedule(args.steps, args.target, args.lam, args.warmup, args.sigma, 0.0, args.harden_at,
+                        "layer", args.init_low, args.init_high)
+
+
+def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool, calib: torch.Tensor) -> torch.nn.Module:
     model = load_base(random_init=TINY) if args.tiny else load_base(args.base)
     if base_state is not None:
         model.load_state_dict(base_state)
@@ -66,25 +80,45 @@ def make_model(args, base_state, lora_layers_idx: list[int], gated: bool) -> tor
     inject(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            num_tasks=1, rank=args.rank, alpha=2.0 * args.rank, layers=lora_layers_idx)
     if gated:
-        torch.manual_seed(args.seed + 1)
-        inject_gates(model, ["gate_proj", "up_proj"], gate_cols=False, sigma=args.sigma)
+        # One gate per MLP intermediate channel (the input columns of down_proj) in every block:
+        # exactly the dimension the export removes.
         inject_gates(model, ["down_proj"], gate_rows=False, sigma=args.sigma)
+        if args.init in ("importance", "taylor") and len(calib):
+            def forward() -> torch.Tensor:
+                total = torch.zeros(())
+                for i in range(0, len(calib), 8):
+                    rows = calib[i : i + 8]
+                    total = total + row_nll(model, Batch(rows, torch.zeros(len(rows), dtype=torch.long), torch.ones(len(rows)))).mean()
+                return total
+
+            kind = "taylor" if args.init == "taylor" else "magnitude"
+            init_from_importance(model, importance_scores(model, forward, kind), args.init_low, args.init_high)
     return model
 
 
 def train(model, args, train_ids: torch.Tensor, gated: bool) -> float:
     groups = [{"params": adapter_params(model), "lr": args.lr}]
+    ctrl = None
     if gated:
+        sched = schedule(args)
+        args.gate_lr = args.gate_lr or round(sched.auto_gate_lr(), 4)
         groups.append({"params": gate_params(model), "lr": args.gate_lr})
+        ctrl = GateController(model, sched)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    extra = (lambda: sparsity_penalty(model, args.target, args.lam)) if gated else None
     rng = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for step in range(1, args.steps + 1):
+        if ctrl is not None:
+            ctrl.on_step(step)
         rows = torch.randint(0, len(train_ids), (args.batch,), generator=rng)
         b = Batch(train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch))
-        train_step(model, b, opt, params, extra_loss=extra)
+        res = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None)
+        if step % 10 == 0 or step == args.steps:
+            extra = f" removed {sparsity_report(model)['removed_fraction']:.3f}" if ctrl else ""
+            print(f"  step {step} nll {res.nll:.3f}{extra} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    if ctrl is not None:
+        ctrl.finish()
     return time.perf_counter() - t0
 
 
@@ -110,19 +144,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lora-top", type=int, default=4, help="LoRA on the top N blocks")
-    ap.add_argument("--target", type=float, default=0.3,
-                    help="target sparsity of sparsity_penalty (gate level; a channel has 3 gates and "
-                         "dies when any closes, so channel removal differs)")
+    ap.add_argument("--lora-top", type=int, default=0, help="LoRA on the top N blocks (0 = every block)")
+    ap.add_argument("--target", type=float, default=0.3, help="fraction of MLP channels removed (one gate each)")
     ap.add_argument("--lam", type=float, default=50.0)
-    ap.add_argument("--sigma", type=float, default=0.1)
+    ap.add_argument("--sigma", type=float, default=0.1, help="training noise at step 1 (annealed to 0)")
+    ap.add_argument("--warmup", type=float, default=0.2, help="penalty warm-up, fraction of steps")
+    ap.add_argument("--harden-at", type=float, default=0.7, help="binary gates after this fraction of steps")
+    ap.add_argument("--init", choices=["importance", "taylor", "constant"], default="importance")
+    ap.add_argument("--init-low", type=float, default=0.6)
+    ap.add_argument("--init-high", type=float, default=8.0)
+    ap.add_argument("--calib", type=int, default=16, help="calibration sequences for the importance init")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--gate-lr", type=float, default=0.2)
+    ap.add_argument("--gate-lr", type=float, default=None, help="default: GateSchedule.auto_gate_lr()")
+    ap.add_argument("--compare-init", action="store_true", help="also measure one-shot pruning by each importance")
+    ap.add_argument("--lat-batch", type=int, default=4)
+    ap.add_argument("--lat-seq", type=int, default=128)
     ap.add_argument("--eval", type=int, default=32, help="eval sequences")
     ap.add_argument("--reps", type=int, default=10, help="latency repetitions")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     t_start = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
 
     if args.tiny:
         tokenize = lambda s: list(s.encode("utf-8"))  # noqa: E731  bytes < 300 = vocab
@@ -135,16 +177,38 @@ def main() -> None:
         tokenize = lambda s: tok(s)["input_ids"]  # noqa: E731
         base_state = None
     train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=256, n_eval=args.eval)
+    lat_ids = corpus_ids(tokenize, args.lat_seq, n_train=0, n_eval=args.lat_batch)[1][: args.lat_batch]
 
     probe = load_base(random_init=TINY) if args.tiny else load_base(args.base)
     n_blocks = len(adaptable_layers(probe)[1])
     del probe
-    top = list(range(n_blocks - args.lora_top, n_blocks))
+    top = list(range(n_blocks - args.lora_top, n_blocks)) if args.lora_top else None
 
     results = {}
     models = {}
+    probe = make_model(args, base_state, top, False, train_ids[:0])  # B = 0: the base itself
+    results["base"] = {"eval_ppl": math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])}
+    del probe
+    oneshot = {}
+    if args.compare_init:  # no training: prune the target fraction by each importance, measure
+        calib = train_ids[: args.calib]
+        probe = make_model(args, base_state, top, True, calib[:0])
+        for kind in ("magnitude", "taylor"):
+            def forward() -> torch.Tensor:
+                return sum(row_nll(probe, Batch(calib[i : i + 8], torch.zeros(len(calib[i : i + 8]), dtype=torch.long),
+                                                torch.ones(len(calib[i : i + 8])))).mean() for i in range(0, len(calib), 8))
+            with torch.no_grad():  # all gates open again before scoring
+                for p in gate_params(probe):
+                    p.fill_(1.0)
+            init_from_importance(probe, importance_scores(probe, forward, kind))
+            harden(probe, args.target)
+            oneshot[kind] = math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])
+            clear_hard(probe)
+            print(f"[{time.perf_counter() - t_start:.0f}s] one-shot {kind} pruning, no training: ppl {oneshot[kind]:.2f}",
+                  file=sys.stderr, flush=True)
+        del probe
     for arm in ("lora", "gated"):
-        model = make_model(args, base_state, top, gated=arm == "gated")
+        model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
         secs = train(model, args, train_ids, gated=arm == "gated")
         nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
         print(f"[{time.perf_counter() - t_start:.0f}s] {arm}: {args.steps} steps in {secs:.0f}s, "
@@ -154,7 +218,6 @@ def main() -> None:
 
     gated = models["gated"]
     report = sparsity_report(gated)
-    lat_ids = eval_ids[:4, : args.seq]
     with torch.no_grad(), task_ids(gated, 0):
         before = gated.eval()(input_ids=lat_ids).logits
     pruned = export_pruned(gated, inplace=True)
@@ -176,6 +239,8 @@ def main() -> None:
         "compared": "LoRA+FineGates exported (pruned, merged) vs LoRA-only on the same base, steps, batches",
         "base": "tiny-random-llama" if args.tiny else args.base,
         "removed_fraction": round(report["removed_fraction"], 4),
+        "ppl_base": round(results["base"]["eval_ppl"], 4),
+        "ppl_oneshot_pruned_untrained": {k: round(v, 3) for k, v in oneshot.items()},
         "ppl_lora": round(results["lora"]["eval_ppl"], 4),
         "ppl_gated": round(results["gated"]["eval_ppl"], 4),
         "ppl_exported": round(math.exp(exp_nll), 4),
@@ -185,10 +250,11 @@ def main() -> None:
         "speedup_last_token_logits": round(prefill["original"] / prefill["exported"], 3),
         "latency_s": {"full_logits": full, "last_token_logits": prefill},
         "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
-        "train_s": {k: v["train_s"] for k, v in results.items()},
+        "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},
         "settings": {k: v for k, v in vars(args).items()} | {"lora_blocks": top, "threads": torch.get_num_threads(),
                                                             "latency_batch": list(lat_ids.shape)},
         "total_s": round(time.perf_counter() - t_start, 1),
+        "loadavg_start_end": [load_start, [round(x, 2) for x in os.getloadavg()]],
     }))
 
 

@@ -26,8 +26,10 @@ Route for the intermediate size: HF Llama has one global ``config.intermediate_s
 ``LlamaMLP.forward``/``GPT2MLP.forward`` never read it, so each block's MLP layers are
 replaced by smaller ``nn.Linear``/``Conv1D`` modules of their own size. The result is the
 same ``transformers`` class and runs unchanged, with real smaller matmuls (a real speedup,
-unlike padding every block to the largest kept size). ``config.intermediate_size`` is left
-as it was, so ``from_pretrained`` cannot rebuild the shapes; :func:`pruned_shapes` lists them.
+unlike padding every block to the largest kept size). :func:`save_pruned` writes it with
+``save_pretrained`` plus ``pruned_shapes.json``; when every block kept the same width
+(``gates.allocation: layer`` on every block) the config's ``intermediate_size`` says so and
+plain ``from_pretrained`` loads it; otherwise :func:`load_pruned` rebuilds the shapes.
 
 Model code only: no Ray here.
 """
@@ -43,7 +45,9 @@ from torch import nn
 from models.gates import GatedLinear, gate_layers
 from models.lora import MultiTaskLoraLinear
 
-__all__ = ["GateExportError", "export_pruned", "strip_adapters", "pruned_shapes"]
+__all__ = ["GateExportError", "export_pruned", "strip_adapters", "pruned_shapes", "save_pruned", "load_pruned"]
+
+SHAPES_FILE = "pruned_shapes.json"
 
 # (modules producing the intermediate, module consuming it, activated producer, activation attr)
 _MLP_PATTERNS: tuple[tuple[tuple[str, ...], str, str | None, str], ...] = (
@@ -239,3 +243,80 @@ def pruned_shapes(model: nn.Module) -> dict[str, list[int]]:
             w = _linear_weight(mod)
             out[name] = [int(w.shape[0]), int(w.shape[1])]
     return out
+
+
+def _uniform_width(model: nn.Module) -> int | None:
+    """The MLP width shared by every block, or None when blocks differ."""
+    widths = set()
+    for mlp, producers, consumer, _, _ in _mlp_groups(model):
+        widths.add(int(_linear_weight(_base_of(_unwrap(getattr(mlp, consumer)))).shape[1]))
+    return widths.pop() if len(widths) == 1 else None
+
+
+def save_pruned(model: nn.Module, directory) -> None:
+    """Write a pruned plain model (no gates, no LoRA layers) with its shapes.
+
+    ``save_pretrained`` (safetensors) plus ``pruned_shapes.json`` (module -> [out, in]).
+    When every MLP block has the same width the config's intermediate size is set to it
+    (``intermediate_size``, GPT-2's ``n_inner``), so ``from_pretrained`` alone loads it.
+
+    Example:
+        >>> save_pruned(strip_adapters(export_pruned(gated)), "out/export/model")
+    """
+    import json
+    from pathlib import Path
+
+    if gate_layers(model) or any(isinstance(m, MultiTaskLoraLinear) for m in model.modules()):
+        raise GateExportError("save_pruned takes the plain model: export_pruned() then strip_adapters() first")
+    directory = Path(directory)
+    width = _uniform_width(model)
+    cfg = model.config
+    if width is not None:
+        for key in ("intermediate_size", "n_inner"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, width)
+    for attr in ("hf_quantizer",):  # a GGUF-loaded base refuses save_pretrained otherwise
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / SHAPES_FILE).write_text(json.dumps(pruned_shapes(model), indent=1))
+
+
+def load_pruned(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load what :func:`save_pruned` wrote: the same ``transformers`` class at the pruned shapes.
+
+    Example:
+        >>> model = load_pruned("out/export/model")
+        >>> peft = PeftModel.from_pretrained(model, "out/export/adapters/json")
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    shapes = json.loads((directory / SHAPES_FILE).read_text())
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    for name, (out_f, in_f) in shapes.items():
+        mod = model.get_submodule(name)
+        w = _linear_weight(mod)
+        if tuple(w.shape) != (out_f, in_f):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            fresh = torch.zeros(out_f, in_f, dtype=w.dtype)
+            bias = torch.zeros(out_f, dtype=w.dtype) if getattr(mod, "bias", None) is not None else None
+            setattr(parent, leaf, _new_base(mod, fresh, bias))
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise GateExportError(f"{directory}: weights do not match the pruned shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

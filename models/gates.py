@@ -29,6 +29,10 @@ mean runs over every gate entry of every gated layer (rows and columns, all task
 entry counted once). FineGates uses ``|mean - keep|`` per layer and side; the squared
 global form is smooth at the target and lets layers differ in sparsity.
 
+How the gates are trained (importance init, penalty warm-up, noise annealing, hardening
+to a binary mask) is ``models.gate_schedule``; once hardened (``hard_rows``/``hard_cols``
+set) a layer uses that fixed 0/1 mask in training and eval alike.
+
 Inject LoRA first (``models.lora.inject``), then gates: gates wrap the LoRA layers.
 Model code only: no Ray here.
 """
@@ -49,6 +53,7 @@ __all__ = [
     "inject_gates",
     "gate_layers",
     "gate_params",
+    "remove_gates",
     "open_probabilities",
     "sparsity_penalty",
     "sparsity_report",
@@ -126,21 +131,36 @@ class GatedLinear(nn.Module):
 
         self.theta_rows = theta(self.out_features) if gate_rows else None
         self.theta_cols = theta(self.in_features) if gate_cols else None
+        # Hard (binary) gates set by ``models.gate_schedule.harden``: once set they replace
+        # the stochastic gates in training and eval alike (no noise, no gradient to theta).
+        self.register_buffer("hard_rows", None)
+        self.register_buffer("hard_cols", None)
 
     # ------------------------------------------------------------------ gate values
-    def _gate(self, theta: torch.Tensor) -> torch.Tensor:
-        """z for every task: (T, dim); noisy in training, deterministic in eval."""
-        mu = torch.tanh(theta)
+    def _gate(self, side: str) -> torch.Tensor:
+        """z for every task: (T, dim); noisy in training, deterministic in eval, fixed once hard."""
+        hard = getattr(self, f"hard_{side}")
+        if hard is not None:
+            return hard
+        mu = torch.tanh(getattr(self, f"theta_{side}"))
         if self.training and self.sigma > 0:
             return _hard_sigmoid(mu + torch.randn_like(mu) * self.sigma)
         return _hard_sigmoid(mu)
 
+    @property
+    def is_hard(self) -> bool:
+        """True once :func:`models.gate_schedule.harden` fixed the gates to a binary mask."""
+        return self.hard_rows is not None or self.hard_cols is not None
+
     @torch.no_grad()
     def eval_gates(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Deterministic gates ``clamp(tanh(theta) + 0.5, 0, 1)``: rows (T, out), cols (T, in)."""
-        rows = _hard_sigmoid(torch.tanh(self.theta_rows)) if self.theta_rows is not None else None
-        cols = _hard_sigmoid(torch.tanh(self.theta_cols)) if self.theta_cols is not None else None
-        return rows, cols
+        """Deterministic gates ``clamp(tanh(theta) + 0.5, 0, 1)`` (or the hard mask): rows (T, out), cols (T, in)."""
+        out = []
+        for side in ("rows", "cols"):
+            theta = getattr(self, f"theta_{side}")
+            hard = getattr(self, f"hard_{side}")
+            out.append(None if theta is None else hard.clone() if hard is not None else _hard_sigmoid(torch.tanh(theta)))
+        return out[0], out[1]
 
     def open_probability(self) -> torch.Tensor:
         """``Phi((tanh(theta) + 0.5) / sigma_reg)`` of every gate entry, flattened (differentiable)."""
@@ -164,10 +184,10 @@ class GatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.theta_cols is not None:
-            x = x * self._route(self._gate(self.theta_cols), x.dim())
+            x = x * self._route(self._gate("cols"), x.dim())
         y = self.inner(x)
         if self.theta_rows is not None:
-            y = y * self._route(self._gate(self.theta_rows), y.dim())
+            y = y * self._route(self._gate("rows"), y.dim())
         return y
 
     def extra_repr(self) -> str:
@@ -265,6 +285,19 @@ def gate_layers(model: nn.Module) -> dict[str, GatedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, GatedLinear)}
 
 
+def remove_gates(model: nn.Module) -> list[str]:
+    """Replace every :class:`GatedLinear` by the module it wraps (the ungated model), in place.
+
+    For a stage that must not be gated (e.g. PESC after a gated flock). Returns the names.
+    """
+    names = list(gate_layers(model))
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, getattr(parent, leaf).inner)
+    return names
+
+
 def gate_params(model: nn.Module) -> list[nn.Parameter]:
     """The trainable gate logits (theta) of every gated layer."""
     out: list[nn.Parameter] = []
@@ -299,11 +332,12 @@ def sparsity_penalty(model: nn.Module, target_sparsity: float, lam: float = 50.0
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module) -> dict:
+def sparsity_report(model: nn.Module, task: int | None = None) -> dict:
     """What the eval gates remove from the gated base weights.
 
     A weight ``W[i, j]`` is removed when row ``i`` or column ``j`` has eval gate 0; with task
-    scope a row/column is kept when any task keeps it (one exported base serves all tasks).
+    scope a row/column is kept when any task keeps it (one exported base serves all tasks),
+    or, with ``task`` given, when that task's slot keeps it (its own exported base).
 
     Returns:
         ``{"layers": {name: {"rows_kept", "cols_kept", "removed_fraction"}},
@@ -313,6 +347,9 @@ def sparsity_report(model: nn.Module) -> dict:
     removed = total = 0
     for name, layer in gate_layers(model).items():
         rows, cols = layer.eval_gates()
+        if task is not None and layer.num_tasks > 1:
+            rows = rows[task : task + 1] if rows is not None else None
+            cols = cols[task : task + 1] if cols is not None else None
         n_out, n_in = layer.out_features, layer.in_features
         rows_kept = int((rows > 0).any(dim=0).sum()) if rows is not None else n_out
         cols_kept = int((cols > 0).any(dim=0).sum()) if cols is not None else n_in

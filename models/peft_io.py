@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 from models.files import atomic_dir
 from models.lora import MultiTaskLoraLinear, lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state", "theta_state", "read_adapter", "write_adapter_dir", "module_of_key", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state", "peft_layers", "theta_state", "read_adapter", "write_adapter_dir", "module_of_key", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,10 +31,19 @@ class AdapterFormatError(ValueError):
     """An adapter directory that is missing, not LoRA, or does not fit the model."""
 
 
+def peft_layers(model: torch.nn.Module) -> dict[str, MultiTaskLoraLinear]:
+    """LoRA layers by the name PEFT gives them on the plain model.
+
+    A gated layer (``models.gates.GatedLinear``) holds the LoRA layer as ``.inner``; the
+    adapter belongs to the module the gate wraps, so that suffix is dropped.
+    """
+    return {name.removesuffix(".inner"): layer for name, layer in lora_layers(model).items()}
+
+
 def adapter_state(model: torch.nn.Module, task: int) -> dict[str, torch.Tensor]:
     """PEFT-keyed tensors of one task: ``base_model.model.<module>.lora_{A,B}.weight``."""
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in peft_layers(model).items():
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.task_A(task).detach().contiguous().cpu()
         out[f"{_PREFIX}{name}.lora_B.weight"] = layer.task_B(task).detach().contiguous().cpu()
     return out
@@ -43,7 +52,7 @@ def adapter_state(model: torch.nn.Module, task: int) -> dict[str, torch.Tensor]:
 def theta_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-keyed tensors of the shared adapter Theta (BoRA's global adapter), at slot 0's rank."""
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in peft_layers(model).items():
         r = layer.ranks[0]
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A_shared[:r].detach().contiguous().cpu()
         out[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B_shared[:, :r].detach().contiguous().cpu()
@@ -69,7 +78,7 @@ def save_adapter(
     Example:
         >>> save_adapter(model, 0, "out/adapters/json", "HuggingFaceTB/SmolLM2-135M")
     """
-    layers = lora_layers(model)
+    layers = peft_layers(model)
     if not layers:
         raise AdapterFormatError("model has no LoRA layers to save")
     first = next(iter(layers.values()))
@@ -161,7 +170,7 @@ def load_adapter(model: torch.nn.Module, task: int, directory: str | Path) -> li
     Returns the names of the modules loaded.
     """
     cfg, tensors = read_adapter(directory)
-    layers = lora_layers(model)
+    layers = peft_layers(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         hit = module_of_key(key)

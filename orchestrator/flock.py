@@ -132,8 +132,10 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
                 tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
                 tgt["eval_nll"].update(r["eval_nll"])
                 tgt.setdefault("failed", {}).update(r.get("failed", {}))
+                if "gates" in r:  # per-task sparsity from every worker (task scope differs per task)
+                    tgt["gates"]["tasks"].update(r["gates"]["tasks"])
                 tgt["seconds"] = max(tgt["seconds"], r["seconds"])
-        for sub in ("adapters", "prior", "pesc", "quant_base"):  # replace whole, via a temporary name
+        for sub in ("adapters", "prior", "pesc", "quant_base", "export"):  # replace whole, via a temporary name
             src = Path(d) / sub
             if src.is_dir():
                 dst, tmp = out / sub, out / f".{sub}.tmp"

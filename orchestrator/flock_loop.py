@@ -151,6 +151,10 @@ def train_method(
     state_dir: Path | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[int], None] | None = None,
+    extra_params: Sequence[nn.Parameter] = (),
+    extra_lr: float | None = None,
+    extra_local: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train one method from ``init_state`` and evaluate it on the owned tasks.
 
@@ -171,6 +175,10 @@ def train_method(
             it (parameters, optimizer moments, sampler RNG, prior, curve).
         checkpoint_every: write that state every N steps (0 = never) and then call
             ``on_checkpoint(step)`` (the Ray worker reports a checkpoint there).
+        extra_params: more trainable parameters in their own optimizer group (FineGates'
+            logits), with step size ``extra_lr`` (default ``cfg.lr``) and no weight decay;
+            all-reduced across workers like Theta unless ``extra_local`` (task-scope gates).
+        on_step: called with the step number before every step (the gate schedule).
 
     Returns:
         ``{"eval_nll": {slot: nll}, "curve": [(step, loss)], "seconds": s, "tokens_per_s": x,
@@ -195,7 +203,17 @@ def train_method(
     if trainable is not None:
         task_ids_ = {id(p) for p in adapter_params(model, "task")}
         shared = [p for p in params if id(p) not in task_ids_]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": params}]
+    extra_params = [p for p in extra_params if id(p) not in ids]
+    if extra_params:
+        for p in extra_params:
+            p.requires_grad_(True)
+        groups.append({"params": extra_params, "lr": extra_lr or cfg.lr, "weight_decay": 0.0})
+        if not extra_local:
+            shared = shared + extra_params
+        params = params + extra_params
+        ids |= {id(p) for p in extra_params}
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = BatchSampler(data.sizes, cfg.batch_size, cfg.seed, cfg.temperature)
     reducer = grad_reducer(shared, sync=cfg.sync_every == 1)
     use_prior = kind == "hierarchical" and prior is not None
@@ -221,6 +239,8 @@ def train_method(
         if new:
             _stop_tasks(model, opt, data, sampler, new, failed, step, log)
         pending = set()
+        if on_step is not None:
+            on_step(step)
         batch = _batch(data, sampler, device)
         # Parameters absent from this batch still get (zero or prior) gradients, as in the
         # single-process joint objective, so Adam treats them identically on every worker.

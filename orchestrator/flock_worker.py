@@ -137,6 +137,13 @@ def flock_worker(config: dict) -> None:
         from models.lq import apply_lq_init
 
         apply_lq_init(model, factors)
+    gates = spec.gates if spec.gates.enabled else None
+    if gates is not None:
+        from models.gates import inject_gates
+
+        inject_gates(model, gates.target_modules, layers=layers if gates.layers == "adapted" else None,
+                     scope=gates.scope, num_tasks=len(owned), sigma=gates.sigma,
+                     gate_rows=gates.sides != "cols", gate_cols=gates.sides != "rows")
     ad = {id(p) for p in adapter_params(model)}
     init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
     say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}"
@@ -146,6 +153,8 @@ def flock_worker(config: dict) -> None:
     train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
     evals = {s: torch.tensor(data_all["eval"][g], device=device) for s, g in enumerate(owned)}
     split = layers[0] if layers and layers[0] > 0 else 0
+    if gates is not None and gates.layers == "all":
+        split = 0  # gated lower blocks change: nothing below the adapters is frozen
     tp = ep = None
     if split:
         t1 = time.perf_counter()
@@ -158,6 +167,10 @@ def flock_worker(config: dict) -> None:
             say(f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, {time.perf_counter() - t1:.0f}s")
         say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
     data = FlockData(sizes, owned, train, evals, tp, ep, split)
+    if gates is not None:
+        t1 = time.perf_counter()
+        init_state |= gate_init_state(model, data, spec, ctx.get_world_size())
+        say(f"gates on {len(init_state) - len(ad)} gate vectors, initialised ({gates.init}) in {time.perf_counter() - t1:.1f}s")
 
     results: dict = {}
     kept = Path(tempfile.mkdtemp(prefix="loraflock-adapters-"))  # the flock's adapters, once trained
@@ -196,9 +209,10 @@ def flock_worker(config: dict) -> None:
         if kind == "hierarchical":
             prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
         partial = kept / "partial" / f"rank{rank}" / mname  # mid-method state (resumable)
+        gk = gate_kwargs(model, spec, ctx.get_world_size(), prior) if gates is not None else {}
         out = train_method(model, data, cfg, init_state, prior, say, device, state_dir=partial,
                            checkpoint_every=tr.checkpoint_every,
-                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
+                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"), **gk)
         shutil.rmtree(partial, ignore_errors=True)
         results["methods"][mname] = {
             "kind": kind,
@@ -209,11 +223,16 @@ def flock_worker(config: dict) -> None:
             "seconds": out["seconds"],
             "tokens_per_s": out["tokens_per_s"],
             **({"tau_inferred": out.get("tau"), "tau_history": out.get("tau_history")} if prior is not None else {}),
+            **({"gates": gate_results(model, names, owned)} if gates is not None else {}),
         }
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
             for s, g in enumerate(owned):
                 save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
                 _note_quant(quant, kept / "adapters" / names[g])
+            if gates is not None and gates.export:
+                t1 = time.perf_counter()
+                export_gated(model, kept / "export", names, owned, rank, gates.scope)
+                say(f"exported the pruned model and its adapters in {time.perf_counter() - t1:.1f}s")
             if rank == 0:  # Theta is replicated: one copy, with the prior's state
                 save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
                 _note_quant(quant, kept / "prior" / "theta")
@@ -223,6 +242,11 @@ def flock_worker(config: dict) -> None:
         _report(rank, results, kept, mname)
 
     if spec.pesc.enabled and "pesc" not in results:
+        if gates is not None:
+            from models.gates import remove_gates
+
+            remove_gates(model)  # PESC is not gated: the plain base (+ LoRA) again
+            init_state = {k.replace(".inner.", "."): v for k, v in init_state.items() if ".theta_" not in k}
         results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, say, device)
         if rank == 0:
             save_moe(model, kept / "pesc" / "moe")
@@ -235,6 +259,86 @@ def _note_quant(quant: dict | None, adapter_dir: Path) -> None:
     """Say beside an adapter that it was trained on the quantised base (it belongs with that base)."""
     if quant is not None:
         (adapter_dir / NOTE_FILE).write_text(json.dumps(adapter_note(quant), indent=2))
+
+
+def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
+    """Initial gate logits (the same for every method): importance init or constant.
+
+    Importance comes from ``gates.calibration_batches`` batches of this worker's training
+    rows through the base (adapters at B = 0); shared gates average the workers' scores so
+    every worker starts from the same gates.
+    """
+    import torch.distributed as dist
+
+    from models.gate_schedule import importance_scores, init_from_importance
+    from models.gates import gate_params
+    from models.train import Batch, row_nll
+
+    g, bs = spec.gates, spec.train.batch_size
+    if g.init in ("importance", "taylor"):
+        def forward() -> torch.Tensor:
+            left, total = g.calibration_batches, torch.zeros(())
+            for s, ids in data.train.items():
+                for i in range(0, len(ids), bs):
+                    if left == 0:
+                        return total
+                    rows = ids[i : i + bs]
+                    pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
+                    tid = torch.full((len(rows),), s, dtype=torch.long, device=rows.device)
+                    total = total + row_nll(model, Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split)).mean()
+                    left -= 1
+            return total
+
+        scores = importance_scores(model, forward, "taylor" if g.init == "taylor" else "magnitude")
+        if world > 1 and dist.is_available() and dist.is_initialized() and g.scope == "shared":
+            for sides in scores.values():
+                for t in sides.values():
+                    dist.all_reduce(t)
+                    t /= world
+        init_from_importance(model, scores)
+    ids = {id(p) for p in gate_params(model)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ids}
+
+
+def gate_kwargs(model, spec: JobSpec, world: int, prior) -> dict:
+    """train_method arguments that train the gates with the job's schedule (fresh per method)."""
+    from models.gate_schedule import GateController, GateSchedule, clear_hard
+    from models.gates import gate_params
+
+    g = spec.gates
+    clear_hard(model)
+    sched = GateSchedule(spec.train.steps, g.target_sparsity, g.lam, g.warmup, g.sigma, g.sigma_final,
+                         g.harden_at, g.allocation)
+    shared = g.scope == "shared"
+    ctrl = GateController(model, sched, penalty_scale=1.0 / world if shared else 1.0)
+    return {"extra_params": gate_params(model), "extra_lr": g.gate_lr or sched.auto_gate_lr(),
+            "extra_local": not shared, "on_step": ctrl.on_step, "extra_loss": ctrl.penalty, "before_eval": ctrl.finish}
+
+
+def gate_results(model, names: list[str], owned: list[int]) -> dict:
+    """Sparsity achieved by this worker's gates (overall, per layer, per task)."""
+    from models.gates import sparsity_report
+
+    rep = sparsity_report(model)
+    rep["tasks"] = {names[g]: sparsity_report(model, task=s)["removed_fraction"] for s, g in enumerate(owned)}
+    return rep
+
+
+def export_gated(model, where: Path, names: list[str], owned: list[int], rank: int, scope: str) -> None:
+    """The pruned plain model(s) and PEFT adapters for them (``export/``, see README)."""
+    from models.gate_export import export_pruned, save_pruned, strip_adapters
+
+    if scope == "shared":  # one pruned base for every task (written once, by rank 0)
+        pruned = export_pruned(model)
+        for s, g in enumerate(owned):
+            save_adapter(pruned, s, where / "adapters" / names[g], "export/model")
+        if rank == 0:
+            save_pruned(strip_adapters(pruned), where / "model")
+        return
+    for s, g in enumerate(owned):  # task scope: every task has its own pruned base
+        pruned = export_pruned(model, task=s)
+        save_adapter(pruned, s, where / names[g] / "adapter", f"export/{names[g]}/model")
+        save_pruned(strip_adapters(pruned), where / names[g] / "model")
 
 
 def _report(rank: int, results: dict, kept: Path, step: str) -> None:

@@ -265,4 +265,5 @@ def _job_summary(spec: JobSpec, data: list) -> dict:
         "batch_size": spec.train.batch_size,
         "seq_len": spec.train.seq_len,
         "seed": spec.train.seed,
+        **({"gates": spec.gates.model_dump(mode="json", by_alias=True)} if spec.gates.enabled else {}),
     }

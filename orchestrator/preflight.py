@@ -27,7 +27,7 @@ def preflight(spec: JobSpec) -> list[str]:
     check_quant(spec, model)  # before inject: the matrices as the quantiser will see them
     layers = adapted_layers(model, spec.lora.top_layers)
     try:
-        return inject(
+        names = inject(
             model,
             spec.lora.target_modules,
             num_tasks=len(spec.tasks),
@@ -37,3 +37,13 @@ def preflight(spec: JobSpec) -> list[str]:
         )
     except LoraTargetError as e:
         raise SpecError(f"lora: {e}") from None
+    if spec.gates.enabled:
+        from models.gates import GateConfigError, inject_gates
+
+        g = spec.gates
+        try:
+            inject_gates(model, g.target_modules, layers=layers if g.layers == "adapted" else None, scope=g.scope,
+                         num_tasks=len(spec.tasks), gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
+        except GateConfigError as e:
+            raise SpecError(f"gates: {e}") from None
+    return names

@@ -61,8 +61,21 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
              "tasks": {k: perplexity(v) for k, v in by_tau[float(t)]["eval_nll"].items()}}
             for t in sorted(set(tau_sweep)) if float(t) in by_tau
         ]
+    if "gates" in main:
+        sec["gates"] = gates_block(methods)
     sec["curves"] = {k: m["curve"] for k, m in methods.items()}
     return sec
+
+
+def gates_block(methods: dict) -> dict:
+    """FineGates' sparsity achieved: the flock's (overall, per layer, per task) and every method's."""
+    g = methods["hierarchical"]["gates"]
+    return {
+        "removed_fraction": g["removed_fraction"],
+        "layers": g["layers"],
+        "tasks": g.get("tasks", {}),
+        "methods": {k: m["gates"]["removed_fraction"] for k, m in methods.items() if "gates" in m},
+    }
 
 
 def pesc_section(res: dict) -> dict:
@@ -131,6 +144,8 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             for r in fl["tau_sweep"]:
                 lines.append(f"| {r['tau']:g} | {_fmt(r['macro_ppl'])} |")
             lines += ["", _u_shape(fl["tau_sweep"]), ""]
+        if fl.get("gates"):
+            lines += _gates_md(fl["gates"], job.get("gates"))
         for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
@@ -187,8 +202,26 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]
     lines += ["## Files", "", "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)"
               + (" trained on the quantised base in `quant_base/` (packed safetensors + `quant.json`)" if quant else ""),
+              *(["- `export/`: the gate-pruned model and PEFT adapters for it (see README, FineGates)"]
+                if (job.get("gates") or {}).get("export") else []),
               "- `report.json`: every figure above, machine-readable", ""]
     return "\n".join(lines)
+
+
+def _gates_md(g: dict, settings: dict | None) -> list[str]:
+    """The FineGates table: what the gates removed, per layer."""
+    s = settings or {}
+    lines = ["### FineGates: base weights pruned while the adapters trained", ""]
+    lines.append(f"Target sparsity {s.get('target_sparsity', float('nan')):.2f} ({s.get('scope', 'shared')} scope); "
+                 f"**{g['removed_fraction'] * 100:.1f}%** of the gated layers' base weights removed"
+                 + (f"; every method trained with the same gates ({', '.join(f'{k} {v * 100:.1f}%' for k, v in g['methods'].items())})."
+                    if len(g.get("methods", {})) > 1 else "."))
+    lines += ["", "| gated layer | rows kept | cols kept | removed |", "|---|---:|---:|---:|"]
+    for name, r in g["layers"].items():
+        lines.append(f"| {name} | {r['rows_kept']} | {r['cols_kept']} | {r['removed_fraction'] * 100:.1f}% |")
+    if s.get("export"):
+        lines += ["", "The pruned model is in `export/` (plain `transformers` weights + PEFT adapters for it)."]
+    return lines + [""]
 
 
 def _u_shape(sweep: list[dict]) -> str:

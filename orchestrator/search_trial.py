@@ -10,7 +10,10 @@ quantizer, tau, lr) it
    (``models.lq.quantize_model``: W ~ Q + L1 L2^T, the low-rank part starting the shared
    adapter Theta); ``target_sparsity > 0``: wraps the LoRA layers in FineGates
    (``models.gates``, shared scope: one pruned base serves every task) trained with
-   ``gate_lambda * (mean P_open - (1 - target))^2``;
+   ``gate_lambda * (mean P_open - (1 - target))^2`` on the schedule of
+   ``models.gate_schedule`` (importance init from a few training batches, penalty warm-up,
+   noise annealing, binary gates with exactly ``target`` closed after 3/4 of the steps; the
+   gate step size is at least ``GateSchedule.auto_gate_lr()``);
 3. trains with :func:`orchestrator.flock_loop.train_method` (the one training loop; the
    hierarchical prior at the trial's tau, or independent adapters at tau = 0).
 
@@ -55,7 +58,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from models.base import adaptable_layers, load_base
-from models.gates import GatedLinear, inject_gates, sparsity_penalty, sparsity_report
+from models.gates import GatedLinear, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
 from models.lq import QuantizedLinear, quantize_model
 from models.prefix import compute_prefix
@@ -270,9 +273,13 @@ def search_trial(config: dict, payload: dict) -> None:
     t0 = time.perf_counter()
     names, sizes = payload["names"], payload["sizes"]
     device = "cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu"
-    model, info = build_trial_model(
-        spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, fixed.get("gate_lr")
-    )
+    steps, target = int(fixed["steps"]), float(config.get("target_sparsity", 0.0))
+    gate_lr = fixed.get("gate_lr")
+    if target > 0:  # at least fast enough to close the target by the hardening step
+        from models.gate_schedule import GateSchedule
+
+        gate_lr = max(float(gate_lr or 0.0), GateSchedule(steps, target).auto_gate_lr())
+    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, gate_lr)
     tau = float(config.get("tau", spec.flock.tau if spec.flock.tau != "infer" else 100.0))
     kind = "independent" if tau == 0 else "hierarchical"
     set_trainable(model, shared=kind == "hierarchical", task=True)
@@ -302,7 +309,18 @@ def search_trial(config: dict, payload: dict) -> None:
 
         prior = HierarchicalPrior(model, task_sizes=sizes, groups=spec.flock.prior.groups, tau=tau, mode="fixed")
     lam, target = float(fixed["gate_lambda"]), float(config.get("target_sparsity", 0.0))
-    extra = (lambda: sparsity_penalty(model, target, lam)) if info["gated"] and lam > 0 else None
+    gate_kw: dict = {}
+    if info["gated"]:
+        from models.gate_schedule import GateController, GateSchedule, importance_scores, init_from_importance
+
+        if done == 0:  # a resumed trial has its trained gates in init_state already
+            calib = {s: x[: tr.batch_size] for s, x in data.train.items()}
+            calib_pre = {s: x[: tr.batch_size] for s, x in data.train_prefix.items()} if pre else None
+            init_from_importance(model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split)))
+            init_state.update(_trained_state(model, gate_leaves(model)))
+        ctrl = GateController(model, GateSchedule(steps, target, lam))
+        gate_kw = {"on_step": lambda s: ctrl.on_step(s + done), "before_eval": ctrl.finish}
+    extra = ctrl.penalty if info["gated"] and lam > 0 else None
 
     def measure(step: int, nll: dict[int, float], final: bool) -> dict:
         size = deployed_bytes(model)
@@ -338,8 +356,10 @@ def search_trial(config: dict, payload: dict) -> None:
     if left > 0:
         cfg = MethodConfig("trial", kind, left, tr.batch_size, float(config.get("lr", tr.lr)), tr.seed + done,
                            tr.weight_decay, tr.max_grad_norm, tr.temperature, tr.eval_batch_size, every)
-        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, extra_loss=extra)
+        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, extra_loss=extra, **gate_kw)
         nll = out["eval_nll"]
     else:
+        if gate_kw:
+            gate_kw["before_eval"]()
         nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split)
     report(measure(steps, nll, final=True))

@@ -33,6 +33,7 @@ __all__ = [
     "PescSpec",
     "RecycleSpec",
     "RaySpec",
+    "GatesSpec",
     "JobSpec",
     "load_job",
     "parse_job",
@@ -319,6 +320,70 @@ class RecycleSpec(_Strict):
     k_extra: int = Field(0, ge=0)
 
 
+class GatesSpec(_Strict):
+    """FineGates in the flock: stochastic gates prune the frozen base while the adapters train.
+
+    Every method of the flock (hierarchical, the baselines, tau-sweep points) trains with the
+    same gates and schedule, so their comparison stays fair; PESC runs ungated. At the end
+    the hierarchical flock is exported as a smaller plain ``transformers`` model plus PEFT
+    adapters for it (``export/``). Schedule: see ``models.gate_schedule``.
+
+    Args:
+        enabled: train gates.
+        target_sparsity: fraction of gates closed at the end (with the default targets: of
+            the MLP intermediate channels, i.e. of the gated layers' weights).
+        scope: ``shared`` (one pruned base for every task) or ``task`` (a pruned base per task).
+        lambda: weight of the penalty ``(mean P_open - (1 - target))^2`` after warm-up.
+        target_modules: layers to gate; default ``down_proj`` (Llama family; GPT-2:
+            ``mlp.c_proj``), whose input columns are the MLP channels the export removes.
+        sides: gate the layers' input columns (``cols``), output rows (``rows``) or ``both``.
+        layers: ``adapted`` (the blocks with adapters, ``lora.top_layers``: the frozen
+            blocks below stay cached) or ``all`` blocks (no prefix cache: slower).
+        gate_lr: step size of the gate logits; ``None`` = just enough to close the target
+            quantile by the hardening step (``GateSchedule.auto_gate_lr``).
+        warmup: fraction of the steps over which the penalty ramps up from 0.
+        sigma / sigma_final: training noise at the first step / at the hardening step.
+        harden_at: fraction of the steps after which the gates are a binary mask with exactly
+            ``target_sparsity`` closed (1.0 = never: only gates that reached 0 are removed).
+        allocation: ``layer`` (the same closed fraction in every gated layer: the exported
+            blocks keep one width) or ``global``.
+        init: ``importance`` (theta from activation-weighted weight norms on
+            ``calibration_batches`` training batches), ``taylor`` (from the first-order loss
+            change of closing each gate, one backward pass per batch) or ``constant``
+            (theta ~ N(1, 0.1)).
+        export: write ``export/`` at the end.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    enabled: bool = False
+    target_sparsity: float = Field(0.3, ge=0, lt=1)
+    scope: Literal["shared", "task"] = "shared"
+    lam: float = Field(50.0, ge=0, alias="lambda")
+    target_modules: list[str] = Field(default_factory=lambda: ["down_proj"], min_length=1)
+    sides: Literal["cols", "rows", "both"] = "cols"
+    layers: Literal["adapted", "all"] = "adapted"
+    gate_lr: float | None = Field(None, gt=0)
+    warmup: float = Field(0.2, ge=0, le=1)
+    sigma: float = Field(0.1, ge=0)
+    sigma_final: float = Field(0.0, ge=0)
+    harden_at: float = Field(0.75, gt=0, le=1)
+    allocation: Literal["layer", "global"] = "layer"
+    init: Literal["importance", "taylor", "constant"] = "importance"
+    calibration_batches: int = Field(4, ge=1)
+    export: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GatesSpec":
+        if self.enabled and self.target_sparsity <= 0:
+            raise ValueError("gates.target_sparsity must be > 0 when gates are enabled (e.g. 0.3)")
+        if self.sigma_final > self.sigma:
+            raise ValueError(f"gates.sigma_final ({self.sigma_final}) must be <= gates.sigma ({self.sigma}): the noise anneals down")
+        if self.harden_at <= self.warmup and self.harden_at < 1.0:
+            raise ValueError(f"gates.harden_at ({self.harden_at}) must come after the warm-up (gates.warmup = {self.warmup})")
+        return self
+
+
 class RaySpec(_Strict):
     """Where and how the job runs on Ray.
 
@@ -364,6 +429,7 @@ class JobSpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     pesc: PescSpec = Field(default_factory=PescSpec)
     recycle: RecycleSpec = Field(default_factory=RecycleSpec)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
@@ -377,6 +443,13 @@ class JobSpec(_Strict):
         picks = self.search.enabled and self.search.pick is not None  # recycle then uses the picked trial
         if self.recycle.enabled and not self.flock.enabled and not self.recycle.sources and not picks:
             raise ValueError("recycle needs adapters: enable the flock, list recycle.sources, or set search.pick")
+        if self.gates.enabled and not self.flock.enabled:
+            raise ValueError("gates train in the flock stage: set flock.enabled: true, or gates.enabled: false")
+        if self.gates.enabled and self.base.quantized:
+            raise ValueError(
+                "gates on a quantised base (base.bits/base.bit_budget) are not supported in the flock yet: the export "
+                "slices dense weights; drop one of them (the search stage combines both per trial)"
+            )
         unknown = sorted(set(self.lora.ranks) - set(names))
         if unknown:
             raise ValueError(f"lora.ranks names unknown tasks {unknown}; tasks are {names}")
