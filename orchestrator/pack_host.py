@@ -261,7 +261,7 @@ class PackHostActor:
     """
 
     def __init__(self, payload: dict, capacity: int, max_rank: int, threads: int, device: str = "cpu",
-                 gather_s: float = 0.5) -> None:
+                 gather_s: float = 0.5, idle_s: float = 600.0) -> None:
         torch.set_num_threads(int(threads))
         self.host = PackHost(payload, capacity, max_rank, device)
         self.cv = threading.Condition()
@@ -269,24 +269,36 @@ class PackHostActor:
         self.want: dict[str, int] = {}
         self.leading = False
         self.last_batch: list[str] = []
+        self.seen: dict[str, float] = {}  # lease -> last call (reclaims leases of killed trials)
+        self.idle_s = idle_s
         self.gather_s = gather_s
         self.fused_steps = 0
         self.fused_rows = 0
 
     def lease(self, config: dict, seed: int, state: dict | None = None) -> str:
         with self.compute:
-            return self.host.lease(config, seed, {k: torch.as_tensor(v) for k, v in (state or {}).items()})
+            if not self.host.free:  # a trial killed without releasing: reclaim its group
+                now = time.monotonic()
+                with self.cv:
+                    idle = [x for x in self.host.leases if x not in self.want and now - self.seen.get(x, now) > self.idle_s]
+                for x in idle:
+                    self.host.release(x)
+            lid = self.host.lease(config, seed, {k: torch.as_tensor(v) for k, v in (state or {}).items()})
+            self.seen[lid] = time.monotonic()
+            return lid
 
     def release(self, lid: str) -> None:
         with self.cv:
             self.want.pop(lid, None)
         with self.compute:
             self.host.release(lid)
+            self.seen.pop(lid, None)
         with self.cv:
             self.cv.notify_all()
 
     def train(self, lid: str, steps: int) -> float:
         """Run ``steps`` steps of this trial (fused with whoever trains meanwhile); its last NLL."""
+        self.seen[lid] = time.monotonic()
         with self.cv:
             self.want[lid] = int(steps)
             self.cv.notify_all()
@@ -326,6 +338,7 @@ class PackHostActor:
         return lease.last_nll
 
     def evaluate(self, lid: str, subset: int | None = None) -> dict[int, float]:
+        self.seen[lid] = time.monotonic()
         with self.compute:
             return self.host.evaluate(lid, subset)
 
@@ -338,4 +351,4 @@ class PackHostActor:
 
     def stats(self) -> dict:
         """Fused steps run and mean trials per fused step (how much packing happened)."""
-        return {"fused_steps": self.fused_steps, "trials_per_step": self.fused_rows / max(self.fused_steps, 1)}
+        return {"fused_steps": self.fused_steps, "trial_steps": self.fused_rows}
