@@ -25,6 +25,7 @@ largest relative difference of a trial's ``macro_ppl`` between the arms (same co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -73,7 +74,8 @@ def main() -> None:
                                   "max_eval_sequences": min(t.max_eval_sequences or args.max_eval, args.max_eval)})
              for t in spec.tasks]
     spec = spec.model_copy(update={"tasks": tasks})
-    data = _build_data(spec)
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries only the JSON
+        data = _build_data(spec)
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     rows: dict[str, dict] = {}

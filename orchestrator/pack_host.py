@@ -40,19 +40,10 @@ from models.lora import inject
 from models.packed_lora import PARTS, GroupedLoraLinear, group_slots, initial_adapter_state, slot_index
 from models.train import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from orchestrator.flock_loop import FlockData, _batch
+from orchestrator.search_pack import packable
 from orchestrator.spec import JobSpec
 
-__all__ = ["PackHost", "PackHostActor", "packable", "PACK_KEYS"]
-
-# The part of a trial's config that decides whether it can share the host's base.
-PACK_KEYS = ("bits", "target_sparsity")
-
-
-def packable(config: dict, max_rank: int) -> bool:
-    """Whether a trial can run as a slot group on a host (unquantised, ungated, rank fits)."""
-    return (int(config.get("bits", 16)) >= 16 and float(config.get("target_sparsity", 0.0)) == 0.0
-            and int(config.get("rank", 0)) <= max_rank)
-
+__all__ = ["PackHost", "PackHostActor", "packable"]
 
 @dataclass
 class _Lease:

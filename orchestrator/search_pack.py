@@ -24,6 +24,7 @@ waits); the host actor holds none and runs its fused steps on the node's CPUs.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 import uuid
@@ -31,17 +32,29 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
-from orchestrator.pack_host import PackHostActor, packable
 from orchestrator.search_spec import SearchSpec
-from orchestrator.search_trial import META_FILE, STATE_FILE, _macro_ppl, search_trial
 from orchestrator.spec import JobSpec
 
-__all__ = ["PackHosts", "packed_search_trial", "PACKED_TRIAL_CPUS"]
+# A thin trial imports neither torch nor transformers (its process starts in moments); the
+# host (orchestrator.pack_host) and the unpacked fallback (search_trial) are imported lazily.
+STATE_FILE = "trial_state.safetensors"  # = orchestrator.search_trial.STATE_FILE (tested)
+META_FILE = "trial.json"  # = orchestrator.search_trial.META_FILE
+
+__all__ = ["PackHosts", "packed_search_trial", "packable", "PACKED_TRIAL_CPUS"]
 
 PACKED_TRIAL_CPUS = 0.01  # Tune's share for a trial that only waits on its host
+
+
+def packable(config: dict, max_rank: int) -> bool:
+    """Whether a trial can run as a slot group on a host: unquantised, ungated, rank fits.
+
+    Quantised trials (LQ-LoRA's ``Q`` depends on the trial's rank) and gated ones (trainable
+    gates on the base weights) change the base itself, so they cannot share it.
+    """
+    return (int(config.get("bits", 16)) >= 16 and float(config.get("target_sparsity", 0.0)) == 0.0
+            and int(config.get("rank", 0)) <= max_rank)
 
 
 class PackHosts:
@@ -59,6 +72,8 @@ class PackHosts:
     @classmethod
     def start(cls, payload: dict, spec: JobSpec, search: SearchSpec, max_rank: int, capacity: int) -> "PackHosts":
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from orchestrator.pack_host import PackHostActor
 
         ref = ray.put(payload)
         tag = uuid.uuid4().hex[:8]
@@ -116,6 +131,8 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
     Reports the same metrics and checkpoints as :func:`search_trial` at the same steps.
     """
     if not packable(config, int(pack["max_rank"])):
+        from orchestrator.search_trial import search_trial
+
         return search_trial(config, payload)
     from ray import tune
 
@@ -127,7 +144,7 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # resumed: continue from the last reported state (Adam restarts)
         with ckpt.as_directory() as d:
-            state = {k: v.numpy() for k, v in load_file(str(Path(d) / STATE_FILE)).items()}
+            state = load_file(str(Path(d) / STATE_FILE))
             done = int(json.loads((Path(d) / META_FILE).read_text())["step"])
     host = _host(pack)
     lid = ray.get(host.lease.remote(config, spec.train.seed + done, state))
@@ -136,13 +153,13 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
 
         def report(step: int, nll: dict, final: bool) -> None:
             metrics = {
-                "step": step, "macro_ppl": _macro_ppl(nll), "final": final, "eval": "full" if final else "subset",
+                "step": step, "macro_ppl": float(np.mean([math.exp(min(v, 50.0)) for v in nll.values()])), "final": final, "eval": "full" if final else "subset",
                 "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size, "quant_rel_error": None,
                 "seconds": time.perf_counter() - t0,
             }
             trained = ray.get(host.state.remote(lid))
             with tempfile.TemporaryDirectory() as tmp:
-                save_file({k: torch.from_numpy(np.array(v)) for k, v in trained.items()}, str(Path(tmp) / STATE_FILE))
+                save_file({k: np.ascontiguousarray(v) for k, v in trained.items()}, str(Path(tmp) / STATE_FILE))
                 (Path(tmp) / META_FILE).write_text(json.dumps(metrics))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 

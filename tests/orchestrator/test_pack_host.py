@@ -121,3 +121,9 @@ def test_packable_and_capacity(payload):
         host.lease(cfg, 0)
     host.release(lid)
     host.lease(cfg, 0)  # the freed group is reused
+
+
+def test_thin_trial_checkpoint_names_match_the_unpacked_trial():
+    from orchestrator import search_pack, search_trial
+
+    assert (search_pack.STATE_FILE, search_pack.META_FILE) == (search_trial.STATE_FILE, search_trial.META_FILE)
