@@ -127,3 +127,31 @@ def test_thin_trial_checkpoint_names_match_the_unpacked_trial():
     from orchestrator import search_pack, search_trial
 
     assert (search_pack.STATE_FILE, search_pack.META_FILE) == (search_trial.STATE_FILE, search_trial.META_FILE)
+
+
+def test_resume_from_an_unpacked_checkpoint(payload):
+    """A trial checkpointed unpacked after 2 steps resumes packed (Adam restarts, sampler seed
+    ``seed + done``, as an unpacked resume does) and ends where the unpacked resume ends."""
+    cfg = {"rank": 4, "tau": 100.0, "lr": 3e-3, "bits": 16, "target_sparsity": 0.0}
+    seed = _spec().train.seed
+    _, ckpt, _ = _unpacked(payload, cfg, 2)
+    spec = JobSpec.model_validate(payload["spec"])
+    model, _ = build_trial_model(spec, cfg, 3)
+    set_trainable(model, shared=True, task=True)
+    params = [p for p in adapter_params(model) if p.requires_grad]
+    t = lambda arrays: {s: torch.from_numpy(np.array(a)) for s, a in enumerate(arrays)}  # noqa: E731
+    data = FlockData(payload["sizes"], [0, 1, 2], t(payload["train"]), t(payload["eval"]),
+                     t(payload["train_prefix"]), t(payload["eval_prefix"]), payload["split"])
+    tr = spec.train
+    mc = MethodConfig("t", "hierarchical", 2, tr.batch_size, 3e-3, seed + 2, tr.weight_decay, tr.max_grad_norm,
+                      tr.temperature, tr.eval_batch_size, 1000)
+    prior = HierarchicalPrior(model, task_sizes=payload["sizes"], tau=100.0, mode="fixed")
+    ref = train_method(model, data, mc, ckpt, prior, lambda _m: None, trainable=params)["eval_nll"]
+    host = PackHost(payload, capacity=2, max_rank=4)
+    other = host.lease({**cfg, "rank": 2, "tau": 0.0}, seed)  # a neighbour trains alongside
+    lid = host.lease(cfg, seed + 2, ckpt)
+    host.step([lid, other])
+    host.step([lid, other])
+    got = host.evaluate(lid)
+    for k in ref:
+        assert math.isclose(got[k], ref[k], rel_tol=1e-5)
