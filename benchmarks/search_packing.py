@@ -93,7 +93,8 @@ def main() -> None:
         }
         for arm in args.arms.split(","):
             t0 = time.perf_counter()
-            section = run_search(spec, settings[arm], data, Path(tmp) / arm, spec.base.name)
+            with contextlib.redirect_stdout(sys.stderr):  # Tune's tables: stdout carries only the JSON
+                section = run_search(spec, settings[arm], data, Path(tmp) / arm, spec.base.name)
             wall = time.perf_counter() - t0
             trials = section["trials"]
             rows[arm] = {

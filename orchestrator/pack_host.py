@@ -14,10 +14,12 @@ that are training at that moment into one forward/backward over the concatenated
   loss gives every trial the gradient it would get alone; packed and unpacked trials with
   the same seed agree to float rounding (tested).
 
-What packs: bf16/fp32 bases without gates (``bits == 16`` and ``target_sparsity == 0``),
-any ``rank`` up to the host's ``max_rank``, any ``tau`` (fixed) and ``lr``. Quantised
-(LQ-LoRA's ``Q`` depends on the trial's rank) and gated trials (per-trial trainable gates on
-the base weights) change the base itself: they run unpacked, as before.
+What packs: every ungated trial (``target_sparsity == 0``), any ``tau`` (fixed) and ``lr``.
+A host serves one *base setting*: the unquantised base (``bits: 16``; any ``rank`` up to its
+``max_rank``, masked per slot), or one quantised base (``bits``, ``quantizer``, LQ iterations
+and ``rank``: LQ-LoRA's ``Q = quant(W - L1 L2^T)`` depends on the rank, so the quantisation is
+run once per host, exactly as the unpacked trial runs it, instead of once per trial). Gated
+trials (FineGates: trainable per-trial gates on the base weights) run unpacked, as before.
 
 :class:`PackHost` is plain PyTorch; :class:`PackHostActor` wraps it for Ray (a threaded
 actor: each trial's blocking call joins the next fused step).
@@ -40,7 +42,7 @@ from models.lora import inject
 from models.packed_lora import PARTS, GroupedLoraLinear, group_slots, initial_adapter_state, slot_index
 from models.train import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from orchestrator.flock_loop import FlockData, _batch
-from orchestrator.search_pack import packable
+from orchestrator.search_pack import base_setting, packable
 from orchestrator.spec import JobSpec
 
 __all__ = ["PackHost", "PackHostActor", "packable"]
@@ -77,17 +79,39 @@ class PackHost:
         device: torch device.
     """
 
-    def __init__(self, payload: dict, capacity: int, max_rank: int, device: str = "cpu") -> None:
+    def __init__(self, payload: dict, capacity: int, max_rank: int, device: str = "cpu", setting: dict | None = None) -> None:
         self.spec = JobSpec.model_validate(payload["spec"])
         spec, b = self.spec, self.spec.base
+        self.setting = dict(setting or {"bits": 16})
+        quantised = int(self.setting["bits"]) < 16
+        if quantised:  # LQ-LoRA's Q depends on the rank: one rank per quantised host
+            max_rank = int(self.setting["rank"])
         self.device, self.capacity, self.max_rank = device, int(capacity), int(max_rank)
         self.num_tasks = len(payload["names"])
         self.model = load_base(b.name, b.gguf_file, b.random_init, "float32", device, seed=spec.train.seed)
-        from orchestrator.search_trial import _top_layers  # the trial's own layer choice
+        from orchestrator.search_trial import _top_layers, deployed_bytes  # the trial's own layer choice and sizes
 
         layers = _top_layers(self.model, spec.lora.top_layers)
+        torch.manual_seed(spec.train.seed)  # the trial's Theta_A draws (LQ keeps them where L = 0)
         inject(self.model, spec.lora.target_modules, num_tasks=self.capacity * self.num_tasks, rank=self.max_rank,
                alpha=spec.lora.alpha, dropout=spec.lora.dropout, layers=layers)
+        self.theta_init: dict[str, torch.Tensor] = {}  # LQ-initialised Theta (quantised hosts)
+        self.quant: dict | None = None
+        if quantised:  # exactly build_trial_model's quantisation, once for every trial of this setting
+            from models.lq import quantize_model
+
+            q = quantize_model(self.model, "all-linear", bits=int(self.setting["bits"]), layers=layers,
+                               quantizer=str(self.setting["quantizer"]), iters=int(self.setting["lq_iters"]), cache_weight=True)
+            self.quant = {k: v for k, v in q.as_dict().items() if k != "matrices"}
+            from models.lora import lora_layers
+
+            for name, layer in lora_layers(self.model).items():
+                self.theta_init[f"{name}.lora_A_shared"] = layer.lora_A_shared.detach().clone()
+                self.theta_init[f"{name}.lora_B_shared"] = layer.lora_B_shared.detach().clone()
+        # deployed_bytes of a trial: the base part is the host's (ungated: shapes and packed
+        # bytes only); the adapter part is the trial's own rank (see deployed_bytes below).
+        size = deployed_bytes(self.model)
+        self.base_bytes, self.compressed_bytes = size["base_bytes"], size["compressed_bytes"]
         self.layers: dict[str, GroupedLoraLinear] = group_slots(self.model, self.capacity)
         for layer in self.layers.values():
             for p in (layer.lora_A_shared, layer.lora_B_shared, layer.lora_A, layer.lora_B):
@@ -102,11 +126,12 @@ class PackHost:
         self.total_size = float(sum(self.data.sizes))
         self.leases: dict[str, _Lease] = {}
         self.free = list(range(self.capacity))
-        # deployed_bytes of an unquantised, ungated trial: 2 bytes per base weight, the adapted
-        # matrices (with their biases) counted as "compressed" like search_trial does.
-        frozen = 2 * sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
-        self.compressed_bytes = sum(2 * p.numel() for layer in self.layers.values() for p in layer.base_layer.parameters())
-        self.base_bytes = frozen - self.compressed_bytes
+
+    def accepts(self, config: dict) -> bool:
+        """Whether a trial's config needs exactly this host's base (bits, quantizer, LQ rank)."""
+        fixed = config.get("_search", {})
+        need = base_setting(config, fixed.get("quantizer", "nf"), int(fixed.get("lq_iters", 2)), self.max_rank)
+        return need == self.setting
 
     # ------------------------------------------------------------------ leases
     def lease(self, config: dict, seed: int, state: dict[str, torch.Tensor] | None = None) -> str:
@@ -120,8 +145,8 @@ class PackHost:
         Returns:
             The lease id.
         """
-        if not packable(config, self.max_rank):
-            raise ValueError(f"trial config {config} cannot be packed on this host (max rank {self.max_rank})")
+        if not self.accepts(config):
+            raise ValueError(f"trial config {config} does not fit this host's base {self.setting} (max rank {self.max_rank})")
         if not self.free:
             raise RuntimeError(f"all {self.capacity} slot groups are leased: raise the host capacity")
         spec, tr = self.spec, self.spec.train
@@ -131,6 +156,7 @@ class PackHost:
         g = self.free.pop(0)
         slots = range(g * self.num_tasks, (g + 1) * self.num_tasks)
         init = initial_adapter_state(self.layers, rank, self.num_tasks, spec.train.seed)
+        init.update(self.theta_init)
         if state:
             init.update({k: torch.as_tensor(v) for k, v in state.items()})
         views: dict[str, torch.Tensor] = {}
@@ -252,9 +278,11 @@ class PackHostActor:
     """
 
     def __init__(self, payload: dict, capacity: int, max_rank: int, threads: int, device: str = "cpu",
-                 gather_s: float = 0.5, idle_s: float = 600.0) -> None:
-        torch.set_num_threads(int(threads))
-        self.host = PackHost(payload, capacity, max_rank, device)
+                 setting: dict | None = None, gather_s: float = 0.5, idle_s: float = 600.0) -> None:
+        self.threads = int(threads)
+        torch.set_num_threads(self.threads)
+        self.host = PackHost(payload, capacity, max_rank, device, setting)
+        self.step_s = self.eval_s = 0.0
         self.cv = threading.Condition()
         self.compute = threading.Lock()
         self.want: dict[str, int] = {}
@@ -265,6 +293,11 @@ class PackHostActor:
         self.gather_s = gather_s
         self.fused_steps = 0
         self.fused_rows = 0
+
+    def _threads(self) -> None:
+        # The intra-op thread count is per calling thread (OpenMP): Ray runs these methods on
+        # its own threads, which would otherwise start with OMP_NUM_THREADS (1 in a 0-CPU actor).
+        torch.set_num_threads(self.threads)
 
     def lease(self, config: dict, seed: int, state: dict | None = None) -> str:
         with self.compute:
@@ -310,7 +343,10 @@ class PackHostActor:
                 self.cv.release()
                 try:
                     with self.compute:
+                        t0 = time.perf_counter()
+                        self._threads()
                         self.host.step(batch)
+                        self.step_s += time.perf_counter() - t0
                 finally:
                     self.cv.acquire()
                     self.leading = False
@@ -331,7 +367,11 @@ class PackHostActor:
     def evaluate(self, lid: str, subset: int | None = None) -> dict[int, float]:
         self.seen[lid] = time.monotonic()
         with self.compute:
-            return self.host.evaluate(lid, subset)
+            t0 = time.perf_counter()
+            self._threads()
+            out = self.host.evaluate(lid, subset)
+            self.eval_s += time.perf_counter() - t0
+            return out
 
     def state(self, lid: str) -> dict[str, np.ndarray]:
         with self.compute:
@@ -340,6 +380,9 @@ class PackHostActor:
     def deployed_bytes(self, lid: str) -> dict:
         return self.host.deployed_bytes(lid)
 
+    def quant_error(self) -> float | None:
+        return (self.host.quant or {}).get("recon_rel_error")
+
     def stats(self) -> dict:
         """Fused steps run and mean trials per fused step (how much packing happened)."""
-        return {"fused_steps": self.fused_steps, "trial_steps": self.fused_rows}
+        return {"fused_steps": self.fused_steps, "trial_steps": self.fused_rows, "step_s": self.step_s, "eval_s": self.eval_s}

@@ -188,7 +188,7 @@ def run_search(
 
         rank_dim = space.dimensions.get("rank")
         max_rank = max([spec.lora.rank, *(int(v) for v in (rank_dim.values if rank_dim else ()))])
-        pack = PackHosts.start(payload, spec, search, max_rank, capacity=2 * concurrent)
+        pack = PackHosts(payload, spec, max_rank, capacity=2 * concurrent)
         trainable = pack.trainable(payload, resources)
     else:
         trainable = tune.with_resources(tune.with_parameters(search_trial, payload=payload), resources)

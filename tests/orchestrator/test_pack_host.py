@@ -111,7 +111,7 @@ def test_packed_trials_match_unpacked_trials(payload):
 
 def test_packable_and_capacity(payload):
     assert packable({"rank": 8, "bits": 16, "target_sparsity": 0.0}, 8)
-    assert not packable({"rank": 8, "bits": 4, "target_sparsity": 0.0}, 8)
+    assert packable({"rank": 8, "bits": 4, "target_sparsity": 0.0}, 8)  # on a quantised host
     assert not packable({"rank": 8, "bits": 16, "target_sparsity": 0.2}, 8)
     assert not packable({"rank": 16, "bits": 16}, 8)
     host = PackHost(payload, capacity=1, max_rank=4)
@@ -155,3 +155,31 @@ def test_resume_from_an_unpacked_checkpoint(payload):
     got = host.evaluate(lid)
     for k in ref:
         assert math.isclose(got[k], ref[k], rel_tol=1e-5)
+
+
+def test_quantised_trials_share_one_quantised_host(payload):
+    """Two 4-bit rank-4 trials (different tau and lr) on one host that quantised the base once
+    match the unpacked trials, which each quantise it themselves."""
+    from orchestrator.search_pack import base_setting
+
+    configs = [{"rank": 4, "tau": 100.0, "lr": 3e-3, "bits": 4, "target_sparsity": 0.0},
+               {"rank": 4, "tau": 0.0, "lr": 1e-3, "bits": 4, "target_sparsity": 0.0}]
+    setting = base_setting(configs[0], "nf", 2, 8)
+    assert setting == {"bits": 4, "quantizer": "nf", "lq_iters": 2, "rank": 4} == base_setting(configs[1], "nf", 2, 8)
+    assert base_setting({**configs[0], "rank": 2}, "nf", 2, 8) != setting  # LQ's Q depends on the rank
+    assert base_setting({**configs[0], "target_sparsity": 0.2}, "nf", 2, 8) is None
+    host = PackHost(payload, capacity=2, max_rank=4, setting=setting)
+    seed = _spec().train.seed
+    lids = [host.lease(c, seed) for c in configs]
+    with pytest.raises(ValueError, match="does not fit"):
+        host.lease({**configs[0], "bits": 16}, seed)
+    for _ in range(3):
+        host.step(lids)
+    for lid, cfg in zip(lids, configs):
+        ref_nll, ref_state, ref_bytes = _unpacked(payload, cfg, 3)
+        got = host.evaluate(lid)
+        for t in ref_nll:
+            assert math.isclose(got[t], ref_nll[t], rel_tol=1e-5)
+        for k, v in host.state(lid).items():
+            torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=1e-6)
+        assert host.deployed_bytes(lid) == ref_bytes
