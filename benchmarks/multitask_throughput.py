@@ -1,29 +1,44 @@
 """Multi-task throughput: one batched flock vs T PEFT trainings one after another.
 
-Run (quick, tiny random llama):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/multitask_throughput.py --tasks 8 --model tiny
-Real demo base (a few minutes on a shared 2-core CPU; on a GPU add --batch 8 --seq 512):
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/multitask_throughput.py --tasks 8 \
-        --model smollm2-135m --steps 3 --batch 1 --seq 128 --top-layers 4
+Run (defaults: SmolLM2-135M, 8 tasks x 4 sequences of 128 tokens, 4 epochs, LoRA on all 7
+projections of the top 4 blocks; ~5 min on a 2-core CPU):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/multitask_throughput.py
+Quick (tiny random llama; adapters on all its blocks, so no prefix cache):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/multitask_throughput.py --model tiny --top-layers 0
+GPU (unchanged code; reports MFU): add ``--batch 8 --seq 512 --seqs-per-task 32``.
 
 Every arm trains the same adapters (same rank, alpha, target modules, layers, optimizer,
-learning rate, gradient clipping) on the same tokens, and is timed end to end: base loading,
-adapter creation, training, saving the adapters in PEFT's format.
+learning rate, gradient clipping) on the same tokens: each task's ``--seqs-per-task``
+sequences seen ``--epochs`` times, ``--batch`` rows of every task per step. Each arm is
+timed end to end: base loading, adapter creation, training, saving the adapters in PEFT's
+format.
 
-* ``flock`` (a): our core. One base load, ``models.lora.inject`` with T slots, one AdamW over
-  the task slots (independent kind: shared Theta frozen, deltas train), ``steps`` calls of
-  ``models.train.train_step`` on mixed batches holding ``batch`` rows of EVERY task
-  (T * batch rows), then T ``save_adapter`` calls.
+* ``flock`` (a): the product's path. One base load, ``models.lora.inject`` with T slots, one
+  AdamW over the task slots (independent kind), and, when the adapters sit on the top
+  blocks only, the frozen-prefix cache the flock stage and the Tune trials use
+  (``models.prefix``): the frozen lower blocks run ONCE per training sequence (``prefix_s``)
+  and every step runs only the top blocks + head from the cache. Then ``models.train.
+  train_step`` on mixed batches of ``T * batch`` rows, and T ``save_adapter`` calls.
+* ``flock_noprefix``: the same without the prefix cache (the full forward every step).
 * ``peft_sequential`` (b): what users do today, T times: ``load_base``,
-  ``peft.get_peft_model``, a plain AdamW loop of ``steps`` steps on ``batch`` rows of that
-  task (``loss = model(input_ids, labels).loss``), ``save_pretrained``. Same tokens per task.
-* ``single_adapter`` (c): the same PEFT loop for ONE adapter at the flock's batch (T * batch
-  rows per step, same steps, same total tokens): the per-token cost a flock should match.
-* ``single_core`` (d): our core with one slot at that batch (the ``router.single`` path).
+  ``peft.get_peft_model``, a plain AdamW loop on ``batch`` rows of that task with the full
+  forward (``loss = model(input_ids, labels).loss``), ``save_pretrained``.
+* ``single_adapter`` (c): that PEFT loop for ONE adapter at the flock's batch (``T * batch``
+  rows per step, same steps, same total tokens).
+* ``single_core`` (d, optional): our core with one slot at that batch, product path.
 
-The flock's honest advantages over (b) are one model load, one optimizer and full batches
-for every step even for small tasks; its per-token cost over (c) should approach 1.0 (the
-adapters are < 1% of the FLOPs). Prints ONE JSON object.
+Where the flock's advantage comes from (SmolLM2, 2-core CPU, see benchmarks/README.md):
+on a CPU the step is FLOP-bound (``aten::mm`` ~73% of a flock step in torch.profiler; the
+gathers, bmm and index_put of the adapter slots ~7%, log-softmax ~8%), so batching alone
+cannot beat PEFT by much per token. The real saving is work not done: with LoRA on the top
+4 of 30 blocks, the prefix cache runs the 26 frozen blocks once per sequence instead of once
+per epoch (``ratio_vs_peft_sequential``); without it (``ratio_vs_peft_sequential_noprefix``)
+what remains is one model load instead of T, full batches instead of T runs of small ones
+(PEFT's per-run first steps are slow), and a loss without a logits copy.
+``per_token_cost_vs_single_adapter`` compares like with like: ``flock_noprefix`` (T slots,
+gathered per row) against ``single_adapter`` (one PEFT adapter), both full forward at the
+same batch: the cost of routing rows to T adapters, which should be ~1.0. Prints ONE JSON
+object.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.base import adaptable_layers, load_base  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, set_trainable  # noqa: E402
 from models.peft_io import save_adapter  # noqa: E402
+from models.prefix import compute_prefix  # noqa: E402
 from models.train import Batch, seed_everything, train_step  # noqa: E402
 
 TINY = {
@@ -76,7 +92,8 @@ class _Clock:
     """Phase timer: seconds of load / train / save plus every step's duration."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.phases, self.steps = device, {"load_s": 0.0, "train_s": 0.0, "save_s": 0.0}, []
+        self.device, self.steps = device, []
+        self.phases = {"load_s": 0.0, "prefix_s": 0.0, "train_s": 0.0, "save_s": 0.0}
         self.t = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -88,24 +105,46 @@ class _Clock:
         self.t = now
 
 
-def run_flock(args, data: torch.Tensor, out: Path, slots: int) -> dict:
-    """Arm (a) with ``slots`` = T, arm (d) with ``slots`` = 1 (rows of every task in one slot)."""
+def _rows(data: torch.Tensor, s: int, b: int) -> torch.Tensor:
+    """Rows of step ``s`` for every task: (T, b, L). Epochs wrap around each task's sequences."""
+    n = data.shape[1]
+    idx = torch.arange(s * b, (s + 1) * b) % n
+    return data[:, idx]
+
+
+def run_flock(args, data: torch.Tensor, out: Path, slots: int, prefix: bool) -> dict:
+    """Arm (a) with ``slots`` = T, arm (d) with ``slots`` = 1 (rows of every task in one slot).
+
+    ``prefix``: the product's path when adapters sit on the top blocks only (what the flock
+    stage and the Tune trials do): the frozen lower blocks run once per training sequence
+    (``models.prefix.compute_prefix``, timed in ``prefix_s``) and every step runs the top
+    blocks + head from the cache (``Batch.prefix``). Exact: same loss to float rounding.
+    """
     clock = _Clock(args.device)
     model = _load(args)
     seed_everything(args.seed)
-    inject(model, args.targets, num_tasks=slots, rank=args.rank, alpha=2.0 * args.rank,
-           layers=_top_layers(model, args.top_layers))
+    layers = _top_layers(model, args.top_layers)
+    inject(model, args.targets, num_tasks=slots, rank=args.rank, alpha=2.0 * args.rank, layers=layers)
     set_trainable(model, shared=slots == 1, task=slots > 1)  # independent kind; 1 slot = plain LoRA
     params = [p for p in adapter_params(model) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     clock.lap("load_s")
-    T, B = data.shape[0], args.batch
+    T, N, L = data.shape
+    split = layers[0] if prefix and layers else 0
+    cache = None
+    if split:
+        flat = data.reshape(T * N, L).to(args.device)
+        cache = compute_prefix(model, flat, split, batch_size=16).view(T, N, L, -1)  # (T, N, L, H)
+        clock.lap("prefix_s")
+    B = args.batch
+    tid = torch.arange(T, device=args.device).repeat_interleave(B) if slots > 1 else torch.zeros(T * B, dtype=torch.long, device=args.device)
+    w = torch.full((T * B,), 1.0 / (T * B), device=args.device)
     losses = []
     for s in range(args.steps):
-        rows = data[:, s * B : (s + 1) * B].reshape(T * B, -1).to(args.device)  # (T*B, L), task-major
-        tid = torch.arange(T, device=args.device).repeat_interleave(B) if slots > 1 else torch.zeros(T * B, dtype=torch.long, device=args.device)
-        w = torch.full((T * B,), 1.0 / (T * B), device=args.device)
-        losses.append(train_step(model, Batch(rows, tid, w), opt, params, max_grad_norm=1.0).nll)
+        idx = torch.arange(s * B, (s + 1) * B) % N
+        rows = data[:, idx].reshape(T * B, L).to(args.device)  # (T*B, L), task-major
+        pre = cache[:, idx.to(cache.device)].reshape(T * B, L, -1) if cache is not None else None
+        losses.append(train_step(model, Batch(rows, tid, w, pre, split), opt, params, max_grad_norm=1.0).nll)
         clock.lap("train_s")
     for t in range(slots):
         save_adapter(model, t, out / f"task{t}")
@@ -144,14 +183,14 @@ def run_peft_sequential(args, data: torch.Tensor, out: Path) -> dict:
     """Arm (b): T independent PEFT trainings, one after another, ``batch`` rows per step."""
     clock, losses, B = _Clock(args.device), [], args.batch
     for t in range(data.shape[0]):
-        _peft_train(args, lambda s, t=t: data[t, s * B : (s + 1) * B], out / f"task{t}", clock, losses)
+        _peft_train(args, lambda s, t=t: _rows(data, s, B)[t], out / f"task{t}", clock, losses)
     return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
 
 
 def run_single_adapter(args, data: torch.Tensor, out: Path) -> dict:
     """Arm (c): one PEFT adapter at the flock's batch (T * batch rows per step)."""
     clock, losses, (T, B) = _Clock(args.device), [], (data.shape[0], args.batch)
-    _peft_train(args, lambda s: data[:, s * B : (s + 1) * B].reshape(T * B, -1), out, clock, losses)
+    _peft_train(args, lambda s: _rows(data, s, B).reshape(T * B, -1), out, clock, losses)
     return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
 
 
@@ -179,12 +218,15 @@ def flops_per_token(model: nn.Module, args) -> float:
 def summarise(result: dict, tokens: int, flops: float | None, peak: float | None) -> dict:
     clock = result["clock"]
     total = sum(clock.phases.values())
+    work = clock.phases["prefix_s"] + clock.phases["train_s"]  # training work without loads/saves
     row = {**{k: round(v, 3) for k, v in clock.phases.items()}, "seconds": round(total, 3), "tokens": tokens,
-           "tokens_per_s": round(tokens / total, 1), "train_tokens_per_s": round(tokens / clock.phases["train_s"], 1),
+           "tokens_per_s": round(tokens / total, 1), "train_tokens_per_s": round(tokens / work, 1),
            "step_s_median": round(statistics.median(clock.steps), 4),
            "loss_first_last": [round(x, 4) for x in result["loss_first_last"]]}
     if flops is not None and peak:
-        row["mfu_train"] = round(flops * tokens / clock.phases["train_s"] / peak, 4)
+        # Nominal model FLOPs (a full forward per token): with the prefix cache this is an
+        # effective MFU, since the cached lower blocks are not recomputed every epoch.
+        row["mfu_train"] = round(flops * tokens / work / peak, 4)
         row["mfu_end_to_end"] = round(flops * tokens / total / peak, 4)
     return row
 
@@ -192,21 +234,25 @@ def summarise(result: dict, tokens: int, flops: float | None, peak: float | None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--model", default="tiny", help="tiny | smollm2-135m | any load_base name")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=2, help="rows per task per step (the flock's batch is tasks*batch)")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny | any load_base name")
+    ap.add_argument("--seqs-per-task", type=int, default=4, help="training sequences of each task")
+    ap.add_argument("--epochs", type=int, default=4, help="passes over each task's sequences")
+    ap.add_argument("--batch", type=int, default=1, help="rows per task per step (the flock's batch is tasks*batch)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--top-layers", type=int, default=0, help="adapt only the top k blocks (0 = all)")
+    ap.add_argument("--top-layers", type=int, default=4, help="adapt only the top k blocks (0 = all)")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (GPU default: by name)")
-    ap.add_argument("--arms", default="flock,peft_sequential,single_adapter,single_core")
+    ap.add_argument("--arms", default="flock,flock_noprefix,peft_sequential,single_adapter")
     ap.add_argument("--repeats", type=int, default=1, help="run the arms this many times, interleaved; keep each arm's fastest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.targets = args.targets.split(",")
+    if (args.seqs_per_task * args.epochs) % args.batch:
+        ap.error("--seqs-per-task x --epochs must be a multiple of --batch (whole steps)")
+    args.steps = args.seqs_per_task * args.epochs // args.batch
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     arms = args.arms.split(",")
@@ -215,10 +261,11 @@ def main() -> None:
 
     probe = _load(args)  # warm the page cache / converted-model cache for every arm alike
     vocab = probe.config.vocab_size
+    cached = _top_layers(probe, args.top_layers) is not None  # adapters on the top blocks only
     del probe
     gen = torch.Generator().manual_seed(args.seed)
-    data = torch.randint(0, vocab, (args.tasks, args.steps * args.batch, args.seq), generator=gen)  # (T, S*B, L)
-    tokens = data.numel()
+    data = torch.randint(0, vocab, (args.tasks, args.seqs_per_task, args.seq), generator=gen)  # (T, N, L)
+    tokens = args.tasks * args.steps * args.batch * args.seq  # trained tokens (every epoch counts)
     peak = None
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name()
@@ -228,11 +275,15 @@ def main() -> None:
     results, flops = {}, None
     with tempfile.TemporaryDirectory(prefix="loraflock-bench-") as tmp:
         runners = {
-            "flock": lambda: run_flock(args, data, Path(tmp) / "flock", args.tasks),
+            "flock": lambda: run_flock(args, data, Path(tmp) / "flock", args.tasks, prefix=True),
+            "flock_noprefix": lambda: run_flock(args, data, Path(tmp) / "flock_np", args.tasks, prefix=False),
             "peft_sequential": lambda: run_peft_sequential(args, data, Path(tmp) / "peft"),
             "single_adapter": lambda: run_single_adapter(args, data, Path(tmp) / "single"),
-            "single_core": lambda: run_flock(args, data, Path(tmp) / "single_core", 1),
+            "single_core": lambda: run_flock(args, data, Path(tmp) / "single_core", 1, prefix=True),
         }
+        unknown = sorted(set(arms) - set(runners))
+        if unknown:
+            ap.error(f"--arms: unknown {unknown}; choose from {sorted(runners)}")
         for rep in range(args.repeats):  # arms interleaved; each keeps its fastest repeat
             for arm in arms:
                 res = runners[arm]()
@@ -243,22 +294,28 @@ def main() -> None:
                     results[arm] = res
                 print(f"repeat {rep}: {arm} {secs:.1f}s", file=sys.stderr)
     rows = {arm: summarise(r, tokens, flops, peak) for arm, r in results.items()}
+    T, B, S = args.tasks, args.batch, args.steps
     does = {
-        "flock": f"1 base load; inject {args.tasks} slots; 1 AdamW; {args.steps} train_step calls on mixed batches "
-                 f"of {args.tasks}x{args.batch} rows; save {args.tasks} PEFT adapters",
-        "peft_sequential": f"{args.tasks} x (load base; peft.get_peft_model; AdamW loop of {args.steps} steps of "
-                           f"{args.batch} rows of one task; save_pretrained)",
-        "single_adapter": f"1 x (load base; peft.get_peft_model; AdamW loop of {args.steps} steps of "
-                          f"{args.tasks * args.batch} rows; save_pretrained)",
-        "single_core": f"our core with 1 slot, {args.steps} train_step calls of {args.tasks * args.batch} rows",
+        "flock": f"1 base load; inject {T} slots; 1 AdamW; "
+                 + (f"frozen lower blocks run once for the {T}x{args.seqs_per_task} sequences (prefix cache); " if cached else "")
+                 + f"{S} train_step calls on mixed batches of {T}x{B} rows; save {T} PEFT adapters",
+        "flock_noprefix": f"as flock but every step runs the full forward (no prefix cache): {S} train_step calls "
+                          f"of {T}x{B} rows",
+        "peft_sequential": f"{T} x (load base; peft.get_peft_model; AdamW loop of {S} steps of "
+                           f"{B} rows of one task, full forward; save_pretrained)",
+        "single_adapter": f"1 x (load base; peft.get_peft_model; AdamW loop of {S} steps of "
+                          f"{T * B} rows, full forward; save_pretrained)",
+        "single_core": f"our core with 1 slot, product path (prefix cache if top blocks only), {S} train_step calls "
+                       f"of {T * B} rows",
     }
     for arm in rows:
         rows[arm]["does"] = does[arm]
     per_tok = lambda arm: rows[arm]["seconds"] / rows[arm]["tokens"]  # noqa: E731
     report = {
         "benchmark": "multitask_throughput",
-        "compared": "flock (a) vs peft_sequential (b) and single_adapter (c), same tokens, end to end",
+        "compared": "flock (a, product path) vs peft_sequential (b) and single_adapter (c), same tokens, end to end",
         "settings": {k: v for k, v in vars(args).items()},
+        "prefix_cache": cached,
         "machine": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "loadavg_start": [round(x, 2) for x in load_start],
@@ -266,14 +323,17 @@ def main() -> None:
         "flops_per_token": flops,
         "arms": rows,
     }
-    if "flock" in rows and "peft_sequential" in rows:
-        report["ratio_vs_peft_sequential"] = round(rows["flock"]["tokens_per_s"] / rows["peft_sequential"]["tokens_per_s"], 3)
-        # Without loading/saving: what remains for long trainings where loads are amortised.
-        report["train_only_ratio_vs_peft_sequential"] = round(
-            rows["flock"]["train_tokens_per_s"] / rows["peft_sequential"]["train_tokens_per_s"], 3)
-    if "flock" in rows and "single_adapter" in rows:
-        report["per_token_cost_vs_single_adapter"] = round(per_tok("flock") / per_tok("single_adapter"), 3)
-        report["step_cost_vs_single_adapter"] = round(rows["flock"]["step_s_median"] / rows["single_adapter"]["step_s_median"], 3)
+    for arm, key in (("flock", "ratio_vs_peft_sequential"), ("flock_noprefix", "ratio_vs_peft_sequential_noprefix")):
+        if arm in rows and "peft_sequential" in rows:
+            report[key] = round(rows[arm]["tokens_per_s"] / rows["peft_sequential"]["tokens_per_s"], 3)
+            # Without loading/saving: what remains for long trainings where loads are amortised.
+            report["train_only_" + key] = round(rows[arm]["train_tokens_per_s"] / rows["peft_sequential"]["train_tokens_per_s"], 3)
+    # The adapter-routing overhead, like for like: both arms run the full forward every step.
+    like = "flock_noprefix" if "flock_noprefix" in rows else "flock"
+    if like in rows and "single_adapter" in rows:
+        report["per_token_cost_vs_single_adapter"] = round(per_tok(like) / per_tok("single_adapter"), 3)
+        report["per_token_cost_vs_single_adapter_arm"] = like
+        report["step_cost_vs_single_adapter"] = round(rows[like]["step_s_median"] / rows["single_adapter"]["step_s_median"], 3)
     if "flock" in rows and "single_core" in rows:
         report["per_token_cost_vs_single_core"] = round(per_tok("flock") / per_tok("single_core"), 3)
     print(json.dumps(report, indent=1))

@@ -182,7 +182,16 @@ def run_search(
         threads,
     ))
     resources = {"cpu": search.cpus_per_trial, **({"gpu": 1} if spec.ray.use_gpu else {})}
-    trainable = tune.with_resources(tune.with_parameters(search_trial, payload=payload), resources)
+    pack = None
+    if search.packing:  # trial packing: see orchestrator/search_pack.py
+        from orchestrator.search_pack import PackHosts
+
+        rank_dim = space.dimensions.get("rank")
+        max_rank = max([spec.lora.rank, *(int(v) for v in (rank_dim.values if rank_dim else ()))])
+        pack = PackHosts(payload, spec, max_rank, capacity=2 * concurrent)
+        trainable = pack.trainable(payload, resources)
+    else:
+        trainable = tune.with_resources(tune.with_parameters(search_trial, payload=payload), resources)
     del payload  # the trials read the object-store copy
     exp = storage / "search"
     if exp.exists() and tune.Tuner.can_restore(str(exp)):
@@ -210,8 +219,14 @@ def run_search(
                 failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
             ),
         )
-    results = tuner.fit()
-    return _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0)
+    try:
+        results = tuner.fit()
+        packing = pack.stats() if pack is not None else None
+    finally:
+        if pack is not None:
+            pack.stop()
+    section = _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0)
+    return {**section, "packing": packing} if packing is not None else section
 
 
 def _pick(search: SearchSpec, front: list[dict], out: Path) -> dict | None:

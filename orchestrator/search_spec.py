@@ -83,6 +83,9 @@ class SearchSpec(_Strict):
             (multi-objective TPE on (macro_ppl, model_bytes); needs ``pip install optuna``).
         pick: the rule that picks the deployed point of the front.
         seed: seed of the sampled configurations (trials train with ``train.seed``).
+        packing: run ungated trials as slot groups on one long-lived host per (node, base
+            setting) that holds the (quantised) base and prefix cache and fuses concurrent
+            trials' steps (``orchestrator/search_pack.py``); same metrics as unpacked trials.
     """
 
     enabled: bool = False
@@ -102,6 +105,7 @@ class SearchSpec(_Strict):
     algorithm: Literal["random", "optuna"] = "random"
     pick: PickSpec | None = None
     seed: int = 0
+    packing: bool = False
 
     @field_validator("space")
     @classmethod
