@@ -19,6 +19,7 @@ from typing import Callable
 
 from models.files import atomic_write_json
 from orchestrator.errors import ClusterAddressError, OutputDirError
+from orchestrator.ray_logging import SETUP_HOOK
 from orchestrator.spec import JobSpec
 
 __all__ = ["run_job", "StageState", "init_ray"]
@@ -82,6 +83,8 @@ def init_ray(address: str | None, include_dashboard: bool = False) -> None:
             dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             configure_logging=True,
+            # no dashboard, no State API: keep Ray Train's State API polling out of the console
+            runtime_env=None if include_dashboard else {"worker_process_setup_hook": SETUP_HOOK},
         )
 
 
