@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from orchestrator.spec_base import _Strict
 
 __all__ = ["PickSpec", "SearchSpec"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PickSpec(_Strict):

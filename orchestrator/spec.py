@@ -4,6 +4,10 @@
 prints the JSON schema. The spec crosses into Ray as ``model_dump()`` and is re-validated
 on the other side, so workers never see an unchecked value.
 
+The larger sections live in their own modules (``base_spec``: ``base:``, ``gates_spec``:
+``gates:``, ``search_spec``: ``search:``) and are re-exported here, so
+``from orchestrator.spec import BaseSpec`` keeps working.
+
 Example:
     >>> spec = load_job("examples/tiny.yaml")
     >>> spec.lora.rank
@@ -17,10 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from orchestrator.base_spec import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
 from orchestrator.errors import SpecError
+from orchestrator.gates_spec import GatesSpec
 from orchestrator.search_spec import SearchSpec
+from orchestrator.spec_base import _Strict
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -39,120 +46,6 @@ __all__ = [
     "parse_job",
     "format_validation_error",
 ]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-QUANT_BITS = (2, 3, 4, 8)
-
-
-class QuantSpec(_Strict):
-    """How the base is quantised when ``base.bits`` < 16 or ``base.bit_budget`` is set.
-
-    LQ-LoRA / ReALLM: each chosen matrix becomes ``W ~ Q + L1 L2^T`` with Q packed at b bits
-    (dequantised per layer in the forward) and the rank-r part starting the adapters'
-    shared Theta. The defaults match the search trials (``orchestrator/search_trial.py``).
-
-    Args:
-        quantizer: ``nf`` (NormalFloat), ``uniform`` (blockwise absmax) or ``vq`` (k-means
-            codebook). For ``bit_budget`` the candidates are this quantizer at 2, 3, 4, 8 bits.
-        lq_rank: rank of L1 L2^T on matrices that get LoRA; ``None`` = ``lora.rank``;
-            0 = plain quantisation (adapters keep their usual init).
-        lq_iters: LQ rounds (SVD, re-quantise); the best iterate is kept.
-        layers: ``adapted`` = every linear layer of the blocks that get adapters
-            (``lora.top_layers``); ``all`` = every block's. The output head is never quantised.
-        block_size: weights per fp16 absmax scale (scales cost 16 / block_size bits per weight).
-    """
-
-    quantizer: Literal["nf", "uniform", "vq"] = "nf"
-    lq_rank: int | None = Field(None, ge=0, le=4096)
-    lq_iters: int = Field(2, ge=1, le=20)
-    layers: Literal["adapted", "all"] = "adapted"
-    block_size: int = Field(64, ge=2, le=4096)
-
-    @field_validator("block_size")
-    @classmethod
-    def _even(cls, v: int) -> int:
-        if v % 2:
-            raise ValueError(f"block_size must be even (e.g. 64), got {v}")
-        return v
-
-
-class BaseSpec(_Strict):
-    """The frozen base model.
-
-    Args:
-        name: builtin name (``smollm2-135m``), hub id or local directory.
-        gguf_file: a GGUF file inside ``name`` (dequantised to fp32 once and cached).
-        random_init: a ``transformers`` config dict with ``model_type``: random weights (tests).
-        tokenizer: tokenizer name/path, or ``bytes`` (offline byte-level); default: ``name``.
-        dtype: ``auto`` = fp32 on CPU, bf16 on GPU.
-        bits: quantise the base to 2, 3, 4 or 8 bits per weight (16 or unset = unquantised);
-            the flock's adapters then train on the quantised base (see ``quant``).
-        bit_budget: instead of one width, an average bits-per-weight budget for the quantised
-            matrices (codes, scales and codebooks all count); each matrix's width is chosen
-            to minimise the total reconstruction error within it (``models.bit_budget``).
-        quant: quantiser, LQ rank/rounds and which layers (used with ``bits``/``bit_budget``).
-    """
-
-    name: str | None = None
-    gguf_file: str | None = None
-    random_init: dict[str, Any] | None = None
-    tokenizer: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    bits: int | None = None
-    bit_budget: float | None = None
-    quant: QuantSpec = Field(default_factory=QuantSpec)
-
-    @field_validator("bits")
-    @classmethod
-    def _bits_ok(cls, v: int | None) -> int | None:
-        if v is not None and v not in (*QUANT_BITS, 16):
-            raise ValueError(
-                f"bits={v} is not supported: use 2, 3, 4 or 8 (quantised) or 16 (unquantised); "
-                "for an average between widths use base.bit_budget instead"
-            )
-        return v
-
-    @field_validator("bit_budget")
-    @classmethod
-    def _budget_ok(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 16:  # NaN fails the comparison too
-            raise ValueError(f"bit_budget={v:g} must be an average number of bits per weight in (0, 16], e.g. 3.0")
-        return v
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the flock trains on a quantised base."""
-        return self.bit_budget is not None or (self.bits is not None and self.bits < 16)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "BaseSpec":
-        if (self.name is None) == (self.random_init is None):
-            raise ValueError("give exactly one of `name` (hub id, local path, builtin) or `random_init`")
-        if self.random_init is not None:
-            if "model_type" not in self.random_init:
-                raise ValueError("random_init needs a `model_type` (e.g. llama, gpt2)")
-            if self.tokenizer is None:
-                raise ValueError("random_init models need `tokenizer` (e.g. `bytes`, vocab 257)")
-        if self.bits is not None and self.bit_budget is not None:
-            raise ValueError(
-                f"give base.bits ({self.bits}) or base.bit_budget ({self.bit_budget:g}), not both: "
-                "bits quantises every matrix to one width, bit_budget chooses a width per matrix"
-            )
-        if self.bit_budget is not None:
-            floor = 2 + 16 / self.quant.block_size  # 2-bit codes + one fp16 scale per block
-            if self.bit_budget < floor:
-                raise ValueError(
-                    f"bit_budget={self.bit_budget:g} is below the smallest encoding: 2-bit codes plus fp16 scales "
-                    f"take at least {floor:g} bits per weight at quant.block_size {self.quant.block_size}; "
-                    f"raise base.bit_budget to {floor:g} or more (or use a larger base.quant.block_size)"
-                )
-        if self.quant != QuantSpec() and not self.quantized:  # by value: model_dump() round trips carry the defaults
-            raise ValueError("base.quant has no effect without base.bits (2, 3, 4 or 8) or base.bit_budget: set one, or drop base.quant")
-        return self
 
 
 class LoraSpec(_Strict):
@@ -318,70 +211,6 @@ class RecycleSpec(_Strict):
     steps: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     k_extra: int = Field(0, ge=0)
-
-
-class GatesSpec(_Strict):
-    """FineGates in the flock: stochastic gates prune the frozen base while the adapters train.
-
-    Every method of the flock (hierarchical, the baselines, tau-sweep points) trains with the
-    same gates and schedule, so their comparison stays fair; PESC runs ungated. At the end
-    the hierarchical flock is exported as a smaller plain ``transformers`` model plus PEFT
-    adapters for it (``export/``). Schedule: see ``models.gate_schedule``.
-
-    Args:
-        enabled: train gates.
-        target_sparsity: fraction of gates closed at the end (with the default targets: of
-            the MLP intermediate channels, i.e. of the gated layers' weights).
-        scope: ``shared`` (one pruned base for every task) or ``task`` (a pruned base per task).
-        lambda: weight of the penalty ``(mean P_open - (1 - target))^2`` after warm-up.
-        target_modules: layers to gate; default ``down_proj`` (Llama family; GPT-2:
-            ``mlp.c_proj``), whose input columns are the MLP channels the export removes.
-        sides: gate the layers' input columns (``cols``), output rows (``rows``) or ``both``.
-        layers: ``adapted`` (the blocks with adapters, ``lora.top_layers``: the frozen
-            blocks below stay cached) or ``all`` blocks (no prefix cache: slower).
-        gate_lr: step size of the gate logits; ``None`` = just enough to close the target
-            quantile by the hardening step (``GateSchedule.auto_gate_lr``).
-        warmup: fraction of the steps over which the penalty ramps up from 0.
-        sigma / sigma_final: training noise at the first step / at the hardening step.
-        harden_at: fraction of the steps after which the gates are a binary mask with exactly
-            ``target_sparsity`` closed (1.0 = never: only gates that reached 0 are removed).
-        allocation: ``layer`` (the same closed fraction in every gated layer: the exported
-            blocks keep one width) or ``global``.
-        init: ``importance`` (theta from activation-weighted weight norms on
-            ``calibration_batches`` training batches), ``taylor`` (from the first-order loss
-            change of closing each gate, one backward pass per batch) or ``constant``
-            (theta ~ N(1, 0.1)).
-        export: write ``export/`` at the end.
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-    enabled: bool = False
-    target_sparsity: float = Field(0.3, ge=0, lt=1)
-    scope: Literal["shared", "task"] = "shared"
-    lam: float = Field(50.0, ge=0, alias="lambda")
-    target_modules: list[str] = Field(default_factory=lambda: ["down_proj"], min_length=1)
-    sides: Literal["cols", "rows", "both"] = "cols"
-    layers: Literal["adapted", "all"] = "adapted"
-    gate_lr: float | None = Field(None, gt=0)
-    warmup: float = Field(0.2, ge=0, le=1)
-    sigma: float = Field(0.1, ge=0)
-    sigma_final: float = Field(0.0, ge=0)
-    harden_at: float = Field(0.75, gt=0, le=1)
-    allocation: Literal["layer", "global"] = "layer"
-    init: Literal["importance", "taylor", "constant"] = "importance"
-    calibration_batches: int = Field(4, ge=1)
-    export: bool = True
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "GatesSpec":
-        if self.enabled and self.target_sparsity <= 0:
-            raise ValueError("gates.target_sparsity must be > 0 when gates are enabled (e.g. 0.3)")
-        if self.sigma_final > self.sigma:
-            raise ValueError(f"gates.sigma_final ({self.sigma_final}) must be <= gates.sigma ({self.sigma}): the noise anneals down")
-        if self.harden_at <= self.warmup and self.harden_at < 1.0:
-            raise ValueError(f"gates.harden_at ({self.harden_at}) must come after the warm-up (gates.warmup = {self.warmup})")
-        return self
 
 
 class RaySpec(_Strict):
