@@ -106,26 +106,37 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
         assert _nll(model, data[task].eval_ids) == pytest.approx(rep["flock"]["tasks"][task]["eval_loss"], rel=1e-4)
 
 
+def _random_gated_model(
+    lora_targets: list[str], lora_tasks: int, seed: int, closed: float, **gate_kwargs
+) -> tuple[torch.nn.Module, torch.Generator]:
+    """The tiny job's base with rank-4 LoRA, ``down_proj`` column gates, random adapters and
+    gates, hardened to ``closed``; the generator is returned to draw the test's inputs from."""
+    from models.base import load_base
+    from models.gate_schedule import harden
+    from models.gates import gate_params, inject_gates
+    from models.lora import adapter_params, inject
+
+    spec = parse_job(yaml.safe_load(JOB.read_text()))
+    model = load_base(random_init=spec.base.random_init, seed=0)
+    inject(model, lora_targets, num_tasks=lora_tasks, rank=4, alpha=8.0)
+    inject_gates(model, ["down_proj"], gate_rows=False, **gate_kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_params(model) + gate_params(model):
+            p.copy_(torch.randn(p.shape, generator=g))
+    harden(model, closed)
+    return model, g
+
+
 def test_task_scope_export_gives_each_task_its_own_pruned_model(tmp_path) -> None:
     """export_gated with per-task gates: task t's pruned model + adapter = the gated model's eval logits for t."""
     from peft import PeftModel
 
-    from models.base import load_base
     from models.gate_export import load_pruned
-    from models.gate_schedule import harden
-    from models.gates import gate_params, inject_gates
-    from models.lora import adapter_params, inject, task_ids
+    from models.lora import task_ids
     from orchestrator.flock_worker import export_gated
 
-    spec = parse_job(yaml.safe_load(JOB.read_text()))
-    model = load_base(random_init=spec.base.random_init, seed=0)
-    inject(model, ["q_proj", "down_proj"], num_tasks=2, rank=4, alpha=8.0)
-    inject_gates(model, ["down_proj"], scope="task", num_tasks=2, gate_rows=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in adapter_params(model) + gate_params(model):
-            p.copy_(torch.randn(p.shape, generator=g))
-    harden(model, 0.25)
+    model, g = _random_gated_model(["q_proj", "down_proj"], 2, seed=0, closed=0.25, scope="task", num_tasks=2)
     ids = torch.randint(0, 257, (2, 16), generator=g)
     export_gated(model, tmp_path, ["a", "b"], [0, 1], 0, "task")
     closed = []
@@ -143,22 +154,11 @@ def test_export_of_top_blocks_only_keeps_per_block_widths(tmp_path) -> None:
     """Gates on the top block only: widths differ per block; load_pruned rebuilds them exactly."""
     from peft import PeftModel
 
-    from models.base import load_base
     from models.gate_export import load_pruned
-    from models.gate_schedule import harden
-    from models.gates import gate_params, inject_gates
-    from models.lora import adapter_params, inject, task_ids
+    from models.lora import task_ids
     from orchestrator.flock_worker import export_gated
 
-    spec = parse_job(yaml.safe_load(JOB.read_text()))
-    model = load_base(random_init=spec.base.random_init, seed=0)
-    inject(model, ["v_proj", "down_proj"], num_tasks=1, rank=4, alpha=8.0)
-    inject_gates(model, ["down_proj"], layers=[1], gate_rows=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in adapter_params(model) + gate_params(model):
-            p.copy_(torch.randn(p.shape, generator=g))
-    harden(model, 0.5)
+    model, g = _random_gated_model(["v_proj", "down_proj"], 1, seed=1, closed=0.5, layers=[1])
     ids = torch.randint(0, 257, (2, 16), generator=g)
     with torch.no_grad(), task_ids(model, 0):
         ref = model.eval()(input_ids=ids).logits
