@@ -15,19 +15,11 @@ from orchestrator.flock_loop import FlockData, MethodConfig, train_method
 from orchestrator.pack_host import PackHost, packable
 from orchestrator.search_trial import _trained_state, build_payload, build_trial_model, deployed_bytes
 from orchestrator.spec import JobSpec
-from tests.conftest import TINY_LLAMA
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-TINY3 = {**TINY_LLAMA, "num_hidden_layers": 3}
+from tests.orchestrator.conftest import tiny_job_spec
 
 
 def _spec() -> JobSpec:
-    return JobSpec.model_validate({
-        "base": {"random_init": TINY3, "tokenizer": "bytes"},
-        "tasks": [{"name": n, "source": {"kind": "builtin", "package": n}} for n in ("json", "http", "email")],
-        "lora": {"rank": 4, "alpha": 8, "target_modules": TARGETS, "top_layers": 2},
-        "train": {"steps": 6, "batch_size": 4, "seq_len": 16, "lr": 1e-3, "log_every": 100},
-    })
+    return tiny_job_spec(num_layers=3, top_layers=2, steps=6)
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,13 @@ from orchestrator.search_spec import SearchSpec
 from orchestrator.search_trial import build_trial_model, deployed_bytes, gate_leaves
 from orchestrator.spec import JobSpec, load_job
 from tests.conftest import TINY_LLAMA
+from tests.orchestrator.conftest import tiny_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _spec() -> JobSpec:
-    return JobSpec.model_validate({
-        "base": {"random_init": TINY_LLAMA, "tokenizer": "bytes"},
-        "tasks": [{"name": n, "source": {"kind": "builtin", "package": n}} for n in ("json", "http", "email")],
-        "lora": {"rank": 4, "alpha": 8, "target_modules": TARGETS, "top_layers": 1},
-        "train": {"steps": 4, "batch_size": 4, "seq_len": 16, "lr": 1e-3, "log_every": 100},
-    })
+    return tiny_job_spec(top_layers=1, steps=4)
 
 
 def test_deployed_bytes_equals_a_hand_count():
