@@ -35,12 +35,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
 from models.gate_export import export_pruned, strip_adapters  # noqa: E402
 from models.gate_schedule import GateController, GateSchedule, clear_hard, harden, importance_scores, init_from_importance  # noqa: E402
+from models.distill import kd_loss  # noqa: E402
 from models.gates import gate_params, inject_gates, sparsity_report  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, task_ids  # noqa: E402
 from models.train import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
@@ -51,9 +53,17 @@ TINY = {
 }
 
 
-def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train / eval sequences of ``seq`` tokens from the stdlib source; every 5th file is eval."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int, per_file: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train / eval sequences of ``seq`` tokens from the stdlib source; every 5th file is eval.
+
+    Files are the stdlib's ``*.py`` at the top level first, then its packages (``rglob``), so
+    a large ``n_train`` does not repeat sequences: with 256 sequences, LoRA on every block at
+    lr 1e-3 overfits within 100 steps of 4 rows (held-out ppl 21.7 at step 50, 36.0 at 200),
+    and a "same steps" comparison would then measure overfitting, not pruning.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    top = sorted(root.glob("*.py"))
+    files = top + sorted(f for f in root.rglob("*.py") if f.parent != root and "site-packages" not in f.parts)
     train: list[list[int]] = []
     held: list[list[int]] = []
     for i, f in enumerate(files):
@@ -63,7 +73,7 @@ def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int) -> tuple[torch.Ten
                 break
             continue
         ids = tokenize(f.read_text(encoding="utf-8", errors="ignore"))
-        pool += [ids[j : j + seq] for j in range(0, len(ids) - seq + 1, seq)][: min(8, cap - len(pool))]
+        pool += [ids[j : j + seq] for j in range(0, len(ids) - seq + 1, seq)][: min(per_file, cap - len(pool))]
     return torch.tensor(train), torch.tensor(held)
 
 
@@ -96,7 +106,8 @@ def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool,
     return model
 
 
-def train(model, args, train_ids: torch.Tensor, gated: bool) -> float:
+def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.Module | None = None) -> float:
+    """``args.steps`` AdamW steps on random rows; with ``teacher``, loss = (1 - w) CE + w KD."""
     groups = [{"params": adapter_params(model), "lr": args.lr}]
     ctrl = None
     if gated:
@@ -112,14 +123,36 @@ def train(model, args, train_ids: torch.Tensor, gated: bool) -> float:
         if ctrl is not None:
             ctrl.on_step(step)
         rows = torch.randint(0, len(train_ids), (args.batch,), generator=rng)
-        b = Batch(train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch))
-        res = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None)
+        if teacher is None:
+            b = Batch(train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch))
+            nll = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None).nll
+        else:
+            nll = distill_step(model, teacher, train_ids[rows], opt, params, args, ctrl)
         if step % 10 == 0 or step == args.steps:
             extra = f" removed {sparsity_report(model)['removed_fraction']:.3f}" if ctrl else ""
-            print(f"  step {step} nll {res.nll:.3f}{extra} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            print(f"  step {step} nll {nll:.3f}{extra} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     if ctrl is not None:
         ctrl.finish()
     return time.perf_counter() - t0
+
+
+def distill_step(model, teacher, ids: torch.Tensor, opt, params, args, ctrl) -> float:
+    """One step of ``(1 - w) * next-token CE + w * KD(teacher)`` (+ the gate penalty), clipped at 1."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with task_ids(model, 0):
+        logits = model(input_ids=ids).logits[:, :-1]
+    with torch.no_grad(), task_ids(teacher, 0):
+        teacher.eval()
+        t_logits = teacher(input_ids=ids).logits[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    loss = (1 - args.distill) * ce + args.distill * kd_loss(logits, t_logits, args.kd_temp)
+    if ctrl is not None:
+        loss = loss + ctrl.penalty()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(ce.detach())
 
 
 @torch.no_grad()
@@ -156,6 +189,10 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for the importance init")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--gate-lr", type=float, default=None, help="default: GateSchedule.auto_gate_lr()")
+    ap.add_argument("--train-seqs", type=int, default=2048, help="training sequences (no repeats at the default steps)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="KD weight w for the gated arm: (1 - w) CE + w KL to the trained ungated LoRA arm (0 = CE only)")
+    ap.add_argument("--kd-temp", type=float, default=1.0, help="distillation temperature")
     ap.add_argument("--compare-init", action="store_true", help="also measure one-shot pruning by each importance")
     ap.add_argument("--lat-batch", type=int, default=4)
     ap.add_argument("--lat-seq", type=int, default=128)
@@ -176,7 +213,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(directory)
         tokenize = lambda s: tok(s)["input_ids"]  # noqa: E731
         base_state = None
-    train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=256, n_eval=args.eval)
+    train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=args.train_seqs, n_eval=args.eval, per_file=16)
     lat_ids = corpus_ids(tokenize, args.lat_seq, n_train=0, n_eval=args.lat_batch)[1][: args.lat_batch]
 
     probe = load_base(random_init=TINY) if args.tiny else load_base(args.base)
@@ -209,7 +246,8 @@ def main() -> None:
         del probe
     for arm in ("lora", "gated"):
         model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
-        secs = train(model, args, train_ids, gated=arm == "gated")
+        teacher = models["lora"] if arm == "gated" and args.distill > 0 else None
+        secs = train(model, args, train_ids, gated=arm == "gated", teacher=teacher)
         nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
         print(f"[{time.perf_counter() - t_start:.0f}s] {arm}: {args.steps} steps in {secs:.0f}s, "
               f"eval ppl {math.exp(nll):.3f}", file=sys.stderr, flush=True)
@@ -237,6 +275,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "gates_export",
         "compared": "LoRA+FineGates exported (pruned, merged) vs LoRA-only on the same base, steps, batches",
+        "gated_loss": (f"{1 - args.distill:g} * CE + {args.distill:g} * KD from the trained LoRA arm (T={args.kd_temp:g})"
+                       if args.distill > 0 else "CE"),
         "base": "tiny-random-llama" if args.tiny else args.base,
         "removed_fraction": round(report["removed_fraction"], 4),
         "ppl_base": round(results["base"]["eval_ppl"], 4),
