@@ -24,6 +24,7 @@ the sizes. With ``search.pick`` the job picks one point of the front
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -42,7 +43,7 @@ from orchestrator.search_report import plot_pareto
 from orchestrator.search_spec import SearchSpec
 from orchestrator.search_trial import build_payload, search_trial
 from orchestrator.spec import JobSpec
-from tune_spaces.loader import load_space, to_optuna, to_tune
+from tune_spaces.loader import Dimension, SearchSpace, load_space, to_optuna, to_tune
 
 __all__ = ["run_search", "trial_rows", "write_csv", "TRIAL_COLUMNS"]
 
@@ -129,6 +130,29 @@ def _concurrency(search: SearchSpec) -> int:
     return max(1, int(cpus // search.cpus_per_trial))
 
 
+def with_job_base(space: SearchSpace, spec: JobSpec) -> SearchSpace:
+    """The space with ``bits`` fixed to ``base.bits`` when the space does not vary it.
+
+    A user who quantises the base (``base.bits: 4``) and searches rank, tau or sparsity
+    expects every trial to run on that 4-bit base, not on the unquantised one. A mixed
+    ``base.bit_budget`` is a per-matrix allocation that trials do not reproduce: trials
+    then stay unquantised unless the space gives ``bits`` (the report says which bits
+    each trial used).
+    """
+    b = spec.base
+    if "bits" in space.dimensions or b.bits is None or b.bits >= 16:
+        return space
+    dims = {**space.dimensions, "bits": Dimension("bits", "value", (int(b.bits),))}
+    return dataclasses.replace(space, dimensions=dims)
+
+
+def trial_quant(search: SearchSpec, spec: JobSpec) -> dict:
+    """Quantiser and LQ rounds of the trials: the search section's if set, else the base's."""
+    q = spec.base.quant if spec.base.quantized else None
+    pick = lambda field: getattr(search, field) if field in search.model_fields_set or q is None else getattr(q, field)  # noqa: E731
+    return {"quantizer": pick("quantizer"), "lq_iters": pick("lq_iters")}
+
+
 def run_search(
     spec: JobSpec,
     search: SearchSpec,
@@ -164,7 +188,7 @@ def run_search(
     t0 = time.perf_counter()
     out = Path(out).resolve()
     storage = Path(storage).resolve() if storage is not None else out / "ray"
-    space = load_space(search.space)
+    space = with_job_base(load_space(search.space), spec)
     steps = search.steps or spec.train.steps
     every = min(search.eval_every, steps)
     if search.grace_period > steps:
@@ -198,8 +222,7 @@ def run_search(
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         fixed = {
-            "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, "quantizer": search.quantizer,
-            "lq_iters": search.lq_iters, "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr,
+            "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, **trial_quant(search, spec), "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr,
             "threads": search.cpus_per_trial,
         }
         tuner = tune.Tuner(
@@ -225,11 +248,12 @@ def run_search(
     finally:
         if pack is not None:
             pack.stop()
-    section = _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0)
+    section = _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0,
+                       trial_quant(search, spec))
     return {**section, "packing": packing} if packing is not None else section
 
 
-def _pick(search: SearchSpec, front: list[dict], out: Path) -> dict | None:
+def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict) -> dict | None:
     """Apply ``search.pick`` to the front; copy the picked trial's checkpoint to ``out/search/pick``.
 
     Returns the picked row plus what rebuilds its model (``quantizer``, ``lq_iters``,
@@ -257,13 +281,14 @@ def _pick(search: SearchSpec, front: list[dict], out: Path) -> dict | None:
     dst = out / "search" / "pick"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(row["checkpoint"], dst)
-    return {**row, "quantizer": row.get("quantizer") or search.quantizer, "lq_iters": search.lq_iters,
+    return {**row, "quantizer": row.get("quantizer") or quant["quantizer"], "lq_iters": quant["lq_iters"],
             "gate_lr": search.gate_lr, "rule": {**rule, "on_miss": search.pick.on_miss}, "met": met,
             "checkpoint": "search/pick"}
 
 
 def _collect(
-    results, search: SearchSpec, source: str, steps: int, out: Path, base_model_name: str | None, seconds: float
+    results, search: SearchSpec, source: str, steps: int, out: Path, base_model_name: str | None, seconds: float,
+    quant: dict,
 ) -> dict:
     rows = trial_rows(results)
     if not rows:
@@ -276,7 +301,7 @@ def _collect(
     (out / "search").mkdir(parents=True, exist_ok=True)
     write_csv(out / "search" / "trials.csv", rows, TRIAL_COLUMNS)
     write_csv(out / "search" / "pareto.csv", front, TRIAL_COLUMNS)
-    picked = _pick(search, front, out)
+    picked = _pick(search, front, out, quant)
 
     def public(r: dict) -> dict:
         return {k: v for k, v in r.items() if k not in ("checkpoint", "timestamp", "rule", "met")

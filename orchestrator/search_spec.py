@@ -72,8 +72,9 @@ class SearchSpec(_Strict):
             dominate it in (macro_ppl, size) (:class:`orchestrator.search_scheduler.ParetoASHA`).
         max_concurrent_trials: trials at once; ``None`` = cluster CPUs // cpus_per_trial.
         cpus_per_trial: CPUs (torch threads) of each trial.
-        quantizer: base quantiser when the space has no ``quantizer`` dimension.
-        lq_iters: LQ-LoRA alternations (Q, L1 L2^T) per quantised matrix.
+        quantizer: trials' base quantiser when the space has no ``quantizer`` dimension; unset:
+            ``base.quant.quantizer`` when the job quantises its base, else ``nf``.
+        lq_iters: LQ-LoRA alternations (Q, L1 L2^T) per quantised matrix; unset: as for ``quantizer``.
         gate_lambda: weight of the gate sparsity penalty (FineGates' lambda).
         gate_lr: step size of the gate logits (Adam moves a gate ~gate_lr per step; gates
             start open at theta = 1 and close below theta = -0.55).
