@@ -1,8 +1,8 @@
 """FineGates end to end: train gates + LoRA, export the pruned model, measure what it costs.
 
-Run (real demo base; ~10 min on an idle 2-core CPU, under the benchmark lock):
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py --steps 120 --batch 4 --seq 64 \
-        --lr 2e-3 --harden-at 0.6 --compare-init
+Run (real demo base; ~11 min on an idle 2-core CPU, under the benchmark lock):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py --steps 150 --batch 4 --seq 64 \
+        --lr 1e-3 --harden-at 0.6 --calib 64 --distill 0.5   [--compare-init]
 Quick check on a tiny random model (byte tokens):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --tiny --steps 20
 
