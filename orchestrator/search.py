@@ -210,6 +210,10 @@ def run_search(
     if search.packing:  # trial packing: see orchestrator/search_pack.py
         from orchestrator.search_pack import PackHosts
 
+        if not spec.ray.use_gpu:
+            print("[loraflock] search.packing on CPU: expect it to be slower than unpacked trials (fusing trials "
+                  "saves no FLOPs on a CPU; see benchmarks/README.md); it pays off on GPUs", flush=True)
+
         rank_dim = space.dimensions.get("rank")
         max_rank = max([spec.lora.rank, *(int(v) for v in (rank_dim.values if rank_dim else ()))])
         pack = PackHosts(payload, spec, max_rank, capacity=2 * concurrent)
