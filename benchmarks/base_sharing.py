@@ -41,6 +41,9 @@ TINY = {  # big enough that its 84 MB stand out of each process's few-MB noise
 }
 WARMUP = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64, "max_position_embeddings": 64}
+# what the warm-up model copies from the base's config: its architecture and sizes
+SIZES = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
 MB = 2**20
 
 
@@ -79,17 +82,24 @@ def make_holder(ray):
         def __init__(self, spec: dict) -> None:
             import torch
 
+            import orchestrator.base_store  # noqa: F401  (imported by load() in both modes)
             from models.base import load_base, load_config, meta_model
 
             torch.set_num_threads(1)
             self.model = None
             # Pay the one-off costs before the baseline: imports of the architecture's code
-            # (meta model: no weights) and torch's first forward (a 2-layer random llama).
-            meta_model(load_config(**spec))
-            warm = load_base(random_init=WARMUP)
+            # (meta model: no weights) and of the loaders both modes use, and torch's first
+            # forward. Otherwise ~7 MB of module and allocator memory per worker counted as
+            # "base copies" (0.37 of the 79 MB tiny base over 4 workers; 0.07 of SmolLM2).
+            config = load_config(**spec)
+            meta_model(config)
+            # The first forward runs a random model of the base's own architecture and sizes
+            # (then freed and trimmed): the allocator keeps buffers of that size, no weights.
+            warm = load_base(random_init={**WARMUP, **{k: v for k, v in config.to_dict().items() if k in SIZES}})
             with torch.no_grad():
                 warm(input_ids=torch.zeros(1, 16, dtype=torch.long))
             del warm
+            _trim()
 
         def pss(self) -> int:
             import psutil
