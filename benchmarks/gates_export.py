@@ -79,7 +79,7 @@ def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int, per_file: int = 8)
 
 def schedule(args) -> GateSchedule:
     return GateSchedule(args.steps, args.target, args.lam, args.warmup, args.sigma, 0.0, args.harden_at,
-                        "layer", args.init_low, args.init_high)
+                        "layer", args.init_low, args.init_high, align=args.align)
 
 
 def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool, calib: torch.Tensor) -> torch.nn.Module:
@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for the importance init")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--gate-lr", type=float, default=None, help="default: GateSchedule.auto_gate_lr()")
+    ap.add_argument("--align", type=int, default=1,
+                    help="round each layer's kept MLP width down to a multiple of this (64: kernel-friendly)")
     ap.add_argument("--train-seqs", type=int, default=2048, help="training sequences (no repeats at the default steps)")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="KD weight w for the gated arm: (1 - w) CE + w KL to the trained ungated LoRA arm (0 = CE only)")
@@ -238,7 +240,7 @@ def main() -> None:
                 for p in gate_params(probe):
                     p.fill_(1.0)
             init_from_importance(probe, importance_scores(probe, forward, kind))
-            harden(probe, args.target)
+            harden(probe, args.target, align=args.align)
             oneshot[kind] = math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])
             clear_hard(probe)
             print(f"[{time.perf_counter() - t_start:.0f}s] one-shot {kind} pruning, no training: ppl {oneshot[kind]:.2f}",

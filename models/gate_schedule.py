@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from models.gates import GateConfigError, GatedLinear, gate_layers, sparsity_penalty
 from models.lora import MultiTaskLoraLinear
 
-__all__ = ["GateSchedule", "GateController", "importance_scores", "init_from_importance", "harden", "pin_theta", "clear_hard", "open_all"]
+__all__ = ["GateSchedule", "GateController", "importance_scores", "init_from_importance", "harden", "closed_count", "pin_theta", "clear_hard", "open_all"]
 
 _THETA_CLOSED = -3.0  # tanh(-3) + 0.5 < 0: closed with a wide margin
 
@@ -64,6 +64,9 @@ class GateSchedule:
             the gates stay stochastic and only ``z == 0`` counts as removed).
         allocation: ``layer`` (same closed fraction in every gated layer) or ``global``.
         init_low, init_high: theta range of the importance init (least to most important).
+        align: with ``layer`` allocation, round every layer's kept width down to a multiple
+            of this (1 = exact target). Matmul kernels run unaligned widths slowly: SmolLM2's
+            MLP at width 1,075 (30% removed) runs 1.10x faster than 1,536, at 1,024 1.24x.
     """
 
     steps: int
@@ -76,6 +79,7 @@ class GateSchedule:
     allocation: str = "layer"
     init_low: float = 0.6
     init_high: float = 8.0
+    align: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -84,6 +88,8 @@ class GateSchedule:
             raise GateConfigError("warmup must be in [0, 1] and harden_at in (0, 1] (fractions of the steps)")
         if self.allocation not in ("layer", "global"):
             raise GateConfigError(f"allocation {self.allocation!r} is unknown: use layer or global")
+        if int(self.align) < 1:
+            raise GateConfigError(f"align {self.align} must be >= 1 (e.g. 64, or 1 for the exact target)")
 
     @property
     def harden_step(self) -> int | None:
@@ -145,7 +151,7 @@ class GateController:
             layer.sigma = s.sigma_at(step)
         hs = s.harden_step
         if hs is not None and step > hs and self.hardened_at is None:
-            harden(self.model, s.target, s.allocation)
+            harden(self.model, s.target, s.allocation, s.align)
             self.hardened_at = step
         elif self.hardened_at is not None:
             pin_theta(self.model)  # undo the last step's momentum drift of theta
@@ -159,7 +165,7 @@ class GateController:
     def finish(self) -> None:
         """Harden at the end if the schedule said so but the run was too short to reach it."""
         if self.schedule.harden_step is not None and self.hardened_at is None:
-            harden(self.model, self.schedule.target, self.schedule.allocation)
+            harden(self.model, self.schedule.target, self.schedule.allocation, self.schedule.align)
             self.hardened_at = self.schedule.steps
         elif self.hardened_at is not None:
             pin_theta(self.model)
@@ -289,12 +295,25 @@ def init_from_importance(
 
 
 @torch.no_grad()
-def harden(model: nn.Module, target: float, allocation: str = "layer") -> dict:
+def closed_count(dim: int, target: float, align: int = 1) -> int:
+    """Gates to close in a layer of ``dim``: ``round(target * dim)``, then more until the kept
+    width is a multiple of ``align`` (never all of them: if no aligned width is left, the
+    exact count)."""
+    k = int(round(target * dim))
+    if align <= 1 or k == 0:
+        return k
+    kept = ((dim - k) // align) * align
+    return dim - kept if kept > 0 else k
+
+
+def harden(model: nn.Module, target: float, allocation: str = "layer", align: int = 1) -> dict:
     """Fix every gate to a binary mask: the ``target`` fraction with the lowest theta closed.
 
     Per task slot, per side (rows / cols). ``allocation="layer"``: ``round(target * dim)``
-    closed in every gated layer; ``"global"``: the lowest thetas over all layers' entries of
-    that side. Afterwards the gates ignore theta and noise (see ``GatedLinear.is_hard``).
+    closed in every gated layer (with ``align`` > 1, more, down to a kept width that is a
+    multiple of ``align``: :func:`closed_count`); ``"global"``: the lowest thetas over all
+    layers' entries of that side (``align`` does not apply). Afterwards the gates ignore
+    theta and noise (see ``GatedLinear.is_hard``).
 
     Returns:
         ``{"closed": number of closed gate entries, "total": number of entries}``.
@@ -309,7 +328,7 @@ def harden(model: nn.Module, target: float, allocation: str = "layer") -> dict:
         masks = {n: torch.ones_like(t) for n, t in thetas.items()}
         if allocation == "layer":
             for n, t in thetas.items():
-                k = int(round(target * t.shape[1]))
+                k = closed_count(t.shape[1], target, align)
                 if k:
                     idx = torch.topk(t, k, dim=1, largest=False).indices
                     masks[n].scatter_(1, idx, 0.0)

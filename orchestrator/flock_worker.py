@@ -308,7 +308,7 @@ def gate_kwargs(model, spec: JobSpec, world: int, prior) -> dict:
     g = spec.gates
     clear_hard(model)
     sched = GateSchedule(spec.train.steps, g.target_sparsity, g.lam, g.warmup, g.sigma, g.sigma_final,
-                         g.harden_at, g.allocation)
+                         g.harden_at, g.allocation, align=g.align)
     shared = g.scope == "shared"
     ctrl = GateController(model, sched, penalty_scale=1.0 / world if shared else 1.0)
     return {"extra_params": gate_params(model), "extra_lr": g.gate_lr or sched.auto_gate_lr(),

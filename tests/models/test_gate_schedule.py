@@ -140,3 +140,27 @@ def test_taylor_importance_is_the_first_order_loss_change_of_closing_a_gate() ->
     assert all(p.grad is None for p in lin.parameters() if not p.requires_grad)
     with pytest.raises(GateConfigError, match="taylor importance needs"):
         importance_scores(model, lambda: (model(x), None)[1], kind="taylor")
+
+
+def test_closed_count_aligns_the_kept_width():
+    from models.gate_schedule import closed_count
+
+    assert closed_count(1536, 0.3) == 461  # exact: width 1075
+    assert closed_count(1536, 0.3, align=64) == 512  # width 1024, a multiple of 64
+    assert closed_count(1536, 0.25, align=64) == 384  # 1152 is already aligned
+    assert closed_count(40, 0.3, align=64) == 12  # no aligned width left: the exact count
+    assert closed_count(100, 0.0, align=64) == 0
+
+
+def test_harden_with_align_keeps_multiples():
+    layer = torch.nn.Linear(96, 8)
+    model = torch.nn.Sequential(layer)
+    inject_gates(model, ["0"], gate_rows=False)
+    with torch.no_grad():
+        gate_layers(model)["0"].theta_cols.copy_(torch.linspace(-1, 1, 96))
+    out = harden(model, 0.3, align=32)
+    mask = gate_layers(model)["0"].hard_cols
+    assert out["closed"] == 96 - 64 and int(mask.sum()) == 64
+    assert bool((mask[..., :32] == 0).all())  # the lowest thetas are the ones closed
+    with pytest.raises(GateConfigError, match="align"):
+        GateSchedule(10, 0.3, align=0)
