@@ -88,4 +88,7 @@ class GatesSpec(_Strict):
             raise ValueError(f"gates.sigma_final ({self.sigma_final}) must be <= gates.sigma ({self.sigma}): the noise anneals down")
         if self.harden_at <= self.warmup and self.harden_at < 1.0:
             raise ValueError(f"gates.harden_at ({self.harden_at}) must come after the warm-up (gates.warmup = {self.warmup})")
+        if self.align > 1 and self.allocation != "layer":
+            raise ValueError(f"gates.align ({self.align}) needs gates.allocation: layer (global allocation gives "
+                             "layers different widths): set allocation: layer, or align: 1")
         return self

@@ -164,3 +164,4 @@ def test_harden_with_align_keeps_multiples():
     assert bool((mask[..., :32] == 0).all())  # the lowest thetas are the ones closed
     with pytest.raises(GateConfigError, match="align"):
         GateSchedule(10, 0.3, align=0)
+

@@ -117,3 +117,13 @@ def test_models_and_tasks_never_import_ray():
            "assert not bad, bad\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_align_with_global_allocation_is_refused_in_the_job():
+    from pydantic import ValidationError
+
+    from orchestrator.gates_spec import GatesSpec
+
+    assert GatesSpec(enabled=True, align=64).align == 64
+    with pytest.raises(ValidationError, match="gates.align"):
+        GatesSpec(enabled=True, align=64, allocation="global")
