@@ -45,8 +45,9 @@ class GatesSpec(_Strict):
             quantile by the hardening step (``GateSchedule.auto_gate_lr``).
         warmup: fraction of the steps over which the penalty ramps up from 0.
         sigma / sigma_final: training noise at the first step / at the hardening step.
-        harden_at: fraction of the steps after which the gates are a binary mask with exactly
-            ``target_sparsity`` closed (1.0 = never: only gates that reached 0 are removed).
+        harden_at: fraction of the steps after which the gates are a binary mask with
+            ``target_sparsity`` closed (more with ``align > 1``, see ``align``; 1.0 = never:
+            only gates that reached 0 are removed).
         allocation: ``layer`` (the same closed fraction in every gated layer: the exported
             blocks keep one width) or ``global``.
         align: with ``layer`` allocation, round every layer's kept width down to a multiple
