@@ -1,8 +1,9 @@
 """FineGates end to end: train gates + LoRA, export the pruned model, measure what it costs.
 
-Run (real demo base; ~11 min on an idle 2-core CPU, under the benchmark lock):
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py --steps 150 --batch 4 --seq 64 \
-        --lr 1e-3 --harden-at 0.6 --calib 64 --distill 0.5   [--compare-init]
+Run (real demo base; ~27 min on an idle 2-core CPU, under the benchmark lock):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gates_export.py --steps 300 --batch 4 --seq 64 \
+        --lr 1e-3 --lr-schedule cosine --harden-at 0.5 --calib 64 --distill 0.5 --align 64 \
+        --eval-every 50   [--compare-init]
 Quick check on a tiny random model (byte tokens):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gates_export.py --tiny --steps 20
 
@@ -11,11 +12,14 @@ Compares, with the same seed, LoRA init and batches:
     ``--steps`` steps;
   * ``gated``: the same + one FineGate per MLP intermediate channel (the input columns of
     down_proj) in every block, trained on ``models.gate_schedule``'s schedule (importance
-    init, penalty warm-up, noise annealing, binary gates with exactly ``--target`` closed per
-    layer after ``--harden-at`` of the steps), then exported (gates folded, closed channels
-    removed, adapter merged).
-Prints ONE JSON object: removed_fraction (gated base weights removed), ppl_increase_rel
-(gated eval ppl / lora eval ppl - 1), speedup (forward latency of the original model over the
+    init, penalty warm-up, noise annealing, binary gates with ``--target`` closed per layer
+    (more with ``--align``) after ``--harden-at`` of the steps), then exported (gates
+    folded, closed channels removed, adapter merged).
+Data: training sequences from the stdlib's ``*.py`` (at most ``--per-file`` per file, drawn in
+shuffled epochs), eval sequences from every 5th file (at most ``--eval-per-file`` per file, so
+the default 128 come from 64 files). Prints ONE JSON object: removed_fraction (gated base
+weights removed), ppl_increase_rel (gated eval ppl / lora eval ppl - 1), eval_ppl_by_step
+(with ``--eval-every``), speedup (forward latency of the original model over the
 exported one, full logits, same inputs, timed alternately), speedup_last_token_logits (the
 same with ``logits_to_keep=1``, the prefill of generation), ppl of the untuned base, with
 ``--compare-init`` the ppl of one-shot pruning (no training) by each importance score,
@@ -53,27 +57,31 @@ TINY = {
 }
 
 
-def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int, per_file: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def corpus_ids(tokenize, seq: int, n_train: int, n_eval: int, per_file: int = 8,
+               eval_per_file: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Train / eval sequences of ``seq`` tokens from the stdlib source; every 5th file is eval.
 
     Files are the stdlib's ``*.py`` at the top level first, then its packages (``rglob``), so
     a large ``n_train`` does not repeat sequences: with 256 sequences, LoRA on every block at
     lr 1e-3 overfits within 100 steps of 4 rows (held-out ppl 21.7 at step 50, 36.0 at 200),
     and a "same steps" comparison would then measure overfitting, not pruning.
+    ``eval_per_file`` (default ``per_file``) caps the sequences taken from each held-out file:
+    with 16 per file, 32 eval sequences came from only 2 files, too narrow a measure.
     """
+    eval_cap = per_file if eval_per_file is None else eval_per_file
     root = Path(sysconfig.get_paths()["stdlib"])
     top = sorted(root.glob("*.py"))
     files = top + sorted(f for f in root.rglob("*.py") if f.parent != root and "site-packages" not in f.parts)
     train: list[list[int]] = []
     held: list[list[int]] = []
     for i, f in enumerate(files):
-        pool, cap = (held, n_eval) if i % 5 == 4 else (train, n_train)
+        pool, cap, take = (held, n_eval, eval_cap) if i % 5 == 4 else (train, n_train, per_file)
         if len(pool) >= cap:
             if len(train) >= n_train and len(held) >= n_eval:
                 break
             continue
         ids = tokenize(f.read_text(encoding="utf-8", errors="ignore"))
-        pool += [ids[j : j + seq] for j in range(0, len(ids) - seq + 1, seq)][: min(per_file, cap - len(pool))]
+        pool += [ids[j : j + seq] for j in range(0, len(ids) - seq + 1, seq)][: min(take, cap - len(pool))]
     return torch.tensor(train), torch.tensor(held)
 
 
@@ -106,8 +114,22 @@ def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool,
     return model
 
 
-def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.Module | None = None) -> float:
-    """``args.steps`` AdamW steps on random rows; with ``teacher``, loss = (1 - w) CE + w KD."""
+def row_batches(n: int, batch: int, steps: int, seed: int):
+    """``steps`` index batches from successive random permutations of ``range(n)`` (epochs:
+    no row repeats before every row has been seen)."""
+    rng = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=rng)])
+        rows, order = order[:batch], order[batch:]
+        yield rows
+
+
+def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.Module | None = None,
+          eval_ids: torch.Tensor | None = None) -> tuple[float, dict[int, float]]:
+    """``args.steps`` AdamW steps on epochs of shuffled rows; with ``teacher``, loss = (1 - w) CE
+    + w KD. Returns (seconds, {step: eval ppl} every ``--eval-every`` steps, untimed)."""
     groups = [{"params": adapter_params(model), "lr": args.lr}]
     ctrl = None
     if gated:
@@ -117,23 +139,32 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
         ctrl = GateController(model, sched)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    rng = torch.Generator().manual_seed(args.seed)
+    # cosine: every group's lr decays to 0 by the last step (both arms alike); constant: none
+    decay = (lambda i: 0.5 * (1 + math.cos(math.pi * i / args.steps))) if args.lr_schedule == "cosine" else (lambda i: 1.0)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    curve: dict[int, float] = {}
+    paused = 0.0
     t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
+    for step, rows in enumerate(row_batches(len(train_ids), args.batch, args.steps, args.seed), start=1):
         if ctrl is not None:
             ctrl.on_step(step)
-        rows = torch.randint(0, len(train_ids), (args.batch,), generator=rng)
         if teacher is None:
             b = Batch(train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch))
             nll = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None).nll
         else:
             nll = distill_step(model, teacher, train_ids[rows], opt, params, args, ctrl)
+        sched_lr.step()
         if step % 10 == 0 or step == args.steps:
             extra = f" removed {sparsity_report(model)['removed_fraction']:.3f}" if ctrl else ""
-            print(f"  step {step} nll {nll:.3f}{extra} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            print(f"  step {step} nll {nll:.3f}{extra} {time.perf_counter() - t0 - paused:.0f}s", file=sys.stderr, flush=True)
+        if args.eval_every and eval_ids is not None and step % args.eval_every == 0 and step < args.steps:
+            t_eval = time.perf_counter()
+            curve[step] = round(math.exp(evaluate(model, {0: eval_ids}, batch_size=8)[0]), 3)
+            print(f"  step {step} eval ppl {curve[step]:.3f}", file=sys.stderr, flush=True)
+            paused += time.perf_counter() - t_eval
     if ctrl is not None:
         ctrl.finish()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0 - paused, curve
 
 
 def distill_step(model, teacher, ids: torch.Tensor, opt, params, args, ctrl) -> float:
@@ -188,6 +219,8 @@ def main() -> None:
     ap.add_argument("--init-high", type=float, default=8.0)
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences for the importance init")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="cosine: adapters' and gates' lr decay to 0 by the last step, in both arms")
     ap.add_argument("--gate-lr", type=float, default=None, help="default: GateSchedule.auto_gate_lr()")
     ap.add_argument("--align", type=int, default=1,
                     help="round each layer's kept MLP width down to a multiple of this (64: kernel-friendly)")
@@ -198,7 +231,10 @@ def main() -> None:
     ap.add_argument("--compare-init", action="store_true", help="also measure one-shot pruning by each importance")
     ap.add_argument("--lat-batch", type=int, default=4)
     ap.add_argument("--lat-seq", type=int, default=128)
-    ap.add_argument("--eval", type=int, default=32, help="eval sequences")
+    ap.add_argument("--eval", type=int, default=128, help="eval sequences (held-out files)")
+    ap.add_argument("--eval-per-file", type=int, default=2, help="at most this many eval sequences per held-out file")
+    ap.add_argument("--per-file", type=int, default=4, help="at most this many training sequences per file")
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = only at the end)")
     ap.add_argument("--reps", type=int, default=10, help="latency repetitions")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -215,7 +251,8 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(directory)
         tokenize = lambda s: tok(s)["input_ids"]  # noqa: E731
         base_state = None
-    train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=args.train_seqs, n_eval=args.eval, per_file=16)
+    train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=args.train_seqs, n_eval=args.eval,
+                                     per_file=args.per_file, eval_per_file=args.eval_per_file)
     lat_ids = corpus_ids(tokenize, args.lat_seq, n_train=0, n_eval=args.lat_batch)[1][: args.lat_batch]
 
     probe = load_base(random_init=TINY) if args.tiny else load_base(args.base)
@@ -249,11 +286,11 @@ def main() -> None:
     for arm in ("lora", "gated"):
         model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
         teacher = models["lora"] if arm == "gated" and args.distill > 0 else None
-        secs = train(model, args, train_ids, gated=arm == "gated", teacher=teacher)
+        secs, curve = train(model, args, train_ids, gated=arm == "gated", teacher=teacher, eval_ids=eval_ids)
         nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
         print(f"[{time.perf_counter() - t_start:.0f}s] {arm}: {args.steps} steps in {secs:.0f}s, "
               f"eval ppl {math.exp(nll):.3f}", file=sys.stderr, flush=True)
-        results[arm] = {"train_s": round(secs, 1), "eval_ppl": math.exp(nll)}
+        results[arm] = {"train_s": round(secs, 1), "eval_ppl": math.exp(nll), "curve": curve | {args.steps: round(math.exp(nll), 3)}}
         models[arm] = model
 
     gated = models["gated"]
@@ -293,6 +330,7 @@ def main() -> None:
         "latency_s": {"full_logits": full, "last_token_logits": prefill},
         "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
         "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},
+        "eval_ppl_by_step": {k: v["curve"] for k, v in results.items() if "curve" in v},
         "settings": {k: v for k, v in vars(args).items()} | {"lora_blocks": top, "threads": torch.get_num_threads(),
                                                             "latency_batch": list(lat_ids.shape)},
         "total_s": round(time.perf_counter() - t_start, 1),
