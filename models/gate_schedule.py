@@ -294,7 +294,6 @@ def init_from_importance(
             _set_theta(layer, side, (init_low + (init_high - init_low) * q).expand_as(theta).clone())
 
 
-@torch.no_grad()
 def closed_count(dim: int, target: float, align: int = 1) -> int:
     """Gates to close in a layer of ``dim``: ``round(target * dim)``, then more until the kept
     width is a multiple of ``align`` (never all of them: if no aligned width is left, the
@@ -306,6 +305,7 @@ def closed_count(dim: int, target: float, align: int = 1) -> int:
     return dim - kept if kept > 0 else k
 
 
+@torch.no_grad()
 def harden(model: nn.Module, target: float, allocation: str = "layer", align: int = 1) -> dict:
     """Fix every gate to a binary mask: the ``target`` fraction with the lowest theta closed.
 

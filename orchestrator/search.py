@@ -226,8 +226,8 @@ def run_search(
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         fixed = {
-            "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, **trial_quant(search, spec), "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr,
-            "threads": search.cpus_per_trial,
+            "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, **trial_quant(search, spec),
+            "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr, "threads": search.cpus_per_trial,
         }
         tuner = tune.Tuner(
             trainable,
