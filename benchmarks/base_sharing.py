@@ -9,7 +9,7 @@ Starts a local Ray instance and, for each mode, N fresh actors (1 CPU each) that
 imported torch + transformers, then:
 
 * ``private``: every actor calls ``models.base.load_base`` (what a worker does alone);
-* ``shared``: the driver loads the base once, ``orchestrator.base_store.put_base`` puts it in
+* ``shared``: the driver loads the base once, ``orchestrator.base.store.put_base`` puts it in
   the object store, the driver drops its own copy, and every actor calls
   ``load_base_shared`` (zero-copy views of the node's shared memory).
 
@@ -82,7 +82,7 @@ def make_holder(ray):
         def __init__(self, spec: dict) -> None:
             import torch
 
-            import orchestrator.base_store  # noqa: F401  (imported by load() in both modes)
+            import orchestrator.base.store  # noqa: F401  (imported by load() in both modes)
             from models.base import load_base, load_config, meta_model
 
             torch.set_num_threads(1)
@@ -111,7 +111,7 @@ def make_holder(ray):
             import torch
 
             from models.base import load_base
-            from orchestrator.base_store import load_base_shared, object_store_bytes
+            from orchestrator.base.store import load_base_shared, object_store_bytes
 
             if shared_ref is None:
                 self.model = load_base(**spec)
@@ -128,7 +128,7 @@ def make_holder(ray):
 
 def run_mode(ray, holder_cls, workers: int, spec: dict, shared: bool) -> dict:
     from models.base import load_base
-    from orchestrator.base_store import put_base
+    from orchestrator.base.store import put_base
 
     actors = [holder_cls.remote(spec) for _ in range(workers)]
     before = ray.get([a.pss.remote() for a in actors])
@@ -172,7 +172,7 @@ def main() -> None:
     import torch
 
     from models.base import load_base
-    from orchestrator.base_store import base_arrays
+    from orchestrator.base.store import base_arrays
 
     spec = _spec(args.model)
     probe = load_base(**spec)  # base bytes, counting tied weights once (as stored)

@@ -11,7 +11,7 @@ Compares, with the same seed, LoRA init and batches:
   * ``lora``:  base + LoRA (all 7 projections of every block unless ``--lora-top``), trained
     ``--steps`` steps;
   * ``gated``: the same + one FineGate per MLP intermediate channel (the input columns of
-    down_proj) in every block, trained on ``models.gate_schedule``'s schedule (importance
+    down_proj) in every block, trained on ``models.gates.schedule``'s schedule (importance
     init, penalty warm-up, noise annealing, binary gates with ``--target`` closed per layer
     (more with ``--align``) after ``--harden-at`` of the steps), then exported (gates
     folded, closed channels removed, adapter merged).
@@ -44,12 +44,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
-from models.gate_export import export_pruned, strip_adapters  # noqa: E402
-from models.gate_schedule import GateController, GateSchedule, clear_hard, harden, importance_scores, init_from_importance  # noqa: E402
-from models.distill import kd_loss  # noqa: E402
-from models.gates import gate_params, inject_gates, sparsity_report  # noqa: E402
+from models.gates.export import export_pruned, strip_adapters  # noqa: E402
+from models.gates.schedule import GateController, GateSchedule, clear_hard, harden, importance_scores, init_from_importance  # noqa: E402
+from models.train.distill import kd_loss  # noqa: E402
+from models.gates.layer import gate_params, inject_gates, sparsity_report  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, task_ids  # noqa: E402
-from models.train import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
+from models.train.step import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,

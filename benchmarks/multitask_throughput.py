@@ -17,7 +17,7 @@ format.
   AdamW over the task slots (independent kind), and, when the adapters sit on the top
   blocks only, the frozen-prefix cache the flock stage and the Tune trials use
   (``models.prefix``): the frozen lower blocks run ONCE per training sequence (``prefix_s``)
-  and every step runs only the top blocks + head from the cache. Then ``models.train.
+  and every step runs only the top blocks + head from the cache. Then ``models.train.step.
   train_step`` on mixed batches of ``T * batch`` rows, and T ``save_adapter`` calls.
 * ``flock_noprefix``: the same without the prefix cache (the full forward every step).
 * ``peft_sequential`` (b): what users do today, T times: ``load_base``,
@@ -62,7 +62,7 @@ from models.base import adaptable_layers, load_base  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, set_trainable  # noqa: E402
 from models.peft_io import save_adapter  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
-from models.train import Batch, seed_everything, train_step  # noqa: E402
+from models.train.step import Batch, seed_everything, train_step  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,

@@ -6,7 +6,7 @@
 LoRA (all 7 projections) sits on the top ``--top`` blocks, and exactly those blocks' linear
 layers are quantised (the lower blocks stay fp32 and are run once: their outputs are cached,
 so every configuration trains and evaluates on identical inputs). For each budget of ``b``
-bits the allocator (``models.bit_budget.allocate``, NF 2/3/4/8 candidates) picks each
+bits the allocator (``models.quant.bit_budget.allocate``, NF 2/3/4/8 candidates) picks each
 matrix's width under a byte budget equal to the b-bit NF format's own size (b + 16/block
 bits per weight plus a 20-byte header per matrix: the fp16 block scales count), the base is decomposed as Q + L1 L2^T
 (LQ-LoRA) and the adapters start from L1 L2^T. Then every configuration trains the same
@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
-from models.bit_budget import allocate  # noqa: E402
+from models.quant.bit_budget import allocate  # noqa: E402
 from models.lora import adapter_params, inject, set_trainable  # noqa: E402
-from models.lq import quantizable_matrices, quantize_model  # noqa: E402
+from models.quant.model import quantizable_matrices, quantize_model  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
-from models.quant import packed_nbytes  # noqa: E402
-from models.train import Batch, evaluate, seed_everything, train_step  # noqa: E402
+from models.quant.quantizers import packed_nbytes  # noqa: E402
+from models.train.step import Batch, evaluate, seed_everything, train_step  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,

@@ -5,7 +5,7 @@ Run (SmolLM2-135M, a scaled-down demo search; ~8 min on a shared 2-core CPU):
 Quick (tiny random model, ~2 min):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_packing.py --job examples/tiny.yaml --steps 6 --eval-every 2
 
-Both arms run ``orchestrator.search.run_search`` on the same job, data, space, seed, ASHA and
+Both arms run ``orchestrator.search.driver.run_search`` on the same job, data, space, seed, ASHA and
 steps; only ``search.packing`` and the trial concurrency differ:
 
 * ``unpacked``: every trial loads the base and trains alone in its own Tune process, at most
@@ -63,9 +63,9 @@ def main() -> None:
     import ray
     import torch
 
-    from orchestrator.pipeline import _build_data
-    from orchestrator.search import run_search
-    from orchestrator.search_spec import SearchSpec
+    from orchestrator.data import build_job_data
+    from orchestrator.search.driver import run_search
+    from orchestrator.specs.search import SearchSpec
     from orchestrator.spec import load_job
 
     load_start = os.getloadavg()
@@ -75,7 +75,7 @@ def main() -> None:
              for t in spec.tasks]
     spec = spec.model_copy(update={"tasks": tasks})
     with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout carries only the JSON
-        data = _build_data(spec)
+        data = build_job_data(spec)
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     rows: dict[str, dict] = {}

@@ -29,6 +29,7 @@ __all__ = [
     "meta_model",
     "model_cache_dir",
     "adaptable_layers",
+    "top_block_indices",
 ]
 
 # name -> (python package holding the file, GGUF file name, what the hub calls the model)
@@ -158,6 +159,19 @@ def adaptable_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(mod, nn.ModuleList):
             return path, mod
     raise BaseModelError(f"cannot find the transformer blocks of a {type(model).__name__}")
+
+
+def top_block_indices(model: nn.Module, top: int | None) -> list[int] | None:
+    """Indices of the top ``top`` transformer blocks (the ones that get adapters); ``None`` = all.
+
+    Example:
+        >>> top_block_indices(smollm2, 8)  # 30 blocks
+        [22, 23, 24, 25, 26, 27, 28, 29]
+    """
+    if top is None:
+        return None
+    n = len(adaptable_layers(model)[1])
+    return list(range(max(0, n - top), n))
 
 
 def load_config(name: str | None = None, gguf_file: str | None = None, random_init: dict[str, Any] | None = None):

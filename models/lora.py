@@ -61,7 +61,7 @@ class TaskRouter:
 
 def linear_dims(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of nn.Linear or HF's GPT-2 Conv1D."""
-    if isinstance(base, nn.Linear) or getattr(base, "is_quantized_linear", False):  # models.lq.QuantizedLinear
+    if isinstance(base, nn.Linear) or getattr(base, "is_quantized_linear", False):  # models.quant.linear.QuantizedLinear
         return base.in_features, base.out_features, False
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers.pytorch_utils
         w = base.weight  # (in, out)

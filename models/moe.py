@@ -67,7 +67,7 @@ def _ffn_dims(ffn: nn.Module) -> tuple[int, int]:
 
     def in_out(layer: nn.Module) -> tuple[int, int]:
         layer = getattr(layer, "base_layer", layer)  # LoRA-wrapped projections
-        if isinstance(layer, nn.Linear) or getattr(layer, "is_quantized_linear", False):  # models.lq.QuantizedLinear
+        if isinstance(layer, nn.Linear) or getattr(layer, "is_quantized_linear", False):  # models.quant.linear.QuantizedLinear
             return layer.in_features, layer.out_features
         if type(layer).__name__ == "Conv1D":  # transformers' GPT-2 layer, weight (in, out)
             return layer.weight.shape[0], layer.weight.shape[1]

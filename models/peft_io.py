@@ -34,7 +34,7 @@ class AdapterFormatError(ValueError):
 def peft_layers(model: torch.nn.Module) -> dict[str, MultiTaskLoraLinear]:
     """LoRA layers by the name PEFT gives them on the plain model.
 
-    A gated layer (``models.gates.GatedLinear``) holds the LoRA layer as ``.inner``; the
+    A gated layer (``models.gates.layer.GatedLinear``) holds the LoRA layer as ``.inner``; the
     adapter belongs to the module the gate wraps, so that suffix is dropped.
     """
     return {name.removesuffix(".inner"): layer for name, layer in lora_layers(model).items()}

@@ -9,7 +9,7 @@ Each adapted module belongs to a group ``g`` (by default its leaf name: ``q_proj
     Theta   ~ flat
     theta_d ~ Normal(Theta, tau_g^-1/2 I)          i.e.  delta_d ~ Normal(0, tau_g^-1 I)
 
-The MAP objective, divided by ``sum_d N_d`` like the likelihood in ``models/train.py``, is
+The MAP objective, divided by ``sum_d N_d`` like the likelihood in ``models/train/step.py``, is
 
     sum_d N_d meanNLL_d / sum N  +  sum_g (tau_g / 2) sum_d ||delta_{d,g}||^2 / sum N
 

@@ -28,7 +28,7 @@ __all__ = [
 def __getattr__(name: str):
     """The SDK client is imported lazily (it pulls in Ray's job-submission client)."""
     if name in ("LoraflockClient", "ClusterError", "read_report"):
-        from orchestrator import client
+        from orchestrator.cluster import client
 
         return getattr(client, name)
     raise AttributeError(name)

@@ -1,7 +1,7 @@
 """User-facing errors: the CLI prints their message (no traceback) and exits with status 2.
 
 Lower layers raise ``ValueError`` subclasses that name the setting or file at fault
-(``tasks.sources.TaskDataError``, ``models.base.BaseModelError``, ...); the CLI treats those
+(``tasks.errors.TaskDataError``, ``models.base.BaseModelError``, ...); the CLI treats those
 the same way through :data:`USER_ERRORS`.
 """
 
@@ -38,7 +38,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     found: list[type[BaseException]] = [LoraflockError, BaseModelError, LoraTargetError, AdapterFormatError]
     try:
-        from tasks.sources import TaskDataError
+        from tasks.errors import TaskDataError
 
         found.append(TaskDataError)
     except ImportError:

@@ -19,7 +19,10 @@ from typing import Callable
 
 from models.files import atomic_write_json
 from orchestrator.errors import ClusterAddressError, OutputDirError
-from orchestrator.ray_logging import SETUP_HOOK
+from orchestrator.cluster.ray_logging import SETUP_HOOK
+from orchestrator.base.load import base_model_name
+from orchestrator.console import say
+from orchestrator.data import build_job_data
 from orchestrator.spec import JobSpec
 
 __all__ = ["run_job", "StageState", "init_ray"]
@@ -29,10 +32,6 @@ class StageState(str, Enum):
     PENDING = "pending"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-def _say(msg: str) -> None:
-    print(f"[loraflock {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def spec_fingerprint(spec: JobSpec) -> str:
@@ -74,10 +73,10 @@ def init_ray(address: str | None, include_dashboard: bool = False) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         address = address or os.environ["RAY_ADDRESS"]
         _probe(address)
-        _say(f"connecting to the Ray cluster at {address}")
+        say(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        _say("starting an embedded local Ray (127.0.0.1, dashboard " + ("on" if include_dashboard else "off") + ")")
+        say("starting an embedded local Ray (127.0.0.1, dashboard " + ("on" if include_dashboard else "off") + ")")
         ray.init(
             include_dashboard=include_dashboard,
             dashboard_host="127.0.0.1",
@@ -120,7 +119,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         >>> report = run_job(load_job("examples/tiny.yaml"), "runs/tiny")
     """
     from orchestrator.preflight import preflight
-    from orchestrator.report import flock_section, pesc_section, write_report
+    from orchestrator.report.writer import flock_section, pesc_section, write_report
 
     out = Path(out).resolve()
     preflight(spec)  # bad targets/ranks fail here, in seconds, before Ray starts
@@ -128,11 +127,11 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     if target:
         _probe(target)  # an unreachable cluster fails before anything is written
     t0 = time.perf_counter()
-    _say(f"job {spec.name!r}: {len(spec.tasks)} tasks, output {out}")
-    data = _build_data(spec)  # bad data files fail here, before Ray starts
+    say(f"job {spec.name!r}: {len(spec.tasks)} tasks, output {out}")
+    data = build_job_data(spec)  # bad data files fail here, before Ray starts
     new_task = None
     if spec.recycle.enabled and spec.recycle.new_task is not None:
-        (new_task,) = _build_data(spec, [spec.recycle.new_task])
+        (new_task,) = build_job_data(spec, [spec.recycle.new_task])
     data_s = time.perf_counter() - t0
     state = _claim_output(out, spec)  # only now, so a failed data check leaves nothing behind
     state.setdefault("stages", {})
@@ -153,11 +152,11 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         if not enabled:
             return
         if state["stages"].get(name) == StageState.FINISHED:
-            _say(f"stage {name}: already finished, skipped")
+            say(f"stage {name}: already finished, skipped")
             return
         state["stages"][name] = StageState.RUNNING
         save_state()
-        _say(f"stage {name}: {what}")
+        say(f"stage {name}: {what}")
         t1 = time.perf_counter()
         state["results"][name] = run()
         timing[f"{name}_s"] = time.perf_counter() - t1
@@ -165,20 +164,20 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         save_state()
 
     def flock() -> dict:
-        from orchestrator.flock import run_flock
+        from orchestrator.flock.driver import run_flock
 
-        return run_flock(spec, data, out, out / "ray", _base_name(spec))
+        return run_flock(spec, data, out, out / "ray", base_model_name(spec))
 
     def search() -> dict:
-        from orchestrator.search import run_search
+        from orchestrator.search.driver import run_search
 
-        return run_search(spec, spec.search, data, out, _base_name(spec))
+        return run_search(spec, spec.search, data, out, base_model_name(spec))
 
     def recycle() -> dict:
-        from orchestrator.recycle import run_recycle
+        from orchestrator.recycle.driver import run_recycle
 
         picked = state["results"].get("search", {}).get("picked") if spec.search.enabled else None
-        return run_recycle(spec, out, new_task, _base_name(spec), picked)
+        return run_recycle(spec, out, new_task, base_model_name(spec), picked)
 
     methods = ", ".join(m for m, _, _ in _methods(spec)) + (", then pesc" if spec.pesc.enabled else "")
     stage("flock", spec.flock.enabled, flock, f"training {methods}")
@@ -211,14 +210,14 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     write_report(out, report)
     fl = report.get("flock")
     if fl:
-        _say(f"macro perplexity: base {fl['base_macro_ppl']:.2f} -> flock {fl['macro_ppl']:.2f}"
+        say(f"macro perplexity: base {fl['base_macro_ppl']:.2f} -> flock {fl['macro_ppl']:.2f}"
              + "".join(f", {k} {v['macro_ppl']:.2f}" for k, v in fl["baselines"].items()))
-    _say(f"done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
+    say(f"done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
     return report
 
 
 def _methods(spec: JobSpec):
-    from orchestrator.flock_worker import methods_of
+    from orchestrator.flock.worker import methods_of
 
     return methods_of(spec)
 
@@ -227,32 +226,6 @@ def _grid_size(space: str) -> int:
     from tune_spaces.loader import load_space
 
     return load_space(space).grid_size()
-
-
-def _base_name(spec: JobSpec) -> str | None:
-    from models.base import BUILTIN_MODELS
-
-    if spec.base.name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec.base.name][2]
-    return spec.base.name
-
-
-def _build_data(spec: JobSpec, tasks: list | None = None) -> list:
-    """Tokenise and pack every task (or ``tasks``) once, on the driver."""
-    import datasets
-
-    from tasks import build_task_data
-    from tasks.tokenizer import load_tokenizer
-
-    datasets.disable_progress_bars()  # our own progress lines say what happens
-
-    t = time.perf_counter()
-    tok_name = spec.base.tokenizer or spec.base.name
-    tokenizer = load_tokenizer(tok_name, spec.base.gguf_file if spec.base.tokenizer is None else None)
-    data = build_task_data(tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed)
-    sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in data)
-    _say(f"data ready in {time.perf_counter() - t:.1f}s (train/eval sequences of {spec.train.seq_len} tokens: {sizes})")
-    return data
 
 
 def _job_summary(spec: JobSpec, data: list) -> dict:

@@ -18,14 +18,14 @@ __all__ = ["preflight"]
 
 def preflight(spec: JobSpec) -> list[str]:
     """Validate the spec against the model; return the module names that get adapters."""
-    from orchestrator.flock_worker import adapted_layers
+    from models.base import top_block_indices
 
-    from orchestrator.base_quant import check_quant
+    from orchestrator.base.quant import check_quant
 
     b = spec.base
     model = meta_model(load_config(b.name, b.gguf_file, b.random_init))
     check_quant(spec, model)  # before inject: the matrices as the quantiser will see them
-    layers = adapted_layers(model, spec.lora.top_layers)
+    layers = top_block_indices(model, spec.lora.top_layers)
     try:
         names = inject(
             model,
@@ -38,7 +38,7 @@ def preflight(spec: JobSpec) -> list[str]:
     except LoraTargetError as e:
         raise SpecError(f"lora: {e}") from None
     if spec.gates.enabled:
-        from models.gates import GateConfigError, inject_gates
+        from models.gates.layer import GateConfigError, inject_gates
 
         g = spec.gates
         try:

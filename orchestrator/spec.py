@@ -23,11 +23,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from orchestrator.base_spec import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
+from orchestrator.specs.base import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
 from orchestrator.errors import SpecError
-from orchestrator.gates_spec import GatesSpec
-from orchestrator.search_spec import SearchSpec
-from orchestrator.spec_base import _Strict
+from orchestrator.specs.gates import GatesSpec
+from orchestrator.specs.search import SearchSpec
+from tasks.spec import Strict
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-class LoraSpec(_Strict):
+class LoraSpec(Strict):
     """LoRA defaults for every task.
 
     Args:
@@ -80,7 +80,7 @@ class LoraSpec(_Strict):
         return v
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     """Training settings shared by every method of the flock (same seed, same batches).
 
     Args:
@@ -107,7 +107,7 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0)
 
 
-class PriorSpec(_Strict):
+class PriorSpec(Strict):
     """The hierarchical prior's precisions.
 
     Args:
@@ -127,7 +127,7 @@ class PriorSpec(_Strict):
     tau_max: float = Field(1e4, gt=0)
 
 
-class FlockSpec(_Strict):
+class FlockSpec(Strict):
     """The BoRA flock stage.
 
     Args:
@@ -160,7 +160,7 @@ class FlockSpec(_Strict):
         return v
 
 
-class PescSpec(_Strict):
+class PescSpec(Strict):
     """The PESC stage: the FFN of every adapted block becomes a mixture of adapter experts.
 
     Trained on all tasks pooled (no task ids reach the router), with the flock's steps and
@@ -188,7 +188,7 @@ class PescSpec(_Strict):
         return self
 
 
-class RecycleSpec(_Strict):
+class RecycleSpec(Strict):
     """The recycle stage (EigenLoRAx).
 
     Args:
@@ -213,7 +213,7 @@ class RecycleSpec(_Strict):
     k_extra: int = Field(0, ge=0)
 
 
-class RaySpec(_Strict):
+class RaySpec(Strict):
     """Where and how the job runs on Ray.
 
     Args:
@@ -236,7 +236,7 @@ class RaySpec(_Strict):
     share_base: bool = True
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     """One loraflock job.
 
     Example (YAML)::

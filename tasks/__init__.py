@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tasks.errors import TaskDataError
 from tasks.spec import STDLIB_PACKAGES, BuiltinSource, DataSettings, DataSource, FilesSource, HubSource, TaskSpec
-from tasks.stdlib_suite import DEMO_EVAL_CAP, DEMO_PACKAGES, DEMO_SIZES, demo_tasks
+from tasks.builtin.stdlib import DEMO_EVAL_CAP, DEMO_PACKAGES, DEMO_SIZES, demo_tasks
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-_LAZY = {"TaskDataError": "tasks.sources", "TokenizerError": "tasks.tokenizer", "load_tokenizer": "tasks.tokenizer"}
+_LAZY = {"TokenizerError": "tasks.tokenizer", "load_tokenizer": "tasks.tokenizer"}
 
 
 def __getattr__(name: str):
@@ -104,7 +105,7 @@ def build_task_data(
     import torch
 
     from tasks.packing import cap_rows, hold_out, pack_rows, rows_dataset, tokenize_documents, tokenizer_fingerprint
-    from tasks.sources import TaskDataError, load_documents
+    from tasks.sources import load_documents
     from tasks.tokenizer import TokenizerError, load_tokenizer
 
     if seq_len < 2:

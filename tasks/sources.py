@@ -19,19 +19,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from tasks.errors import TaskDataError
 from tasks.spec import BuiltinSource, DataSource, FilesSource, HubSource
 
-__all__ = ["TaskDataError", "infer_format", "load_documents"]
+__all__ = ["infer_format", "load_documents"]
 
 # spec format -> datasets builder
 _BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
 _SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
 _TEXT_FORMATS = {"jsonl", "json", "csv"}
-
-
-class TaskDataError(ValueError):
-    """A task's data cannot be used; the message names the task, the file and what to do."""
 
 
 def infer_format(path: str, task: str = "?") -> str:
@@ -163,7 +160,7 @@ def load_documents(source: DataSource, task: str) -> Dataset:
         ['text']
     """
     if isinstance(source, BuiltinSource):
-        from tasks.stdlib_suite import package_documents
+        from tasks.builtin.stdlib import package_documents
 
         return package_documents(source.package)
     ds = _load_files(source, task) if isinstance(source, FilesSource) else _load_hub(source, task)

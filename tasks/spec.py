@@ -23,6 +23,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "Strict",
     "STDLIB_PACKAGES",
     "FilesSource",
     "HubSource",
@@ -40,11 +41,18 @@ STDLIB_PACKAGES: tuple[str, ...] = (
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(BaseModel):
+    """The base of every spec model, the job's sections too: unknown fields are errors.
+
+    Assignments are re-validated, so a spec changed in code stays as valid as one read from
+    YAML. It lives here because ``tasks`` is the lowest layer that holds specs:
+    ``orchestrator``'s sections import it, never the other way round.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class FilesSource(_Strict):
+class FilesSource(Strict):
     """Local files, one document per row.
 
     Args:
@@ -72,7 +80,7 @@ class FilesSource(_Strict):
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
-class HubSource(_Strict):
+class HubSource(Strict):
     """A dataset by ``datasets`` name (needs the hub, or a local dataset-script directory).
 
     Args:
@@ -89,7 +97,7 @@ class HubSource(_Strict):
     text_field: str = "text"
 
 
-class BuiltinSource(_Strict):
+class BuiltinSource(Strict):
     """A bundled demo task built offline (``stdlib-code``: one stdlib package's sources).
 
     Args:
@@ -112,7 +120,7 @@ class BuiltinSource(_Strict):
 DataSource = Annotated[Union[FilesSource, HubSource, BuiltinSource], Field(discriminator="kind")]
 
 
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     """One task: its name, its training text and (optionally) its own eval text.
 
     Without ``eval_source`` whole documents are held out for evaluation (``eval_fraction``
@@ -158,7 +166,7 @@ class TaskSpec(_Strict):
         return self.model_copy(update=update)
 
 
-class DataSettings(_Strict):
+class DataSettings(Strict):
     """How every task's text is cut into training rows.
 
     Args:

@@ -125,7 +125,7 @@ def _data_case(d: Path, kind: str) -> Case:
     else:  # not UTF-8 (latin-1 bytes)
         f.write_bytes(b"".join(b'{"text": "caf\xe9 \xff document %d"}\n' % i for i in range(8)))
         needles = ("task 'mine'", "docs.jsonl", "not UTF-8")
-    # Data is read after the local Ray starts (pipeline.run_job: init_ray, then _build_data).
+    # Data is read after the local Ray starts (pipeline.run_job: init_ray, then build_job_data).
     return Case(["run", str(_files_job(d, f)), "--out", str(d / "out")], d / "out", needles, before_ray=False)
 
 

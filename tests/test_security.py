@@ -7,7 +7,7 @@
   and builtin ``eval(``/``exec(``/``compile(``. The scanner itself is tested on bad snippets.
 - ``orchestrator.pipeline.init_ray`` starts the local Ray with the dashboard off and bound to
   127.0.0.1 unless asked (``ray.init`` is monkeypatched: no real Ray starts).
-- An auth token resolved by ``orchestrator.client`` never reaches a repr, the submitted job
+- An auth token resolved by ``orchestrator.cluster.client`` never reaches a repr, the submitted job
   spec, or the ``job.json`` that ``pipeline._claim_output`` saves.
 """
 
@@ -183,7 +183,7 @@ def secret_token(monkeypatch, tmp_path):
 
 
 def test_resolved_token_never_shows_in_repr_or_str(secret_token):
-    from orchestrator.client import LoraflockClient, resolve_token
+    from orchestrator.cluster.client import LoraflockClient, resolve_token
 
     assert resolve_token() == secret_token  # resolution really found it ...
     client = LoraflockClient("http://127.0.0.1:8265")
@@ -193,7 +193,7 @@ def test_resolved_token_never_shows_in_repr_or_str(secret_token):
 
 
 def test_submitted_spec_and_metadata_carry_no_token(secret_token):
-    from orchestrator.client import LoraflockClient
+    from orchestrator.cluster.client import LoraflockClient
 
     sent: dict = {}
 

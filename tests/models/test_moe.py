@@ -24,7 +24,7 @@ from models.moe import (
     save_moe,
     task_expert_load,
 )
-from models.train import Batch, train_step
+from models.train.step import Batch, train_step
 from tests.conftest import TINY_GPT2, TINY_LLAMA
 
 MODELS = {"tiny_llama": TINY_LLAMA, "tiny_gpt2": TINY_GPT2}

@@ -11,7 +11,7 @@ import torch
 from models.base import load_base
 from models.lora import adapter_params, inject, lora_layers, set_trainable
 from models.prior import HierarchicalPrior, PriorSettingError, tau_scale_note
-from models.train import Batch, train_step
+from models.train.step import Batch, train_step
 
 TINY = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -74,7 +74,7 @@ def test_peft_reproduces_the_reported_eval_loss(tiny_run):
     from peft import PeftModel
 
     from models.base import load_base
-    from models.train import Batch, row_nll  # noqa: F401  (row_nll needs injected layers; use plain CE)
+    from models.train.step import Batch, row_nll  # noqa: F401  (row_nll needs injected layers; use plain CE)
     from orchestrator.spec import load_job
     from tasks import build_task_data
     from tasks.tokenizer import load_tokenizer

@@ -122,7 +122,7 @@ def test_models_and_tasks_never_import_ray():
 def test_align_with_global_allocation_is_refused_in_the_job():
     from pydantic import ValidationError
 
-    from orchestrator.gates_spec import GatesSpec
+    from orchestrator.specs.gates import GatesSpec
 
     assert GatesSpec(enabled=True, align=64).align == 64
     with pytest.raises(ValidationError, match="gates.align"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasks import TaskData, TaskSpec, build_task_data
-from tasks.sources import TaskDataError
+from tasks.errors import TaskDataError
 from tasks.tokenizer import bytes_tokenizer
 
 EOS = 256
@@ -128,7 +128,7 @@ def test_duplicate_task_names(tmp_path):
 def test_tasks_never_imports_ray(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", ["x" * 100, "y" * 100])
     code = (
-        "import sys, tasks, tasks.sources, tasks.packing, tasks.stdlib_suite, tasks.tokenizer\n"
+        "import sys, tasks, tasks.sources, tasks.packing, tasks.builtin.stdlib, tasks.tokenizer\n"
         f"spec = tasks.TaskSpec(name='t', source={{'kind': 'files', 'path': {path!r}}})\n"
         "tasks.build_task_data([spec], 'bytes', 16)\n"
         "print('ray' in sys.modules)\n"

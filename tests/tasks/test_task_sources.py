@@ -9,7 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from tasks.sources import TaskDataError, infer_format, load_documents
+from tasks.errors import TaskDataError
+from tasks.sources import infer_format, load_documents
 from tasks.spec import FilesSource, HubSource
 
 TEXTS = ["first doc\nwith a newline", "second, with a comma", "third \"quoted\" é ü 🙂", "fourth"]

@@ -1,0 +1,339 @@
+"""The flock's per-worker training loop: plain PyTorch, optional torch.distributed.
+
+One call trains one *method* of the comparison on the tasks this process owns, all on the
+same frozen base, batched:
+
+* ``hierarchical``: theta_d = Theta + delta_d, both train, prior (tau/2)||delta_d||^2;
+* ``independent``: deltas only (tau = 0);
+* ``unified``: Theta only (tau -> inf, one adapter for all tasks).
+
+Every method starts from the same adapter weights and sees the same batches (the sampler is
+seeded by the job), so their perplexities compare like for like. Across Ray workers the
+shared Theta's gradient is all-reduced (DDP over Theta only) and the deltas stay local; the
+loss of each worker is its share of one global sum, so one worker and many give the same
+joint MAP up to float rounding. Ray is touched only by the caller (``report`` hooks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.lora import adapter_params, lora_layers, set_trainable
+from models.train.step import Batch, BatchSampler, evaluate, train_step
+from models.train.state import load_train_state, save_train_state
+
+__all__ = ["FlockData", "MethodConfig", "train_method", "make_batch", "grad_reducer", "average_shared"]
+
+
+@dataclass
+class FlockData:
+    """What one worker needs about the tasks (global view + its own rows).
+
+    Attributes:
+        sizes: N_d of every task (global task index).
+        owned: global indices of the tasks this worker trains; slot = position in ``owned``.
+        train: slot -> (N_d, L) token ids.
+        eval: slot -> (M_d, L) token ids.
+        train_prefix / eval_prefix: slot -> cached hidden states entering block ``split``.
+    """
+
+    sizes: list[int]
+    owned: list[int]
+    train: dict[int, torch.Tensor]
+    eval: dict[int, torch.Tensor]
+    train_prefix: dict[int, torch.Tensor] | None = None
+    eval_prefix: dict[int, torch.Tensor] | None = None
+    split: int = 0
+
+
+@dataclass
+class MethodConfig:
+    name: str
+    kind: str  # hierarchical | independent | unified
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    temperature: float = 0.5
+    eval_batch_size: int = 8
+    log_every: int = 10
+    sync_every: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def grad_reducer(shared: Sequence[nn.Parameter], sync: bool) -> Callable[[Sequence[nn.Parameter]], float]:
+    """All-reduce Theta's gradient (sum of every worker's share) and the squared grad norm.
+
+    Returns the squared global norm so that gradient clipping is identical on all workers.
+    """
+    shared_ids = {id(p) for p in shared}
+
+    def reduce(params: Sequence[nn.Parameter]) -> float:
+        sh = [p for p in params if id(p) in shared_ids and p.grad is not None]
+        local = [p for p in params if id(p) not in shared_ids and p.grad is not None]
+        sq_local = torch.zeros(2)
+        if _distributed():
+            if sync and sh:
+                flat = torch.cat([p.grad.reshape(-1) for p in sh])
+                dist.all_reduce(flat)
+                off = 0
+                for p in sh:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[off : off + n].view_as(p.grad))
+                    off += n
+            sq_local[0] = sum(float(p.grad.pow(2).sum()) for p in local)
+            dist.all_reduce(sq_local)
+        else:
+            sq_local[0] = sum(float(p.grad.pow(2).sum()) for p in local)
+        return float(sq_local[0]) + sum(float(p.grad.pow(2).sum()) for p in sh)
+
+    return reduce
+
+
+@torch.no_grad()
+def average_shared(shared: Sequence[nn.Parameter]) -> None:
+    """Local-steps mode (``sync_every > 1``): average Theta across workers."""
+    if not _distributed():
+        return
+    flat = torch.cat([p.reshape(-1) for p in shared])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    off = 0
+    for p in shared:
+        p.copy_(flat[off : off + p.numel()].view_as(p))
+        off += p.numel()
+
+
+def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> Batch:
+    """The sampler's next batch restricted to the tasks this process owns, as tensors on ``device``."""
+    tasks, idx, w = sampler.sample()
+    slot_of = {g: s for s, g in enumerate(data.owned)}
+    keep = np.array([t in slot_of for t in tasks], dtype=bool)
+    slots = [slot_of[t] for t in tasks[keep]]
+    rows = idx[keep]
+    if not slots:
+        some = data.train[0]
+        empty = some[:0]
+        pre = data.train_prefix[0][:0] if data.train_prefix else None
+        return Batch(empty.to(device), torch.zeros(0, dtype=torch.long, device=device),
+                     torch.zeros(0, device=device), None if pre is None else pre.to(device), data.split)
+    ids = torch.stack([data.train[s][r] for s, r in zip(slots, rows)])
+    pre = None
+    if data.train_prefix is not None:
+        pre = torch.stack([data.train_prefix[s][r] for s, r in zip(slots, rows)])
+    return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split).to(device)
+
+
+def train_method(
+    model: nn.Module,
+    data: FlockData,
+    cfg: MethodConfig,
+    init_state: dict[str, torch.Tensor],
+    prior: object | None = None,
+    log: Callable[[str], None] = print,
+    device: torch.device | str = "cpu",
+    trainable: Sequence[nn.Parameter] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    before_eval: Callable[[], None] | None = None,
+    state_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int], None] | None = None,
+    extra_params: Sequence[nn.Parameter] = (),
+    extra_lr: float | None = None,
+    extra_local: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Train one method from ``init_state`` and evaluate it on the owned tasks.
+
+    Args:
+        model: base with injected multi-task LoRA (one slot per owned task).
+        data: the worker's tasks.
+        cfg: method settings.
+        init_state: adapter parameters to start from (``{name: tensor}``), shared by methods.
+        prior: a ``models.prior.HierarchicalPrior`` for ``hierarchical`` (its ``penalty`` is
+            added to the loss; with ``mode='infer'`` its tau is updated every
+            ``prior_update_every`` steps from all-reduced statistics).
+        log: progress printer.
+        trainable: for other kinds (``pesc``): exactly these parameters train (Theta among
+            them is synchronised across workers like the unified adapter's).
+        extra_loss: an additional regulariser (e.g. MoE load balancing).
+        before_eval: called between training and the final evaluation (e.g. reset counters).
+        state_dir: where mid-training state lives; if it holds state, training resumes from
+            it (parameters, optimizer moments, sampler RNG, prior, curve).
+        checkpoint_every: write that state every N steps (0 = never) and then call
+            ``on_checkpoint(step)`` (the Ray worker reports a checkpoint there).
+        extra_params: more trainable parameters in their own optimizer group (FineGates'
+            logits), with step size ``extra_lr`` (default ``cfg.lr``) and no weight decay;
+            all-reduced across workers like Theta unless ``extra_local`` (task-scope gates).
+        on_step: called with the step number before every step (the gate schedule).
+
+    Returns:
+        ``{"eval_nll": {slot: nll}, "curve": [(step, loss)], "seconds": s, "tokens_per_s": x,
+        "tau_history": [...]}``.
+    """
+    device = torch.device(device)
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for k, v in init_state.items():
+            named[k].copy_(v)
+    kind = cfg.kind
+    set_trainable(model, shared=kind in ("hierarchical", "unified"), task=kind in ("hierarchical", "independent"))
+    if trainable is not None:
+        for p in trainable:
+            p.requires_grad_(True)
+        params = list(trainable)
+    else:
+        params = [p for p in adapter_params(model) if p.requires_grad]
+    ids = {id(p) for p in params}
+    # Replicated parameters (Theta, MoE experts): gradients are all-reduced across workers.
+    shared = [p for p in adapter_params(model, "shared") if id(p) in ids]
+    if trainable is not None:
+        task_ids_ = {id(p) for p in adapter_params(model, "task")}
+        shared = [p for p in params if id(p) not in task_ids_]
+    groups = [{"params": params}]
+    extra_params = [p for p in extra_params if id(p) not in ids]
+    if extra_params:
+        for p in extra_params:
+            p.requires_grad_(True)
+        groups.append({"params": extra_params, "lr": extra_lr or cfg.lr, "weight_decay": 0.0})
+        if not extra_local:
+            shared = shared + extra_params
+        params = params + extra_params
+        ids |= {id(p) for p in extra_params}
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = BatchSampler(data.sizes, cfg.batch_size, cfg.seed, cfg.temperature)
+    reducer = grad_reducer(shared, sync=cfg.sync_every == 1)
+    use_prior = kind == "hierarchical" and prior is not None
+    terms = [f for f in (prior.penalty if use_prior else None, extra_loss) if f is not None]
+    extra = (lambda: sum(f() for f in terms)) if terms else None
+    curve: list[tuple[int, float]] = []
+    t0 = time.perf_counter()
+    tokens, start = 0, 1
+    ids_named = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    if state_dir is not None:
+        meta = load_train_state(state_dir, ids_named, opt)
+        if meta is not None:
+            start, curve = meta["step"] + 1, [tuple(c) for c in meta["curve"]]
+            sampler.set_state(meta["sampler"])
+            if use_prior and meta.get("prior"):
+                prior.load_state_dict(meta["prior"])
+            log(f"[{cfg.name}] resumed at step {start} from {state_dir}")
+    failed: dict[int, str] = {}  # global task -> why it was stopped
+    pending: set[int] = set()  # slots whose loss went non-finite in the last step
+    for step in range(start, cfg.steps + 1):
+        pending |= _nonfinite_slots(model)
+        new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes))
+        if new:
+            _stop_tasks(model, opt, data, sampler, new, failed, step, log)
+        pending = set()
+        if on_step is not None:
+            on_step(step)
+        batch = make_batch(data, sampler, device)
+        # Parameters absent from this batch still get (zero or prior) gradients, as in the
+        # single-process joint objective, so Adam treats them identically on every worker.
+        res = train_step(model, batch, opt, params, extra_loss=extra, max_grad_norm=cfg.max_grad_norm,
+                         reduce_grads=reducer, skip_nonfinite=True)
+        pending |= set(res.nonfinite)
+        if cfg.sync_every > 1 and step % cfg.sync_every == 0:
+            average_shared(shared)
+        tokens += batch.input_ids.numel()
+        if use_prior and prior.due(step):
+            _update_tau(prior, step)
+        if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            meta = {"step": step, "curve": curve, "sampler": sampler.state(),
+                    "prior": prior.state_dict() if use_prior else None}
+            save_train_state(state_dir, ids_named, opt, meta)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            el = time.perf_counter() - t0
+            eta = el / max(step - start + 1, 1) * (cfg.steps - step)
+            curve.append((step, res.nll))
+            log(
+                f"[{cfg.name}] step {step}/{cfg.steps}  loss {res.nll:.4f}  "
+                f"tok/s {tokens / el:,.0f}  elapsed {el:,.0f}s  eta {eta:,.0f}s"
+            )
+    seconds = time.perf_counter() - t0
+    if before_eval is not None:
+        before_eval()
+    slot_of = {g: s for s, g in enumerate(data.owned)}
+    keep = {s: x for s, x in data.eval.items() if data.owned[s] not in failed}
+    pre = {s: x for s, x in data.eval_prefix.items() if s in keep} if data.eval_prefix else None
+    nll = evaluate(model, keep, cfg.eval_batch_size, pre, data.split)
+    out = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+           "failed": {slot_of[g]: why for g, why in failed.items() if g in slot_of}}
+    if use_prior:
+        out["tau"] = {g: float(t) for g, t in prior.tau.items()}
+        out["tau_history"] = list(prior.history)
+    return out
+
+
+@torch.no_grad()
+def _nonfinite_slots(model: nn.Module) -> set[int]:
+    """Task slots whose offsets hold NaN/inf (a diverged task)."""
+    bad: set[int] = set()
+    for layer in lora_layers(model).values():
+        for p in (layer.lora_A, layer.lora_B):
+            ok = torch.isfinite(p).flatten(1).all(dim=1)
+            bad |= set(torch.nonzero(~ok).flatten().tolist())
+    return bad
+
+
+def _sync_failures(local: set[int], n_tasks: int) -> set[int]:
+    """Union of every worker's newly failed tasks (all workers must sample alike)."""
+    if not _distributed():
+        return local
+    flags = torch.zeros(n_tasks)
+    flags[list(local)] = 1.0
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return set(torch.nonzero(flags).flatten().tolist())
+
+
+@torch.no_grad()
+def _stop_tasks(model, opt, data: FlockData, sampler: BatchSampler, tasks: set[int], failed: dict, step: int, log) -> None:
+    """Stop training ``tasks`` whose loss diverged; every other task trains on unharmed.
+
+    Their offsets (and Adam moments) are zeroed so the prior and the shared Theta never see
+    NaN again, and the sampler stops drawing their rows.
+    """
+    if any(not torch.isfinite(p).all() for p in adapter_params(model, "shared")):
+        raise FloatingPointError(
+            f"step {step}: the shared adapter became NaN/inf: training diverged for every task; lower train.lr "
+            "or train.max_grad_norm"
+        )
+    slot_of = {g: s for s, g in enumerate(data.owned)}
+    slots = [slot_of[g] for g in tasks if g in slot_of]
+    for layer in lora_layers(model).values():
+        for p in (layer.lora_A, layer.lora_B):
+            p[slots] = 0.0
+            for v in opt.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0]:
+                    v[slots] = 0.0
+    for g in tasks:
+        failed[g] = f"loss became NaN/inf at step {step}: task stopped (lower train.lr for it, or check its data)"
+        log(f"task {g}: {failed[g]}; the other tasks continue")
+    if len(failed) == len(data.sizes):
+        raise FloatingPointError(f"step {step}: the loss diverged for every task; lower train.lr")
+    sampler.exclude(sorted(tasks))
+
+
+def _update_tau(prior: object, step: int) -> None:
+    """Empirical-Bayes tau update from statistics summed over all workers."""
+    packed = prior.stats_tensor()  # (groups, 2): sum ||delta||^2 and count, this worker's tasks
+    if _distributed():
+        dist.all_reduce(packed)
+    prior.update_tau(packed, step=step)

@@ -1,0 +1,157 @@
+"""The flock stage on the driver: split tasks over Ray Train workers, run, collect.
+
+Data is tokenised once on the driver and put in the object store; each worker reads its
+tasks' rows from there. Tasks are assigned to workers by size (longest-processing-time
+greedy), so workers finish together. Results and the flock's adapters come back through
+the final Ray Train checkpoint (merged from every worker), so this works on a multi-node
+cluster with any ``storage_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from orchestrator.errors import StageError
+from orchestrator.flock.worker import flock_worker, methods_of
+from orchestrator.pesc.stage import merge_pesc
+from orchestrator.spec import JobSpec
+
+__all__ = ["assign_tasks", "run_flock"]
+
+
+def assign_tasks(sizes: list[int], workers: int) -> list[list[int]]:
+    """Balance tasks over workers by training size (LPT greedy); every worker gets >= 1 task."""
+    if workers > len(sizes):
+        raise StageError(
+            f"ray.num_workers = {workers} but the job has only {len(sizes)} tasks: use at most {len(sizes)} workers"
+        )
+    loads = [0] * workers
+    out: list[list[int]] = [[] for _ in range(workers)]
+    for t in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        w = min(range(workers), key=lambda i: (loads[i], len(out[i])))
+        out[w].append(t)
+        loads[w] += sizes[t]
+    return [sorted(a) for a in out]
+
+
+@ray.remote(num_cpus=1)
+def _base_arrays(spec_dict: dict) -> dict:
+    """Load the base once (fp32 on CPU) and hand its weights to the object store as numpy.
+
+    With ``base.bits``/``base.bit_budget`` the base is quantised here, once for the job: the
+    store then holds the packed codes and the LQ factors, not the fp32 matrices.
+    """
+    from models.base import load_base
+    from orchestrator.base.store import base_arrays
+
+    spec = JobSpec.model_validate(spec_dict)
+    b = spec.base
+    model = load_base(b.name, b.gguf_file, b.random_init, "float32", "cpu", seed=spec.train.seed)
+    if not b.quantized:
+        return base_arrays(model)
+    from orchestrator.base.quant import build_quant_base
+
+    summary, factors = build_quant_base(model, spec)
+    return base_arrays(model, factors, summary)
+
+
+def _cpus_per_worker(spec: JobSpec) -> float:
+    if spec.ray.cpus_per_worker is not None:
+        return spec.ray.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(1.0, float(int(total // spec.ray.num_workers)))
+
+
+def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_name: str | None) -> dict:
+    """Train the flock (and its baselines); write ``adapters/``; return the stage's results.
+
+    Args:
+        spec: the validated job.
+        data: ``tasks.TaskData`` list (tokenised on the driver).
+        out: the job's output directory.
+        storage: Ray Train storage path (checkpoints).
+        base_model_name: recorded in every adapter_config.json.
+    """
+    names = [d.name for d in data]
+    sizes = [int(d.train_examples) for d in data]
+    payload = {
+        "names": names,
+        "sizes": sizes,
+        "train": [np.ascontiguousarray(d.train_ids.numpy()) for d in data],
+        "eval": [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
+    }
+    assignment = assign_tasks(sizes, spec.ray.num_workers)
+    # The frozen base goes into the object store once (as numpy, returned by a Ray task so the
+    # driver owns it); every flock worker on a node maps those pages instead of loading a copy.
+    base_ref = _base_arrays.remote(spec.model_dump(mode="json")) if spec.ray.share_base else None
+    cpus = _cpus_per_worker(spec)
+    trainer = TorchTrainer(
+        flock_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "data_ref": ray.put(payload),
+            "assignment": assignment,
+            "base_model_name": base_model_name,
+            "base_ref": base_ref,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.ray.num_workers,
+            use_gpu=spec.ray.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if spec.ray.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="flock",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=spec.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train V2's own SIGINT handler aborts the run with sys.exit(0)
+        raise KeyboardInterrupt from None
+    if result.checkpoint is None:
+        raise StageError(f"the flock finished without a checkpoint: see the worker logs under {storage}/flock")
+    merged: dict = {"base_eval_nll": {}, "methods": {}}
+    pesc_parts: list[dict] = []
+    with result.checkpoint.as_directory() as d:
+        for f in sorted((Path(d) / "results").glob("rank*.json")):
+            part = json.loads(f.read_text())
+            merged["base_eval_nll"].update(part["base_eval_nll"])
+            if "pesc" in part:
+                pesc_parts.append(part["pesc"])
+            if part.get("quant"):  # the quantised base's report (identical on every worker)
+                merged["quant"] = part["quant"]
+            for m, r in part["methods"].items():
+                tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
+                tgt["eval_nll"].update(r["eval_nll"])
+                tgt.setdefault("failed", {}).update(r.get("failed", {}))
+                if "gates" in r:  # per-task sparsity from every worker (task scope differs per task)
+                    tgt["gates"]["tasks"].update(r["gates"]["tasks"])
+                tgt["seconds"] = max(tgt["seconds"], r["seconds"])
+        for sub in ("adapters", "prior", "pesc", "quant_base", "export"):  # replace whole, via a temporary name
+            src = Path(d) / sub
+            if src.is_dir():
+                dst, tmp = out / sub, out / f".{sub}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                shutil.rmtree(dst, ignore_errors=True)
+                tmp.rename(dst)
+    expected = [m for m, _, _ in methods_of(spec)]
+    missing = [m for m in expected if m not in merged["methods"]]
+    if missing:
+        raise StageError(f"the flock did not finish methods {missing}; re-run the job to resume")
+    if spec.pesc.enabled:
+        if not pesc_parts:
+            raise StageError("the pesc stage did not finish; re-run the job to resume")
+        merged["pesc"] = merge_pesc(pesc_parts)
+    merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
+    merged["sizes"] = dict(zip(names, sizes))
+    return merged

@@ -1,0 +1,98 @@
+"""FineGates inside the flock: the gates' initial state, their schedule, results and export.
+
+The worker (:mod:`orchestrator.flock.worker`) calls these when the job has a ``gates:``
+section; the gate maths and schedule themselves are in :mod:`models.gates`. Plain PyTorch
+(plus ``torch.distributed`` to average shared gates' importance scores over workers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.peft_io import save_adapter
+from models.train.loop import FlockData
+from orchestrator.spec import JobSpec
+
+__all__ = ["export_gated", "gate_init_state", "gate_kwargs", "gate_results"]
+
+
+def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
+    """Initial gate logits (the same for every method): importance init or constant.
+
+    Importance comes from ``gates.calibration_batches`` batches of this worker's training
+    rows through the base (adapters at B = 0); shared gates average the workers' scores so
+    every worker starts from the same gates.
+    """
+    import torch.distributed as dist
+
+    from models.gates.schedule import importance_scores, init_from_importance
+    from models.gates.layer import gate_params
+    from models.train.step import Batch, row_nll
+
+    g, bs = spec.gates, spec.train.batch_size
+    if g.init in ("importance", "taylor"):
+        def forward() -> torch.Tensor:
+            left, total = g.calibration_batches, torch.zeros(())
+            for s, ids in data.train.items():
+                for i in range(0, len(ids), bs):
+                    if left == 0:
+                        return total
+                    rows = ids[i : i + bs]
+                    pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
+                    tid = torch.full((len(rows),), s, dtype=torch.long, device=rows.device)
+                    total = total + row_nll(model, Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split)).mean()
+                    left -= 1
+            return total
+
+        scores = importance_scores(model, forward, "taylor" if g.init == "taylor" else "magnitude")
+        if world > 1 and dist.is_available() and dist.is_initialized() and g.scope == "shared":
+            for sides in scores.values():
+                for t in sides.values():
+                    dist.all_reduce(t)
+                    t /= world
+        init_from_importance(model, scores)
+    ids = {id(p) for p in gate_params(model)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ids}
+
+
+def gate_kwargs(model, spec: JobSpec, world: int, prior) -> dict:
+    """train_method arguments that train the gates with the job's schedule (fresh per method)."""
+    from models.gates.schedule import GateController, GateSchedule, clear_hard
+    from models.gates.layer import gate_params
+
+    g = spec.gates
+    clear_hard(model)
+    sched = GateSchedule(spec.train.steps, g.target_sparsity, g.lam, g.warmup, g.sigma, g.sigma_final,
+                         g.harden_at, g.allocation, align=g.align)
+    shared = g.scope == "shared"
+    ctrl = GateController(model, sched, penalty_scale=1.0 / world if shared else 1.0)
+    return {"extra_params": gate_params(model), "extra_lr": g.gate_lr or sched.auto_gate_lr(),
+            "extra_local": not shared, "on_step": ctrl.on_step, "extra_loss": ctrl.penalty, "before_eval": ctrl.finish}
+
+
+def gate_results(model, names: list[str], owned: list[int]) -> dict:
+    """Sparsity achieved by this worker's gates (overall, per layer, per task)."""
+    from models.gates.layer import sparsity_report
+
+    rep = sparsity_report(model)
+    rep["tasks"] = {names[g]: sparsity_report(model, task=s)["removed_fraction"] for s, g in enumerate(owned)}
+    return rep
+
+
+def export_gated(model, where: Path, names: list[str], owned: list[int], rank: int, scope: str) -> None:
+    """The pruned plain model(s) and PEFT adapters for them (``export/``, see README)."""
+    from models.gates.export import export_pruned, save_pruned, strip_adapters
+
+    if scope == "shared":  # one pruned base for every task (written once, by rank 0)
+        pruned = export_pruned(model)
+        for s, g in enumerate(owned):
+            save_adapter(pruned, s, where / "adapters" / names[g], "export/model")
+        if rank == 0:
+            save_pruned(strip_adapters(pruned), where / "model")
+        return
+    for s, g in enumerate(owned):  # task scope: every task has its own pruned base
+        pruned = export_pruned(model, task=s)
+        save_adapter(pruned, s, where / names[g] / "adapter", f"export/{names[g]}/model")
+        save_pruned(strip_adapters(pruned), where / names[g] / "model")

@@ -1,0 +1,267 @@
+"""The Ray Train worker of the flock stage: loads the base, owns some tasks, trains every method.
+
+Ray is touched only here and only through ``ray.train`` (context, checkpoint, report); the
+training itself is :func:`models.train.loop.train_method`. After each method the
+worker reports a checkpoint (its results + the flock's adapters in PEFT format), so a
+restarted worker group (``FailureConfig``) skips the methods already finished.
+
+With ``base.bits``/``base.bit_budget`` the worker's base is the quantised one put in the
+object store (packed codes mapped read-only, dequantised per layer in the forward); its LQ
+low-rank factors start the shared adapter Theta, so every method, the baselines, PESC and
+the frozen-prefix cache all run on that base (:mod:`orchestrator.base.quant`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from models.base import load_base, resolve_dtype, top_block_indices
+from models.lora import adapter_params, inject
+from models.moe import save_moe
+from models.peft_io import save_adapter, theta_state
+from models.prefix import compute_prefix
+from models.train.step import evaluate, seed_everything
+from orchestrator.base.store import load_base_shared, lq_factors
+from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
+from models.train.loop import FlockData, MethodConfig, train_method
+from orchestrator.flock.gating import export_gated, gate_init_state, gate_kwargs, gate_results
+from orchestrator.pesc.stage import run_pesc
+from orchestrator.spec import JobSpec
+
+__all__ = ["flock_worker", "methods_of"]
+
+
+def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
+    from models.prior import HierarchicalPrior
+
+    p = spec.flock.prior
+    mode = "infer" if tau == "infer" else "fixed"
+    return HierarchicalPrior(
+        model,
+        task_sizes=sizes_owned,
+        total_size=total,
+        groups=p.groups,
+        tau=None if mode == "infer" else float(tau),
+        mode=mode,
+        a=p.a,
+        b=p.b,
+        tau_init=p.tau_init,
+        tau_max=p.tau_max,
+        update_every=p.update_every,
+    )
+
+
+def methods_of(spec: JobSpec) -> list[tuple[str, str, object]]:
+    """(name, kind, tau) of every method the flock trains, the main one first.
+
+    tau-sweep points that another method already trains (the main tau; 0 when the
+    independent baseline runs) are not trained twice: the report takes them from there.
+    """
+    f = spec.flock
+    out: list[tuple[str, str, object]] = [("hierarchical", "hierarchical", f.tau)]
+    if f.tau == 0:
+        out = [("hierarchical", "independent", 0.0)]
+    for b in f.baselines:
+        out.append((b, b, 0.0 if b == "independent" else float("inf")))
+    done = {float(t) for _, k, t in out if k != "unified" and isinstance(t, (int, float))}
+    for t in f.tau_sweep or []:
+        if float(t) in done:
+            continue
+        done.add(float(t))
+        kind = "independent" if t == 0 else "hierarchical"
+        out.append((f"tau={t:g}", kind, float(t)))
+    return out
+
+
+def flock_worker(config: dict) -> None:
+    """Ray Train entry point (one call per worker)."""
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    def say(msg: str) -> None:
+        # Not print(): Ray Train V2 patches print into its logger, which doubles console lines.
+        sys.stdout.write(f"[flock w{rank}] {msg}\n")
+        sys.stdout.flush()
+
+    data_all = ray.get(config["data_ref"])
+    owned: list[int] = config["assignment"][rank]
+    names: list[str] = data_all["names"]
+    sizes: list[int] = data_all["sizes"]
+    device = ray.train.torch.get_device() if spec.ray.use_gpu else torch.device("cpu")
+    t0 = time.perf_counter()
+    seed_everything(spec.train.seed)
+    b = spec.base
+    factors: dict = {}  # LQ low-rank parts (quantised base): they start the shared adapter Theta
+    quant = None
+    if config.get("base_ref") is not None:  # one copy per node, mapped read-only by every worker
+        state = ray.get(config["base_ref"])  # zero-copy: numpy views of the node's object store
+        model = load_base_shared(state, b.name, b.gguf_file, b.random_init)  # quantised layers stay packed
+        factors, quant = lq_factors(state), (state.get("quant") or {}).get("summary")
+        if device.type != "cpu":
+            model = model.to(device=device, dtype=resolve_dtype(b.dtype, str(device)))
+    else:
+        model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, str(device), seed=spec.train.seed)
+        if b.quantized:  # no shared store: this worker quantises its own copy
+            from orchestrator.base.quant import build_quant_base
+
+            quant, factors = build_quant_base(model, spec)
+    layers = top_block_indices(model, spec.lora.top_layers)
+    torch.manual_seed(spec.train.seed)  # same initial adapters on every worker and method
+    inject(
+        model,
+        spec.lora.target_modules,
+        num_tasks=len(owned),
+        rank=[spec.rank_of(names[g]) for g in owned],
+        alpha=spec.lora.alpha,
+        dropout=spec.lora.dropout,
+        layers=layers,
+        max_rank=max(spec.rank_of(n) for n in names),  # same Theta shape on every worker
+    )
+    if factors:  # LQ-LoRA: Theta starts at L1 L2^T, so the initial model is Q + L1 L2^T ~ W
+        from models.quant.model import apply_lq_init
+
+        apply_lq_init(model, factors)
+    gates = spec.gates if spec.gates.enabled else None
+    if gates is not None:
+        from models.gates.layer import inject_gates
+
+        inject_gates(model, gates.target_modules, layers=layers if gates.layers == "adapted" else None,
+                     scope=gates.scope, num_tasks=len(owned), sigma=gates.sigma,
+                     gate_rows=gates.sides != "cols", gate_cols=gates.sides != "rows")
+    ad = {id(p) for p in adapter_params(model)}
+    init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
+    say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}"
+        + (f"; base quantised to {quant['bits_per_weight']:.2f} bits/weight ({quant['matrices_count']} matrices)" if quant else ""))
+
+    # Object-store arrays are read-only views; token ids are small, so take private copies.
+    train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
+    evals = {s: torch.tensor(data_all["eval"][g], device=device) for s, g in enumerate(owned)}
+    split = layers[0] if layers and layers[0] > 0 else 0
+    if gates is not None and gates.layers == "all":
+        split = 0  # gated lower blocks change: nothing below the adapters is frozen
+    tp = ep = None
+    if split:
+        t1 = time.perf_counter()
+        n = sum(len(x) for x in train.values()) + sum(len(x) for x in evals.values())
+        say(f"running the frozen blocks 0..{split - 1} once for {n} sequences (cached for every method)")
+        tp, ep = {}, {}
+        for s in train:
+            tp[s] = compute_prefix(model, train[s], split)
+            ep[s] = compute_prefix(model, evals[s], split)
+            say(f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, {time.perf_counter() - t1:.0f}s")
+        say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
+    data = FlockData(sizes, owned, train, evals, tp, ep, split)
+    if gates is not None:
+        t1 = time.perf_counter()
+        init_state |= gate_init_state(model, data, spec, ctx.get_world_size())
+        say(f"gates on {len(init_state) - len(ad)} gate vectors, initialised ({gates.init}) in {time.perf_counter() - t1:.1f}s")
+
+    results: dict = {}
+    kept = Path(tempfile.mkdtemp(prefix="loraflock-adapters-"))  # the flock's adapters, once trained
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            f = Path(d) / "results" / f"rank{rank}.json"
+            if f.is_file():
+                results = json.loads(f.read_text())
+                say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
+            subs = [Path("adapters") / names[g] for g in owned] + [Path("partial") / f"rank{rank}"]
+            for sub in subs + ([Path("prior"), Path("pesc")] if rank == 0 else []):
+                if (Path(d) / sub).is_dir():
+                    shutil.copytree(Path(d) / sub, kept / sub, dirs_exist_ok=True)
+    if "base_eval_nll" not in results:
+        t1 = time.perf_counter()
+        base = evaluate(model, evals, spec.train.eval_batch_size, ep, split)  # B = 0: the base itself
+        results["base_eval_nll"] = {names[owned[s]]: v for s, v in base.items()}
+        say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
+    results.setdefault("methods", {})
+    results["owned"] = [names[g] for g in owned]
+    if quant is not None and rank == 0:
+        results["quant"] = quant
+        if not (kept / QUANT_DIR).is_dir():
+            write_quant_base(model, quant, kept / QUANT_DIR)  # the adapters belong with this base
+
+    tr = spec.train
+    for mname, kind, tau in methods_of(spec):
+        if mname in results["methods"]:
+            continue
+        cfg = MethodConfig(
+            mname, kind, tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
+            tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every,
+        )
+        prior = None
+        if kind == "hierarchical":
+            prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
+        partial = kept / "partial" / f"rank{rank}" / mname  # mid-method state (resumable)
+        gk = gate_kwargs(model, spec, ctx.get_world_size(), prior) if gates is not None else {}
+        out = train_method(model, data, cfg, init_state, prior, say, device, state_dir=partial,
+                           checkpoint_every=tr.checkpoint_every,
+                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"), **gk)
+        shutil.rmtree(partial, ignore_errors=True)
+        results["methods"][mname] = {
+            "kind": kind,
+            "tau": tau if tau != float("inf") else "inf",
+            "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
+            "failed": {names[owned[s]]: why for s, why in out["failed"].items()},
+            "curve": out["curve"],
+            "seconds": out["seconds"],
+            "tokens_per_s": out["tokens_per_s"],
+            **({"tau_inferred": out.get("tau"), "tau_history": out.get("tau_history")} if prior is not None else {}),
+            **({"gates": gate_results(model, names, owned)} if gates is not None else {}),
+        }
+        if mname == "hierarchical":  # the flock's adapters: what the job delivers
+            for s, g in enumerate(owned):
+                save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
+                _note_quant(quant, kept / "adapters" / names[g])
+            if gates is not None and gates.export:
+                t1 = time.perf_counter()
+                export_gated(model, kept / "export", names, owned, rank, gates.scope)
+                say(f"exported the pruned model and its adapters in {time.perf_counter() - t1:.1f}s")
+            if rank == 0:  # Theta is replicated: one copy, with the prior's state
+                save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
+                _note_quant(quant, kept / "prior" / "theta")
+                if prior is not None:
+                    (kept / "prior").mkdir(parents=True, exist_ok=True)
+                    (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
+        _report(rank, results, kept, mname)
+
+    if spec.pesc.enabled and "pesc" not in results:
+        if gates is not None:
+            from models.gates.layer import remove_gates
+
+            remove_gates(model)  # PESC is not gated: the plain base (+ LoRA) again
+            init_state = {k.replace(".inner.", "."): v for k, v in init_state.items() if ".theta_" not in k}
+        results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, say, device)
+        if rank == 0:
+            save_moe(model, kept / "pesc" / "moe")
+            save_adapter(model, 0, kept / "pesc" / "attention_lora", config["base_model_name"], state=theta_state(model))
+            _note_quant(quant, kept / "pesc" / "attention_lora")
+        _report(rank, results, kept, "pesc")
+
+
+def _note_quant(quant: dict | None, adapter_dir: Path) -> None:
+    """Say beside an adapter that it was trained on the quantised base (it belongs with that base)."""
+    if quant is not None:
+        (adapter_dir / NOTE_FILE).write_text(json.dumps(adapter_note(quant), indent=2))
+
+
+def _report(rank: int, results: dict, kept: Path, step: str) -> None:
+    """Checkpoint this worker's results so far plus everything it delivers (``kept``).
+
+    Every checkpoint carries all finished outputs, so the latest one is complete on its own.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "results").mkdir()
+        (root / "results" / f"rank{rank}.json").write_text(json.dumps(results))
+        shutil.copytree(kept, root, dirs_exist_ok=True)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

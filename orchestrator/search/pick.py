@@ -1,0 +1,170 @@
+"""The picked search trial as a model: rebuilt, its gates folded in, its adapters exported.
+
+``search.pick`` chooses one point of the Pareto front; the recycle stage then works on that
+compressed model instead of the flock's. Its Tune checkpoint (``trial_state.safetensors``,
+copied to ``out/search/pick/``) holds only what the trial trained (adapters, gate logits);
+everything else is rebuilt deterministically by
+:func:`orchestrator.search.trial.build_trial_model` from the trial's configuration (same
+seed, same LoRA init, same LQ quantisation, same gate parametrisation).
+
+In eval mode a gated layer computes ``y = g_r * (W (g_c * x) + s B A (g_c * x))`` with the
+deterministic gates ``g_r`` (rows) and ``g_c`` (columns), so folding them gives exactly
+
+    W' = diag(g_r) W diag(g_c),   b' = g_r * b,   B'_t = diag(g_r) B_t,   A'_t = A_t diag(g_c)
+
+(``W`` the dequantised base weight): a plain ``nn.Linear`` base plus plain per-task LoRA
+adapters at the original module names (PEFT layout). Pruned rows and columns are zero in
+``W'`` and in every ``B'``/``A'``, so a subspace built from these adapters spans only kept
+rows/columns, and coefficient-only adapters on it stay inside the pruned model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from models.gates.layer import GatedLinear
+from models.lora import MultiTaskLoraLinear
+from models.quant.linear import QuantizedLinear
+from models.peft_io import write_adapter_dir
+from orchestrator.errors import StageError
+from orchestrator.spec import JobSpec
+
+__all__ = ["picked_config", "load_picked_model", "fold_picked", "picked_base", "export_picked_adapters", "restrict_lora"]
+
+_HPARAMS = ("rank", "target_sparsity", "bits", "quantizer", "tau", "lr")
+_PREFIX = "base_model.model."
+
+
+def picked_config(picked: dict) -> dict:
+    """The trial configuration (sampled dimensions) of a ``search.picked`` record."""
+    return {k: picked[k] for k in _HPARAMS if picked.get(k) is not None}
+
+
+def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, device: str = "cpu") -> nn.Module:
+    """The picked trial's trained model (eval mode): rebuilt from its config, trained state loaded.
+
+    Raises:
+        StageError: the checkpoint is missing or does not fit the rebuilt model.
+    """
+    from orchestrator.search.trial import STATE_FILE, build_trial_model
+
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise StageError(f"search.picked: {path} not found: re-run the search stage (delete its entry in state.json)")
+    model, _ = build_trial_model(spec, picked_config(picked), len(spec.tasks), str(picked["quantizer"]),
+                                 int(picked["lq_iters"]), device, picked.get("gate_lr"))
+    state = load_file(str(path), device=device)
+    params = dict(model.named_parameters())
+    bad = [k for k, v in state.items() if k not in params or params[k].shape != v.shape]
+    if bad:
+        raise StageError(f"search.picked: {path} does not fit the rebuilt trial model (e.g. {bad[0]!r}): "
+                         "the job's base, tasks or LoRA settings changed since the search")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+    return model.eval()
+
+
+def _base_weight(layer: MultiTaskLoraLinear) -> torch.Tensor:
+    base = layer.base_layer
+    if isinstance(base, QuantizedLinear):
+        return base.packed.dequantize().float()
+    w = base.weight.detach().float()
+    return w.T if layer.fan_in_fan_out else w
+
+
+@torch.no_grad()
+def fold_picked(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[int, dict[str, torch.Tensor]], dict]:
+    """Fold gates into the base and the adapters, in place (see the module docstring).
+
+    Every adapted module (gated or not) becomes a frozen ``nn.Linear`` holding ``W'``.
+
+    Returns:
+        ``(gates, adapters, meta)``: ``gates[name] = (g_r, g_c)`` of each gated module,
+        ``adapters[t]`` the PEFT-keyed ``B'_t, A'_t`` of task slot ``t``, and
+        ``meta = {"ranks": {name: r}, "alphas": {name: alpha}}``.
+    """
+    targets = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, GatedLinear) and isinstance(mod.inner, MultiTaskLoraLinear):
+            targets[name] = (mod, mod.inner)
+        elif isinstance(mod, MultiTaskLoraLinear) and not name.endswith(".inner"):
+            targets[name] = (None, mod)
+    if not targets:
+        raise StageError("search.picked: the rebuilt trial model has no adapters to fold")
+    gates, adapters, ranks, alphas = {}, {}, {}, {}
+    for name, (gate, lora) in targets.items():
+        w = _base_weight(lora)
+        bias = getattr(lora.base_layer, "bias", None)
+        g_r = torch.ones(lora.out_features, device=w.device)
+        g_c = torch.ones(lora.in_features, device=w.device)
+        if gate is not None:
+            rows, cols = gate.eval_gates()
+            g_r = rows[0].float() if rows is not None else g_r
+            g_c = cols[0].float() if cols is not None else g_c
+            gates[name] = (g_r.cpu(), g_c.cpu())
+        new = nn.Linear(lora.in_features, lora.out_features, bias=bias is not None, device=w.device)
+        new.weight.copy_(g_r[:, None] * w * g_c[None, :])
+        if bias is not None:
+            new.bias.copy_(g_r * bias.float())
+        new.requires_grad_(False)
+        for t in range(lora.num_tasks):
+            a, b = lora.task_A(t).float() * g_c[None, :], g_r[:, None] * lora.task_B(t).float()
+            adapters.setdefault(t, {})[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
+            adapters[t][f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
+        ranks[name], alphas[name] = lora.ranks[0], lora.alpha
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return gates, adapters, {"ranks": ranks, "alphas": alphas}
+
+
+def picked_base(spec: JobSpec, picked: dict, checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The picked trial's compressed base without adapters, and its gates ``{name: (g_r, g_c)}``.
+
+    The adapted modules are plain frozen ``nn.Linear`` layers at their original names
+    (quantised and pruned weights folded in), so LoRA and eigen adapters inject as on any base.
+    """
+    model = load_picked_model(spec, picked, checkpoint, device)
+    gates, _, _ = fold_picked(model)
+    if hasattr(model, "_loraflock_router"):  # the trial's task router: new adapters get a fresh one
+        del model._loraflock_router
+    return model, gates
+
+
+def export_picked_adapters(
+    spec: JobSpec, picked: dict, checkpoint: str | Path, out_dir: str | Path, base_model_name: str | None
+) -> dict[str, Path]:
+    """Write every task's folded adapter of the picked trial as a PEFT directory ``out_dir/<task>``."""
+    model = load_picked_model(spec, picked, checkpoint)
+    _, adapters, meta = fold_picked(model)
+    dirs = {}
+    for t, task in enumerate(spec.tasks):
+        dirs[task.name] = write_adapter_dir(Path(out_dir) / task.name, adapters[t], meta["ranks"], meta["alphas"],
+                                            base_model_name)
+    return dirs
+
+
+def restrict_lora(model: nn.Module, gates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Keep fresh LoRA adapters inside the pruned model: ``B <- g_r B``, ``A <- A g_c`` at init,
+    and the same factors on their gradients (0/1 gates: pruned rows/columns stay exactly 0)."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, MultiTaskLoraLinear) or name not in gates:
+            continue
+        g_r, g_c = (g.to(mod.lora_A.device) for g in gates[name])
+        with torch.no_grad():
+            for p in (mod.lora_A_shared, mod.lora_A):
+                p.mul_(g_c)
+            for p in (mod.lora_B_shared, mod.lora_B):
+                p.mul_(g_r[:, None])
+        for p in (mod.lora_A_shared, mod.lora_A):
+            if p.requires_grad:
+                p.register_hook(lambda g, m=g_c: g * m)
+        for p in (mod.lora_B_shared, mod.lora_B):
+            if p.requires_grad:
+                p.register_hook(lambda g, m=g_r[:, None]: g * m)

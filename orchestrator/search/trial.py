@@ -1,0 +1,359 @@
+"""One Tune trial of the compression search: a compressed single-process flock, measured.
+
+The trial is plain PyTorch; Ray is touched only through ``ray.tune.report`` and
+``ray.tune.get_checkpoint``. With the trial's ``config`` (rank, target_sparsity, bits,
+quantizer, tau, lr) it
+
+1. loads the base and injects multi-task LoRA (one slot per task) on the top
+   ``lora.top_layers`` blocks, exactly like a flock worker;
+2. ``bits < 16``: quantises every linear layer of those blocks with LQ-LoRA
+   (``models.quant.model.quantize_model``: W ~ Q + L1 L2^T, the low-rank part starting the shared
+   adapter Theta); ``target_sparsity > 0``: wraps the LoRA layers in FineGates
+   (``models.gates.layer``, shared scope: one pruned base serves every task) trained with
+   ``gate_lambda * (mean P_open - (1 - target))^2`` on the schedule of
+   ``models.gates.schedule`` (importance init from a few training batches, penalty warm-up,
+   noise annealing, binary gates with exactly ``target`` closed after 3/4 of the steps; the
+   gate step size is at least ``GateSchedule.auto_gate_lr()``);
+3. trains with :func:`models.train.loop.train_method` (the one training loop; the
+   hierarchical prior at the trial's tau, or independent adapters at tau = 0).
+
+Only the top blocks are touched, so the activations entering them, computed once from the
+unquantised lower blocks (the payload's ``train_prefix``/``eval_prefix``), stay exact for
+every trial. Every ``eval_every`` steps the trial reports ``macro_ppl`` on the first
+``eval_subset`` eval sequences of each task (the scheduler's signal) with a checkpoint; the final
+report (``final: True``) is on the whole eval set.
+
+Deployed size (:func:`deployed_bytes`), in bytes, of the model one would ship:
+
+* base weights the trial does not compress (embeddings, lower blocks, norms, output head;
+  tied weights once): 2 bytes each (bf16 deployment);
+* each compressed matrix of the top blocks: its kept rows x kept columns (a row/column is
+  removed when its eval gate is 0 for every task, as ``sparsity_report`` counts), stored at
+  2 bytes per weight if unquantised, or as the real packed bytes of that kept submatrix
+  (codes + fp16 block scales + codebook + header, ``models.quant.quantizers.PackedTensor.nbytes``);
+  biases at 2 bytes per kept row; plus the kept-index bitmaps (ceil(out/8) + ceil(in/8)
+  bytes) of each gated matrix;
+* adapters: every task's full adapter (A_t = A_shared + dA[t], B_t likewise, the LQ
+  low-rank part included) at its rank over the kept dimensions, 2 bytes per parameter.
+
+Every report also carries ``target_bytes`` (the same count with ``1 - target_sparsity`` of
+each gated matrix's rows and columns kept: where the gates are headed) and ``rung_bytes =
+min(model_bytes, target_bytes)``, the size the scheduler compares at its rungs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from models.base import load_base, top_block_indices
+from models.gates.layer import GatedLinear, inject_gates, sparsity_report
+from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
+from models.quant.linear import QuantizedLinear
+from models.quant.model import quantize_model
+from models.prefix import compute_prefix
+from models.quant.quantizers import quantize
+from models.train.step import evaluate, seed_everything
+from models.train.loop import FlockData, MethodConfig, train_method
+from orchestrator.spec import JobSpec
+
+__all__ = ["build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "search_trial", "STATE_FILE", "META_FILE"]
+
+STATE_FILE = "trial_state.safetensors"  # trained adapter + gate parameters, by name
+META_FILE = "trial.json"  # steps done and the last metrics
+
+
+@torch.no_grad()
+def build_payload(
+    spec_dict: dict, names: list[str], sizes: list[int], train: list[np.ndarray], evals: list[np.ndarray], threads: int = 1
+) -> dict:
+    """Everything every trial shares, computed once: token ids and the frozen-prefix cache.
+
+    The lower blocks ``0 .. split-1`` (below ``lora.top_layers``) are run once for every
+    sequence of the unmodified base; trials start at block ``split``.
+    """
+    torch.set_num_threads(threads)
+    spec = JobSpec.model_validate(spec_dict)
+    b = spec.base
+    model = load_base(b.name, b.gguf_file, b.random_init, "float32", "cpu", seed=spec.train.seed)
+    layers = top_block_indices(model, spec.lora.top_layers)
+    split = layers[0] if layers else 0
+    payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split}
+    if split:
+        payload["train_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in train]
+        payload["eval_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in evals]
+    return payload
+
+
+class _Scaled(nn.Module):
+    """Gate logits as ``theta = k * phi`` with ``phi`` the trained leaf.
+
+    Adam moves every parameter by about ``lr`` per step whatever its gradient's scale, so
+    training ``phi`` at the trial's ``lr`` moves ``theta`` by about ``k * lr``: with
+    ``k = gate_lr / lr`` the gates get their own step size inside the one optimizer of
+    ``train_method`` (at lr ~1e-3 a gate would need ~1500 steps to close).
+    """
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = float(k)
+
+    def forward(self, phi: torch.Tensor) -> torch.Tensor:
+        return phi * self.k
+
+    def right_inverse(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta / self.k
+
+
+def gate_leaves(model: nn.Module) -> list[nn.Parameter]:
+    """The trained gate parameters: ``phi`` of scaled gates, else ``theta`` itself."""
+    out = []
+    for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
+        for side in ("theta_rows", "theta_cols"):
+            if parametrize.is_parametrized(layer, side):
+                out.append(layer.parametrizations[side].original)
+            elif getattr(layer, side) is not None:
+                out.append(getattr(layer, side))
+    return out
+
+
+def build_trial_model(
+    spec: JobSpec, config: dict, num_tasks: int, quantizer: str = "nf", lq_iters: int = 2, device: str = "cpu",
+    gate_lr: float | None = None,
+) -> tuple[nn.Module, dict]:
+    """The trial's model: base + LoRA (+ LQ quantisation) (+ gates) on the top blocks.
+
+    Args:
+        gate_lr: step size of the gate logits (see :class:`_Scaled`); ``None`` = the trial's lr.
+
+    Returns:
+        (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
+    """
+    seed_everything(spec.train.seed)
+    b = spec.base
+    model = load_base(b.name, b.gguf_file, b.random_init, "float32", device, seed=spec.train.seed)
+    layers = top_block_indices(model, spec.lora.top_layers)
+    torch.manual_seed(spec.train.seed)  # the same initial adapters as the flock at the same rank
+    rank = int(config.get("rank", spec.lora.rank))
+    inject(model, spec.lora.target_modules, num_tasks=num_tasks, rank=rank, alpha=spec.lora.alpha,
+           dropout=spec.lora.dropout, layers=layers)
+    info: dict = {"layers": layers, "quant": None, "gated": []}
+    bits = int(config.get("bits", 16))
+    if bits < 16:
+        q = quantize_model(model, "all-linear", bits=bits, layers=layers, quantizer=str(config.get("quantizer", quantizer)),
+                           iters=lq_iters, cache_weight=True)  # frozen weights: the cache is exact
+        info["quant"] = {k: v for k, v in q.as_dict().items() if k != "matrices"}
+    if float(config.get("target_sparsity", 0.0)) > 0:
+        info["gated"] = inject_gates(model, spec.lora.target_modules, layers=layers, scope="shared")
+        lr = float(config.get("lr", spec.train.lr))
+        if gate_lr is not None and gate_lr != lr:
+            for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
+                for side in ("theta_rows", "theta_cols"):
+                    if getattr(layer, side) is not None:
+                        parametrize.register_parametrization(layer, side, _Scaled(gate_lr / lr))
+    return model, info
+
+
+_PACKED_CACHE: dict[tuple, int] = {}
+
+
+def _packed_nbytes(method: str, bits: int, block_size: int, rows: int, cols: int) -> int:
+    """Exact stored bytes of a (rows, cols) matrix in this packed format (shape-determined)."""
+    key = (method, bits, block_size, rows, cols)
+    if key not in _PACKED_CACHE:
+        _PACKED_CACHE[key] = quantize(torch.zeros(rows, cols), method, bits, block_size).nbytes
+    return _PACKED_CACHE[key]
+
+
+def _base_matrix_bytes(base: nn.Module, rows: int, cols: int) -> int:
+    bias = getattr(base, "bias", None)
+    extra = 2 * rows if bias is not None else 0
+    if isinstance(base, QuantizedLinear):
+        return _packed_nbytes(base.method, base.bits, base.block_size, rows, cols) + extra
+    return 2 * rows * cols + extra
+
+
+def _adapter_bytes(layer: MultiTaskLoraLinear, rows: int, cols: int) -> int:
+    return sum(2 * r * (rows + cols) for r in layer.ranks)
+
+
+@torch.no_grad()
+def deployed_bytes(model: nn.Module, keep: float | None = None) -> dict:
+    """Bytes of the deployed model (see the module docstring for the exact definition).
+
+    Args:
+        keep: instead of the gates' current state, keep this fraction of every gated
+            matrix's rows and columns (``1 - target_sparsity``: the size the trial is
+            headed for; the penalty drives the mean open gate to ``1 - target``).
+
+    Returns:
+        ``{"model_bytes", "base_bytes", "compressed_bytes", "adapter_bytes", "mask_bytes"}``.
+    """
+    gated = any(isinstance(m, GatedLinear) for m in model.modules())
+    kept = sparsity_report(model)["layers"] if gated and keep is None else {}
+    seen: set[int] = set()
+    handled: set[int] = set()
+    compressed = adapters = masks = 0
+
+    def claim(module: nn.Module) -> None:
+        handled.update(id(m) for m in module.modules())
+        seen.update(id(p) for p in module.parameters())
+
+    for name, mod in model.named_modules():
+        if id(mod) in handled:
+            continue
+        if isinstance(mod, GatedLinear):
+            if keep is None:
+                rows, cols = kept[name]["rows_kept"], kept[name]["cols_kept"]
+            else:
+                rows, cols = max(1, round(mod.out_features * keep)), max(1, round(mod.in_features * keep))
+            masks += math.ceil(mod.out_features / 8) + math.ceil(mod.in_features / 8)
+            inner = mod.inner
+        elif isinstance(mod, (MultiTaskLoraLinear, QuantizedLinear)):
+            rows, cols, inner = mod.out_features, mod.in_features, mod
+        else:
+            continue
+        if isinstance(inner, MultiTaskLoraLinear):
+            adapters += _adapter_bytes(inner, rows, cols)
+            compressed += _base_matrix_bytes(inner.base_layer, rows, cols)
+        else:
+            compressed += _base_matrix_bytes(inner, rows, cols)
+        claim(mod)
+    base = sum(2 * p.numel() for p in model.parameters() if id(p) not in seen)
+    total = base + compressed + adapters + masks
+    return {"model_bytes": int(total), "base_bytes": int(base), "compressed_bytes": int(compressed),
+            "adapter_bytes": int(adapters), "mask_bytes": int(masks)}
+
+
+def _tensors(arrays: list[np.ndarray], rows: int | None = None, device: str = "cpu") -> dict[int, torch.Tensor]:
+    """Zero-copy views of the object store's read-only arrays (never written), on ``device``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {s: torch.from_numpy(a[:rows] if rows else a).to(device) for s, a in enumerate(arrays)}
+
+
+def _macro_ppl(nll: dict[int, float]) -> float:
+    return float(np.mean([math.exp(min(v, 50.0)) for v in nll.values()]))
+
+
+def _trained_state(model: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    ids = {id(p) for p in params}
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if id(p) in ids}
+
+
+def search_trial(config: dict, payload: dict) -> None:
+    """Ray Tune function trainable (wrap with ``tune.with_parameters(search_trial, payload=...)``).
+
+    ``config`` holds the sampled dimensions plus the fixed settings under ``"_search"``
+    (steps, eval_every, eval_subset, quantizer, lq_iters, gate_lambda, threads).
+    """
+    from ray import tune
+
+    fixed = config["_search"]
+    torch.set_num_threads(int(fixed.get("threads", 1)))
+    spec = JobSpec.model_validate(payload["spec"])
+    tr = spec.train
+    t0 = time.perf_counter()
+    names, sizes = payload["names"], payload["sizes"]
+    device = "cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu"
+    steps, target = int(fixed["steps"]), float(config.get("target_sparsity", 0.0))
+    gate_lr = fixed.get("gate_lr")
+    if target > 0:  # at least fast enough to close the target by the hardening step
+        from models.gates.schedule import GateSchedule
+
+        gate_lr = max(float(gate_lr or 0.0), GateSchedule(steps, target).auto_gate_lr())
+    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, gate_lr)
+    tau = float(config.get("tau", spec.flock.tau if spec.flock.tau != "infer" else 100.0))
+    kind = "independent" if tau == 0 else "hierarchical"
+    set_trainable(model, shared=kind == "hierarchical", task=True)
+    params = [p for p in adapter_params(model) if p.requires_grad] + gate_leaves(model)
+    init_state = _trained_state(model, params)
+
+    steps, every, done = int(fixed["steps"]), int(fixed["eval_every"]), 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:  # resumed: continue from the last reported state (Adam restarts)
+        with ckpt.as_directory() as d:
+            init_state.update(load_file(str(Path(d) / STATE_FILE)))
+            done = int(json.loads((Path(d) / META_FILE).read_text())["step"])
+    split = int(payload["split"])
+    pre = "train_prefix" in payload
+    data = FlockData(
+        list(sizes), list(range(len(names))),
+        _tensors(payload["train"], None, device), _tensors(payload["eval"], None, device),
+        _tensors(payload["train_prefix"], None, device) if pre else None,
+        _tensors(payload["eval_prefix"], None, device) if pre else None, split,
+    )
+    sub_n = int(fixed["eval_subset"])
+    sub_eval = _tensors(payload["eval"], sub_n, device)
+    sub_pre = _tensors(payload["eval_prefix"], sub_n, device) if pre else None
+    prior = None
+    if kind == "hierarchical":
+        from models.prior import HierarchicalPrior
+
+        prior = HierarchicalPrior(model, task_sizes=sizes, groups=spec.flock.prior.groups, tau=tau, mode="fixed")
+    lam, target = float(fixed["gate_lambda"]), float(config.get("target_sparsity", 0.0))
+    gate_kw: dict = {}
+    if info["gated"]:
+        from models.gates.schedule import GateController, GateSchedule, importance_scores, init_from_importance
+
+        if done == 0:  # a resumed trial has its trained gates in init_state already
+            calib = {s: x[: tr.batch_size] for s, x in data.train.items()}
+            calib_pre = {s: x[: tr.batch_size] for s, x in data.train_prefix.items()} if pre else None
+            init_from_importance(model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split)))
+            init_state.update(_trained_state(model, gate_leaves(model)))
+        ctrl = GateController(model, GateSchedule(steps, target, lam))
+        gate_kw = {"on_step": lambda s: ctrl.on_step(s + done), "before_eval": ctrl.finish}
+    extra = ctrl.penalty if info["gated"] and lam > 0 else None
+
+    def measure(step: int, nll: dict[int, float], final: bool) -> dict:
+        size = deployed_bytes(model)
+        # the size once the gates reach their target: the scheduler's size at early rungs
+        goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
+        return {
+            "step": step, "macro_ppl": _macro_ppl(nll), "final": final, "eval": "full" if final else "subset",
+            "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
+            "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
+            "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def report(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file(_trained_state(model, params), str(Path(tmp) / STATE_FILE))
+            (Path(tmp) / META_FILE).write_text(json.dumps(metrics))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    left = steps - done
+    calls = [0]
+
+    def log(msg: str) -> None:
+        # train_method logs every ``log_every`` (= eval_every) steps and at its last step:
+        # the k-th call is step min(k * every, left) of this run.
+        sys.stdout.write(msg + "\n")
+        calls[0] += 1
+        step = min(calls[0] * every, left)
+        if step < left:
+            nll = evaluate(model, sub_eval, tr.eval_batch_size, sub_pre, split)
+            report(measure(done + step, nll, final=False))
+
+    if left > 0:
+        cfg = MethodConfig("trial", kind, left, tr.batch_size, float(config.get("lr", tr.lr)), tr.seed + done,
+                           tr.weight_decay, tr.max_grad_norm, tr.temperature, tr.eval_batch_size, every)
+        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, extra_loss=extra, **gate_kw)
+        nll = out["eval_nll"]
+    else:
+        if gate_kw:
+            gate_kw["before_eval"]()
+        nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split)
+    report(measure(steps, nll, final=True))
