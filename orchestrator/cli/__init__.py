@@ -1,7 +1,7 @@
 """The ``loraflock`` command line: ``main`` parses arguments and calls the SDK, nothing more.
 
-``main.py`` holds the job commands (run, demo, validate, schema, adapt), ``submit.py`` the
-cluster commands (submit, status, logs, stop, list, deploy) and ``adapt.py`` the new-task
+``app.py`` holds the parser and the job commands (run, demo, validate, schema, adapt),
+``submit.py`` the cluster commands (submit, status, logs, stop, list, deploy) and ``adapt.py`` the new-task
 command's glue. ``python -m orchestrator.cli`` runs the same entry point as ``loraflock``.
 """
 
@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``loraflock`` command line (see :func:`orchestrator.cli.main.main`)."""
-    from orchestrator.cli.main import main as _main
+    """Run the ``loraflock`` command line (see :func:`orchestrator.cli.app.main`)."""
+    from orchestrator.cli.app import main as _main
 
     return _main(argv)

@@ -212,7 +212,7 @@ def test_result_by_job_id_uses_the_out_in_metadata(no_ray_token, tmp_path, monke
 
 # ---------------------------------------------------------------- CLI
 def test_cli_parses_and_reports_user_errors(no_ray_token, capsys, monkeypatch):
-    from orchestrator.cli.main import build_parser, main
+    from orchestrator.cli.app import build_parser, main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     a = build_parser().parse_args(["submit", str(TINY), "--wait", "--working-dir", "."])
