@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import MultiTaskLoraLinear, block_index, matches_target, task_ids
+from models.lora import LoraTargetError, MultiTaskLoraLinear, block_index, linear_dims, linear_weight, matches_target, task_ids
 from models.quant.lq import LQDecomposition, QuantTargetError, lq_decompose
 from models.quant.linear import QuantizedLinear
 from models.train.step import Batch, row_nll
@@ -40,12 +40,13 @@ __all__ = [
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
-    """(out, in) weight of nn.Linear / GPT-2 Conv1D, None for anything else."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.T
-    return None
+    """(out, in) weight of an unquantised nn.Linear / GPT-2 Conv1D, None for anything else."""
+    if isinstance(module, QuantizedLinear):
+        return None
+    try:
+        return linear_weight(module)
+    except LoraTargetError:
+        return None
 
 
 def _targets(model: nn.Module, target_modules: str | Sequence[str], layers: Sequence[int] | None) -> dict[str, nn.Module]:
@@ -351,4 +352,4 @@ def fisher_diag(
     if count == 0:
         raise QuantTargetError("fisher_diag got no calibration batches: pass at least one")
     # Conv1D stores (in, out): report every Fisher in the (out, in) layout of the weight.
-    return {n: (f / count).T.contiguous() if not isinstance(params_owner[n], nn.Linear) else f / count for n, f in sums.items()}
+    return {n: (f / count).T.contiguous() if linear_dims(params_owner[n])[2] else f / count for n, f in sums.items()}
