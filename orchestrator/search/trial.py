@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.base import load_base, top_block_indices
+from models.base import top_block_indices
 from models.gates.layer import GatedLinear, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
 from models.quant.linear import QuantizedLinear
@@ -66,6 +66,7 @@ from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
 from models.train.step import evaluate, seed_everything
 from models.train.loop import FlockData, MethodConfig, train_method
+from orchestrator.base.load import load_job_base
 from orchestrator.spec import JobSpec
 
 __all__ = ["build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "search_trial", "STATE_FILE", "META_FILE"]
@@ -85,8 +86,7 @@ def build_payload(
     """
     torch.set_num_threads(threads)
     spec = JobSpec.model_validate(spec_dict)
-    b = spec.base
-    model = load_base(b.name, b.gguf_file, b.random_init, "float32", "cpu", seed=spec.train.seed)
+    model = load_job_base(spec, "cpu", "float32")
     layers = top_block_indices(model, spec.lora.top_layers)
     split = layers[0] if layers else 0
     payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split}
@@ -141,8 +141,7 @@ def build_trial_model(
         (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
     """
     seed_everything(spec.train.seed)
-    b = spec.base
-    model = load_base(b.name, b.gguf_file, b.random_init, "float32", device, seed=spec.train.seed)
+    model = load_job_base(spec, device, "float32")
     layers = top_block_indices(model, spec.lora.top_layers)
     torch.manual_seed(spec.train.seed)  # the same initial adapters as the flock at the same rank
     rank = int(config.get("rank", spec.lora.rank))
