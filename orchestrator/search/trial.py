@@ -64,6 +64,7 @@ from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
 from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
+from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
 from models.train.loop import FlockData, MethodConfig, train_method
 from orchestrator.base.load import load_job_base
@@ -242,10 +243,6 @@ def _tensors(arrays: list[np.ndarray], rows: int | None = None, device: str = "c
         return {s: torch.from_numpy(a[:rows] if rows else a).to(device) for s, a in enumerate(arrays)}
 
 
-def _macro_ppl(nll: dict[int, float]) -> float:
-    return float(np.mean([math.exp(min(v, 50.0)) for v in nll.values()]))
-
-
 def _trained_state(model: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
     ids = {id(p) for p in params}
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if id(p) in ids}
@@ -320,7 +317,7 @@ def search_trial(config: dict, payload: dict) -> None:
         # the size once the gates reach their target: the scheduler's size at early rungs
         goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
         return {
-            "step": step, "macro_ppl": _macro_ppl(nll), "final": final, "eval": "full" if final else "subset",
+            "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
             "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
             "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
             "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
