@@ -270,10 +270,8 @@ def inject(
             + f"; linear layers of this model: {leaves}"
         )
     for name in chosen:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, leaf)
-        setattr(parent, leaf, MultiTaskLoraLinear(base, num_tasks, rank, alpha, dropout, router, max_rank))
+        base = model.get_submodule(name)
+        model.set_submodule(name, MultiTaskLoraLinear(base, num_tasks, rank, alpha, dropout, router, max_rank))
     model._loraflock_router = router  # type: ignore[attr-defined]
     keep = {id(p) for p in adapter_params(model)}
     for p in model.parameters():

@@ -213,10 +213,8 @@ def export_pruned(model: nn.Module, task: int | None = None, inplace: bool = Fal
     for name, layer in layers.items():  # gates outside removable MLP dims: fold only
         if id(layer) in done:
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         g_r, g_c = _eval_gates(layer, task)
-        setattr(parent, leaf, _fold_and_slice(layer.inner, g_r, g_c, None, None))
+        model.set_submodule(name, _fold_and_slice(layer.inner, g_r, g_c, None, None))
     return model
 
 
@@ -224,9 +222,7 @@ def strip_adapters(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its (frozen) base: the plain ``transformers`` model, in place."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MultiTaskLoraLinear):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, mod.base_layer)
+            model.set_submodule(name, mod.base_layer)
     return model
 
 
@@ -299,11 +295,9 @@ def load_pruned(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
         mod = model.get_submodule(name)
         w = linear_weight(mod)
         if tuple(w.shape) != (out_f, in_f):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             fresh = torch.zeros(out_f, in_f, dtype=w.dtype)
             bias = torch.zeros(out_f, dtype=w.dtype) if getattr(mod, "bias", None) is not None else None
-            setattr(parent, leaf, _new_base(mod, fresh, bias))
+            model.set_submodule(name, _new_base(mod, fresh, bias))
     state = {}
     for f in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(f)))

@@ -185,14 +185,9 @@ def quantize_model(
             if dec.best > 0:  # else L = 0: keep LoRA's own init (A random, B = 0), or A = B = 0 would never train
                 _set_shared(module, dec.L1, dec.L2)
         else:
-            _replace(model, name, new)
+            model.set_submodule(name, new)
         report.rows.append(row)
     return report
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
 def _decompose(
@@ -278,7 +273,7 @@ def quantize_base(
         method, b = _choice_of(name, bits, quantizer)
         r = lq_rank if lq_targets and matches_target(name, lq_targets) else 0
         dec, row = _decompose(name, w, method, b, r, iters, None, block_size)
-        _replace(model, name, QuantizedLinear(dec.Q, getattr(module, "bias", None)).to(w.device))
+        model.set_submodule(name, QuantizedLinear(dec.Q, getattr(module, "bias", None)).to(w.device))
         if dec.best > 0:
             factors[name] = (dec.L1.contiguous(), dec.L2.contiguous())
         report.rows.append(row)

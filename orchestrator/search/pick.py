@@ -108,8 +108,7 @@ def fold_picked(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.T
             adapters.setdefault(t, {})[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
             adapters[t][f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
         ranks[name], alphas[name] = lora.ranks[0], lora.alpha
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+        model.set_submodule(name, new)
     for p in model.parameters():
         p.requires_grad_(False)
     return gates, adapters, {"ranks": ranks, "alphas": alphas}
