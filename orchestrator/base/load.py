@@ -30,7 +30,7 @@ def base_model_name(spec: JobSpec) -> str | None:
     return spec.base.name
 
 
-def load_job_base(spec: JobSpec, device: str = "cpu", dtype: str | None = None) -> "nn.Module":
+def load_job_base(spec: JobSpec, device: str = "cpu", dtype: str | None = None) -> nn.Module:
     """The job's frozen base model, loaded as every stage loads it.
 
     Random-init bases draw their weights from ``train.seed``, so the driver, the workers and
@@ -39,8 +39,8 @@ def load_job_base(spec: JobSpec, device: str = "cpu", dtype: str | None = None) 
     Args:
         spec: the job; its ``base:`` section says what to load.
         device: torch device string.
-        dtype: ``None`` keeps ``base.dtype``; the driver's shared copy and the search trials
-            pass ``"float32"`` (they quantise or compare in full precision).
+        dtype: ``None`` keeps ``base.dtype`` (flock workers, recycling); the flock driver's
+            shared copy, the search trials and the pack hosts pass ``"float32"``.
 
     Example:
         >>> model = load_job_base(spec, "cuda:0")
