@@ -58,7 +58,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.base import adaptable_layers, load_base  # noqa: E402
+from models.base import load_base, top_block_indices  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, set_trainable  # noqa: E402
 from models.peft_io import save_adapter  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
@@ -84,8 +84,10 @@ def _sync(device: str) -> None:
 
 
 def _top_layers(model: nn.Module, k: int) -> list[int] | None:
-    n = len(adaptable_layers(model)[1])
-    return None if k <= 0 or k >= n else list(range(n - k, n))
+    """``--top-layers k`` as block indices; ``None`` when that is every block (``k <= 0`` or
+    ``k >= n``): then no frozen prefix is cached and PEFT gets no ``layers_to_transform``."""
+    layers = top_block_indices(model, k if k > 0 else None)
+    return None if not layers or layers[0] == 0 else layers
 
 
 class _Clock:

@@ -95,6 +95,21 @@ def _load_gguf_cached(directory: str, gguf_file: str) -> nn.Module:
     return model
 
 
+def _resolve_named(name: str | None, gguf_file: str | None) -> tuple[str, str | None]:
+    """:func:`resolve_model` for a base without ``random_init``, which must then have a name."""
+    if not name:
+        raise BaseModelError("base: give `name` (hub id, local path or builtin) or `random_init`")
+    return resolve_model(name, gguf_file)
+
+
+def _not_loadable(name: str, e: OSError) -> BaseModelError:
+    """The error for a named base whose weights or config cannot be read."""
+    return BaseModelError(
+        f"base.name {name!r} could not be loaded ({str(e).splitlines()[0]}); give a local "
+        "model directory, a GGUF file, or a hub id reachable from this machine"
+    )
+
+
 def load_base(
     name: str | None = None,
     gguf_file: str | None = None,
@@ -117,31 +132,24 @@ def load_base(
         >>> model = load_base("smollm2-135m")
         >>> tiny = load_base(random_init={"model_type": "llama", "hidden_size": 64, ...})
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # callers print their own progress
     if random_init is not None:
-        cfg = dict(random_init)
-        model_type = cfg.pop("model_type")
-        config = AutoConfig.for_model(model_type, **cfg)
+        config = load_config(random_init=random_init)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
-        if not name:
-            raise BaseModelError("base: give `name` (hub id, local path or builtin) or `random_init`")
-        directory, gguf = resolve_model(name, gguf_file)
+        directory, gguf = _resolve_named(name, gguf_file)
         try:
             if gguf:
                 model = _load_gguf_cached(directory, gguf)
             else:
                 model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         except OSError as e:
-            raise BaseModelError(
-                f"base.name {name!r} could not be loaded ({str(e).splitlines()[0]}); give a local "
-                "model directory, a GGUF file, or a hub id reachable from this machine"
-            ) from None
+            raise _not_loadable(name, e) from None
     model = model.to(device=device, dtype=resolve_dtype(dtype, device))
     model.config.use_cache = False
     for p in model.parameters():
@@ -181,9 +189,7 @@ def load_config(name: str | None = None, gguf_file: str | None = None, random_in
     if random_init is not None:
         cfg = dict(random_init)
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    if not name:
-        raise BaseModelError("base: give `name` (hub id, local path or builtin) or `random_init`")
-    directory, gguf = resolve_model(name, gguf_file)
+    directory, gguf = _resolve_named(name, gguf_file)
     try:
         if gguf:
             src = Path(directory) / gguf
@@ -193,10 +199,7 @@ def load_config(name: str | None = None, gguf_file: str | None = None, random_in
             return AutoConfig.from_pretrained(directory, gguf_file=gguf)
         return AutoConfig.from_pretrained(directory)
     except OSError as e:
-        raise BaseModelError(
-            f"base.name {name!r} could not be loaded ({str(e).splitlines()[0]}); give a local "
-            "model directory, a GGUF file, or a hub id reachable from this machine"
-        ) from None
+        raise _not_loadable(name, e) from None
 
 
 def meta_model(config) -> nn.Module:

@@ -40,6 +40,7 @@ __all__ = [
     "adapter_params",
     "LoraTargetError",
     "linear_dims",
+    "linear_weight",
     "matches_target",
     "block_index",
 ]
@@ -69,6 +70,19 @@ def linear_dims(base: nn.Module) -> tuple[int, int, bool]:
     raise LoraTargetError(
         f"cannot put LoRA on a {type(base).__name__}: only nn.Linear and GPT-2 Conv1D layers"
     )
+
+
+def linear_weight(base: nn.Module) -> torch.Tensor:
+    """The weight of nn.Linear / GPT-2 Conv1D in nn.Linear layout (out, in), not a copy.
+
+    Conv1D stores (in, out), so it comes back transposed (a view); a quantised base
+    (``models.quant.linear.QuantizedLinear``, which holds no weight) gives its dequantised
+    fp32 matrix. Anything else raises :class:`LoraTargetError`, as :func:`linear_dims` does.
+    """
+    if getattr(base, "is_quantized_linear", False):
+        return base.dequantized_weight()
+    _, _, fan_in_fan_out = linear_dims(base)
+    return base.weight.T if fan_in_fan_out else base.weight
 
 
 class MultiTaskLoraLinear(nn.Module):
@@ -147,10 +161,6 @@ class MultiTaskLoraLinear(nn.Module):
     def delta_weight(self, t: int) -> torch.Tensor:
         """s_t * B_t A_t in nn.Linear layout (out, in)."""
         return self.scaling[t] * (self.task_B(t) @ self.task_A(t))
-
-    def _base_weight_linear(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
 
     @torch.no_grad()
     def merge(self, t: int) -> None:
@@ -260,10 +270,8 @@ def inject(
             + f"; linear layers of this model: {leaves}"
         )
     for name in chosen:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, leaf)
-        setattr(parent, leaf, MultiTaskLoraLinear(base, num_tasks, rank, alpha, dropout, router, max_rank))
+        base = model.get_submodule(name)
+        model.set_submodule(name, MultiTaskLoraLinear(base, num_tasks, rank, alpha, dropout, router, max_rank))
     model._loraflock_router = router  # type: ignore[attr-defined]
     keep = {id(p) for p in adapter_params(model)}
     for p in model.parameters():

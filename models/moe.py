@@ -34,7 +34,7 @@ from torch import nn
 
 from models.base import adaptable_layers
 from models.files import atomic_write_bytes, atomic_write_json
-from models.lora import TaskRouter
+from models.lora import LoraTargetError, TaskRouter, linear_dims
 
 __all__ = [
     "AdapterExpertMoE",
@@ -67,11 +67,11 @@ def _ffn_dims(ffn: nn.Module) -> tuple[int, int]:
 
     def in_out(layer: nn.Module) -> tuple[int, int]:
         layer = getattr(layer, "base_layer", layer)  # LoRA-wrapped projections
-        if isinstance(layer, nn.Linear) or getattr(layer, "is_quantized_linear", False):  # models.quant.linear.QuantizedLinear
-            return layer.in_features, layer.out_features
-        if type(layer).__name__ == "Conv1D":  # transformers' GPT-2 layer, weight (in, out)
-            return layer.weight.shape[0], layer.weight.shape[1]
-        raise MoEConfigError(f"unsupported FFN projection {type(layer).__name__}")
+        try:
+            in_f, out_f, _ = linear_dims(layer)
+        except LoraTargetError:
+            raise MoEConfigError(f"unsupported FFN projection {type(layer).__name__}") from None
+        return in_f, out_f
 
     if all(hasattr(ffn, n) for n in ("gate_proj", "up_proj", "down_proj")):
         return in_out(ffn.up_proj)[0], in_out(ffn.down_proj)[1]

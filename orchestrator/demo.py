@@ -4,17 +4,15 @@ Sized for 2 CPU cores: adapters on the top blocks only (the frozen blocks below 
 once per sequence and cached), 128-token rows, a few dozen steps per method. Stages: the
 hierarchical flock with both baselines, PESC on the same workers, and recycling with a new
 task (``xml``) held out of the flock. The same job is ``examples/demo.yaml`` (a test keeps
-the two equal).
+the two equal); the tasks' training caps are the suite's own :data:`tasks.DEMO_SIZES`.
 """
 
 from __future__ import annotations
 
 from orchestrator.spec import JobSpec
+from tasks import DEMO_SIZES
 
 __all__ = ["DEMO_JOB", "demo_job"]
-
-# train-sequence caps: >= 10x between the smallest and the largest task, like BoRA's speakers
-_SIZES = {"json": 8, "concurrent": 16, "logging": 32, "http": 64, "email": 128, "asyncio": 256}
 
 DEMO_JOB: dict = {
     "name": "demo",
@@ -26,7 +24,8 @@ DEMO_JOB: dict = {
             "max_train_sequences": n,
             "max_eval_sequences": 24,
         }
-        for pkg, n in _SIZES.items()
+        # train-sequence caps: >= 10x between the smallest and the largest task, like BoRA's speakers
+        for pkg, n in DEMO_SIZES.items()
     ],
     "lora": {
         "rank": 8,

@@ -207,11 +207,10 @@ def inject_eigen(
         if isinstance(module, (MultiTaskLoraLinear, EigenLoraLinear)):
             raise SubspaceError(f"module {name!r} already carries an adapter layer: inject eigen adapters into a bare base model")
     for name, basis in subspace.modules.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         v_a = gram_schmidt_extend(basis.basis_A, k_extra, gen)
         v_b = gram_schmidt_extend(basis.basis_B, k_extra, gen)
-        setattr(parent, leaf, EigenLoraLinear(getattr(parent, leaf), v_a, v_b, num_tasks, rank, alpha, router, dropout))
+        base = model.get_submodule(name)
+        model.set_submodule(name, EigenLoraLinear(base, v_a, v_b, num_tasks, rank, alpha, router, dropout))
     model._loraflock_router = router  # type: ignore[attr-defined]
     # Only coefficients train (plus any models.lora adapters already in the model, untouched).
     keep = {id(p) for p in eigen_params(model)} | {id(p) for p in adapter_params(model) if p.requires_grad}

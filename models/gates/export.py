@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from models.gates.layer import GatedLinear, gate_layers
-from models.lora import MultiTaskLoraLinear
+from models.lora import MultiTaskLoraLinear, linear_weight
 
 __all__ = ["GateExportError", "export_pruned", "strip_adapters", "pruned_shapes", "save_pruned", "load_pruned"]
 
@@ -78,11 +78,6 @@ def _eval_gates(layer: GatedLinear, task: int | None) -> tuple[torch.Tensor, tor
     return g_r, g_c
 
 
-def _linear_weight(base: nn.Module) -> torch.Tensor:
-    """The base weight in nn.Linear layout (out, in)."""
-    return base.weight if isinstance(base, nn.Linear) else base.weight.T
-
-
 def _new_base(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A frozen module of ``base``'s kind holding ``weight`` (out, in) and ``bias``."""
     out_f, in_f = weight.shape
@@ -109,7 +104,7 @@ def _fold_and_slice(
 ) -> nn.Module:
     """Fold gates into ``module`` (linear / Conv1D / LoRA) and keep only ``rows``/``cols``."""
     base = _base_of(module)
-    w = _linear_weight(base).detach()  # (out, in)
+    w = linear_weight(base).detach()  # (out, in)
     b = base.bias.detach() if base.bias is not None else None
     if g_r is not None:
         w = w * g_r[:, None]
@@ -198,7 +193,7 @@ def export_pruned(model: nn.Module, task: int | None = None, inplace: bool = Fal
             continue
         gates = {n: _eval_gates(m, task) if isinstance(m, GatedLinear) else (None, None) for n, m in mods.items()}
         zero_ok = _act_zero_at_zero(getattr(mlp, act_attr, None))
-        consumer_weight = _linear_weight(_base_of(_unwrap(mods[consumer])))  # (hidden, width)
+        consumer_weight = linear_weight(_base_of(_unwrap(mods[consumer])))  # (hidden, width)
         width, dev = consumer_weight.shape[1], consumer_weight.device
         dead = torch.zeros(width, dtype=torch.bool, device=dev)
         for n in producers:
@@ -218,10 +213,8 @@ def export_pruned(model: nn.Module, task: int | None = None, inplace: bool = Fal
     for name, layer in layers.items():  # gates outside removable MLP dims: fold only
         if id(layer) in done:
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         g_r, g_c = _eval_gates(layer, task)
-        setattr(parent, leaf, _fold_and_slice(layer.inner, g_r, g_c, None, None))
+        model.set_submodule(name, _fold_and_slice(layer.inner, g_r, g_c, None, None))
     return model
 
 
@@ -229,9 +222,7 @@ def strip_adapters(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its (frozen) base: the plain ``transformers`` model, in place."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MultiTaskLoraLinear):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, mod.base_layer)
+            model.set_submodule(name, mod.base_layer)
     return model
 
 
@@ -240,7 +231,7 @@ def pruned_shapes(model: nn.Module) -> dict[str, list[int]]:
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
-            w = _linear_weight(mod)
+            w = linear_weight(mod)
             out[name] = [int(w.shape[0]), int(w.shape[1])]
     return out
 
@@ -249,7 +240,7 @@ def _uniform_width(model: nn.Module) -> int | None:
     """The MLP width shared by every block, or None when blocks differ."""
     widths = set()
     for mlp, producers, consumer, _, _ in _mlp_groups(model):
-        widths.add(int(_linear_weight(_base_of(_unwrap(getattr(mlp, consumer)))).shape[1]))
+        widths.add(int(linear_weight(_base_of(_unwrap(getattr(mlp, consumer)))).shape[1]))
     return widths.pop() if len(widths) == 1 else None
 
 
@@ -302,13 +293,11 @@ def load_pruned(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
     for name, (out_f, in_f) in shapes.items():
         mod = model.get_submodule(name)
-        w = _linear_weight(mod)
+        w = linear_weight(mod)
         if tuple(w.shape) != (out_f, in_f):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             fresh = torch.zeros(out_f, in_f, dtype=w.dtype)
             bias = torch.zeros(out_f, dtype=w.dtype) if getattr(mod, "bias", None) is not None else None
-            setattr(parent, leaf, _new_base(mod, fresh, bias))
+            model.set_submodule(name, _new_base(mod, fresh, bias))
     state = {}
     for f in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(f)))

@@ -257,9 +257,7 @@ def inject_gates(
             + " (already gated layers are skipped): use names of linear layers, e.g. up_proj or c_fc"
         )
     for name in chosen:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        inner = getattr(parent, leaf)
+        inner = model.get_submodule(name)
         in_f, out_f = _widths(inner)
         if isinstance(inner, MultiTaskLoraLinear):
             if scope == "task" and num_tasks < inner.num_tasks:
@@ -275,7 +273,7 @@ def inject_gates(
         gated = GatedLinear(
             inner, in_f, out_f, num_tasks, scope, sigma, init_mean, init_std, gate_rows, gate_cols, sigma_reg, router
         )
-        setattr(parent, leaf, gated)
+        model.set_submodule(name, gated)
     model._loraflock_router = router  # type: ignore[attr-defined]
     return chosen
 
@@ -292,9 +290,7 @@ def remove_gates(model: nn.Module) -> list[str]:
     """
     names = list(gate_layers(model))
     for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, getattr(parent, leaf).inner)
+        model.set_submodule(name, model.get_submodule(name).inner)
     return names
 
 

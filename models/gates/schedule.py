@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from models.gates.layer import GateConfigError, GatedLinear, gate_layers, sparsity_penalty
-from models.lora import MultiTaskLoraLinear
+from models.lora import MultiTaskLoraLinear, linear_weight
 
 __all__ = ["GateSchedule", "GateController", "importance_scores", "init_from_importance", "harden", "closed_count", "pin_theta", "clear_hard", "open_all"]
 
@@ -180,14 +180,6 @@ def _set_theta(layer: GatedLinear, side: str, value: torch.Tensor) -> None:
         getattr(layer, name).copy_(value)
 
 
-def _weight(inner: nn.Module) -> torch.Tensor:
-    """The frozen base weight in nn.Linear layout (out, in)."""
-    base = inner.base_layer if isinstance(inner, MultiTaskLoraLinear) else inner
-    if hasattr(base, "dequantized_weight"):  # a quantised base (models.quant.linear.QuantizedLinear)
-        return base.dequantized_weight()
-    return base.weight if isinstance(base, nn.Linear) else base.weight.T
-
-
 def importance_scores(
     model: nn.Module, forward: Callable[[], torch.Tensor | None], kind: str = "magnitude"
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -268,7 +260,8 @@ def importance_scores(
         sides = {}
         if layer.theta_cols is not None:
             v = acc[(name, "cols")] / n
-            sides["cols"] = v if taylor else v.sqrt() * _weight(layer.inner).float().norm(dim=0)
+            base = layer.inner.base_layer if isinstance(layer.inner, MultiTaskLoraLinear) else layer.inner
+            sides["cols"] = v if taylor else v.sqrt() * linear_weight(base).float().norm(dim=0)
         if layer.theta_rows is not None:
             v = acc[(name, "rows")] / n
             sides["rows"] = v if taylor else v.sqrt()

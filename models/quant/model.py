@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import MultiTaskLoraLinear, block_index, matches_target, task_ids
+from models.lora import LoraTargetError, MultiTaskLoraLinear, block_index, linear_dims, linear_weight, matches_target, task_ids
 from models.quant.lq import LQDecomposition, QuantTargetError, lq_decompose
 from models.quant.linear import QuantizedLinear
 from models.train.step import Batch, row_nll
@@ -40,12 +40,13 @@ __all__ = [
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
-    """(out, in) weight of nn.Linear / GPT-2 Conv1D, None for anything else."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.T
-    return None
+    """(out, in) weight of an unquantised nn.Linear / GPT-2 Conv1D, None for anything else."""
+    if isinstance(module, QuantizedLinear):
+        return None
+    try:
+        return linear_weight(module)
+    except LoraTargetError:
+        return None
 
 
 def _targets(model: nn.Module, target_modules: str | Sequence[str], layers: Sequence[int] | None) -> dict[str, nn.Module]:
@@ -184,14 +185,9 @@ def quantize_model(
             if dec.best > 0:  # else L = 0: keep LoRA's own init (A random, B = 0), or A = B = 0 would never train
                 _set_shared(module, dec.L1, dec.L2)
         else:
-            _replace(model, name, new)
+            model.set_submodule(name, new)
         report.rows.append(row)
     return report
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
 def _decompose(
@@ -277,7 +273,7 @@ def quantize_base(
         method, b = _choice_of(name, bits, quantizer)
         r = lq_rank if lq_targets and matches_target(name, lq_targets) else 0
         dec, row = _decompose(name, w, method, b, r, iters, None, block_size)
-        _replace(model, name, QuantizedLinear(dec.Q, getattr(module, "bias", None)).to(w.device))
+        model.set_submodule(name, QuantizedLinear(dec.Q, getattr(module, "bias", None)).to(w.device))
         if dec.best > 0:
             factors[name] = (dec.L1.contiguous(), dec.L2.contiguous())
         report.rows.append(row)
@@ -351,4 +347,4 @@ def fisher_diag(
     if count == 0:
         raise QuantTargetError("fisher_diag got no calibration batches: pass at least one")
     # Conv1D stores (in, out): report every Fisher in the (out, in) layout of the weight.
-    return {n: (f / count).T.contiguous() if not isinstance(params_owner[n], nn.Linear) else f / count for n, f in sums.items()}
+    return {n: (f / count).T.contiguous() if linear_dims(params_owner[n])[2] else f / count for n, f in sums.items()}

@@ -27,6 +27,7 @@ from torch import nn
 
 from models.lora import task_ids
 from models.prefix import use_prefix
+from models.train.perplexity import macro_perplexity, perplexity  # of evaluate()'s NLLs; torch-free home
 
 __all__ = [
     "Batch",
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate",
     "seed_everything",
     "perplexity",
+    "macro_perplexity",
 ]
 
 
@@ -254,8 +256,3 @@ def evaluate(
             count += len(rows)
         out[t] = total / max(count, 1)
     return out
-
-
-def perplexity(nll: float) -> float:
-    """``exp`` of a mean NLL, capped so a diverged value stays a finite number in reports."""
-    return math.exp(min(nll, 50.0))

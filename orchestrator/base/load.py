@@ -7,9 +7,14 @@ one place that turns them into calls of :func:`models.base.load_base`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from orchestrator.spec import JobSpec
 
-__all__ = ["base_model_name"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["base_model_name", "load_job_base"]
 
 
 def base_model_name(spec: JobSpec) -> str | None:
@@ -23,3 +28,25 @@ def base_model_name(spec: JobSpec) -> str | None:
     if spec.base.name in BUILTIN_MODELS:
         return BUILTIN_MODELS[spec.base.name][2]
     return spec.base.name
+
+
+def load_job_base(spec: JobSpec, device: str = "cpu", dtype: str | None = None) -> nn.Module:
+    """The job's frozen base model, loaded as every stage loads it.
+
+    Random-init bases draw their weights from ``train.seed``, so the driver, the workers and
+    the trials all build the same model from one spec.
+
+    Args:
+        spec: the job; its ``base:`` section says what to load.
+        device: torch device string.
+        dtype: ``None`` keeps ``base.dtype`` (flock workers, recycling); the flock driver's
+            shared copy, the search trials and the pack hosts pass ``"float32"``.
+
+    Example:
+        >>> model = load_job_base(spec, "cuda:0")
+    """
+    from models.base import load_base
+
+    b = spec.base
+    return load_base(b.name, b.gguf_file, b.random_init, b.dtype if dtype is None else dtype, device,
+                     seed=spec.train.seed)

@@ -253,6 +253,5 @@ def load_quant_base(model: nn.Module, directory: str | Path) -> list[str]:
     for name in names:
         packed = PackedTensor.from_tensors(tensors, f"{name}.")
         layer = QuantizedLinear(packed, tensors.get(f"{name}.bias"))
-        owner_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner_name) if owner_name else model, leaf, layer)
+        model.set_submodule(name, layer)
     return names

@@ -164,8 +164,7 @@ def model_from_arrays(state: dict[str, dict[str, Any]], config: Any) -> nn.Modul
         except AttributeError:
             raise BaseStoreError(f"the stored quantised base has a layer {name!r} this model lacks: load it with the config it was put with") from None
         layer = QuantizedLinear.skeleton(tuple(fmt["shape"]), fmt["method"], fmt["bits"], fmt["block_size"], fmt["bias"])
-        owner_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner_name) if owner_name else model, leaf, layer)
+        model.set_submodule(name, layer)
     meta = dict(model.named_parameters(remove_duplicate=False))
     meta_buffers = dict(model.named_buffers(remove_duplicate=False))
     for group in _alias_groups(model):

@@ -48,12 +48,12 @@ def _base_arrays(spec_dict: dict) -> dict:
     With ``base.bits``/``base.bit_budget`` the base is quantised here, once for the job: the
     store then holds the packed codes and the LQ factors, not the fp32 matrices.
     """
-    from models.base import load_base
+    from orchestrator.base.load import load_job_base
     from orchestrator.base.store import base_arrays
 
     spec = JobSpec.model_validate(spec_dict)
     b = spec.base
-    model = load_base(b.name, b.gguf_file, b.random_init, "float32", "cpu", seed=spec.train.seed)
+    model = load_job_base(spec, "cpu", "float32")
     if not b.quantized:
         return base_arrays(model)
     from orchestrator.base.quant import build_quant_base

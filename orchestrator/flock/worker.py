@@ -24,12 +24,13 @@ import ray
 import ray.train
 import torch
 
-from models.base import load_base, resolve_dtype, top_block_indices
+from models.base import resolve_dtype, top_block_indices
 from models.lora import adapter_params, inject
 from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
 from models.prefix import compute_prefix
 from models.train.step import evaluate, seed_everything
+from orchestrator.base.load import load_job_base
 from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
 from models.train.loop import FlockData, MethodConfig, train_method
@@ -109,7 +110,7 @@ def flock_worker(config: dict) -> None:
         if device.type != "cpu":
             model = model.to(device=device, dtype=resolve_dtype(b.dtype, str(device)))
     else:
-        model = load_base(b.name, b.gguf_file, b.random_init, b.dtype, str(device), seed=spec.train.seed)
+        model = load_job_base(spec, str(device))
         if b.quantized:  # no shared store: this worker quantises its own copy
             from orchestrator.base.quant import build_quant_base
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from models.base import load_base, top_block_indices
+from models.base import top_block_indices
 from models.eigen.subspace import Subspace
 from models.eigen.layer import coeff_params, eigen_params, export_peft, inject_eigen, lora_params
 from models.lora import adapter_params, inject
@@ -26,6 +26,7 @@ from models.peft_io import save_adapter
 from models.prefix import compute_prefix
 from models.train.step import evaluate, perplexity, seed_everything
 from models.train.loop import FlockData, MethodConfig, train_method
+from orchestrator.base.load import load_job_base
 from orchestrator.spec import JobSpec
 
 __all__ = ["adapt_new_task"]
@@ -60,7 +61,7 @@ def adapt_new_task(
         ``recycle.new_task`` block); adapters land in ``out_dir/{coeff,lora}``.
     """
 
-    b, tr = spec.base, spec.train
+    tr = spec.train
     sub = Subspace.load(subspace_dir)
     out_dir = Path(out_dir)
     seed_everything(tr.seed)
@@ -74,7 +75,7 @@ def adapt_new_task(
     def base_model():
         if picked is not None:
             return copy.deepcopy(compressed)
-        return load_base(b.name, b.gguf_file, b.random_init, b.dtype, device, seed=tr.seed)
+        return load_job_base(spec, device)
 
     model = base_model()
     layers = top_block_indices(model, spec.lora.top_layers)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from models.files import atomic_write_json, atomic_write_text
-from models.train.step import perplexity
+from models.train.perplexity import macro_perplexity, perplexity
 from orchestrator.report import plots
 
 __all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
@@ -26,11 +26,6 @@ def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, f
     return out
 
 
-def _macro(nll: dict[str, float]) -> float:
-    """Mean of per-task perplexities (over the tasks that were evaluated)."""
-    return sum(perplexity(v) for v in nll.values()) / len(nll) if nll else float("nan")
-
-
 def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> dict:
     """The ``flock`` block of report.json from :func:`orchestrator.flock.driver.run_flock`'s result."""
     sizes, base, methods = res["sizes"], res["base_eval_nll"], res["methods"]
@@ -38,8 +33,8 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
     sec: dict[str, Any] = {
         "tau": main.get("tau_inferred") or tau,
         "method": main["kind"],
-        "base_macro_ppl": _macro(base),
-        "macro_ppl": _macro(main["eval_nll"]),
+        "base_macro_ppl": macro_perplexity(base),
+        "macro_ppl": macro_perplexity(main["eval_nll"]),
         "tasks": _tasks_block(main["eval_nll"], sizes, base, main.get("failed")),
         "failed": main.get("failed", {}),
         "baselines": {},
@@ -52,12 +47,12 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
     for b in ("independent", "unified"):
         if b in methods:
             m = methods[b]
-            sec["baselines"][b] = {"macro_ppl": _macro(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base, m.get("failed"))}
+            sec["baselines"][b] = {"macro_ppl": macro_perplexity(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base, m.get("failed"))}
     if tau_sweep:
         by_tau = {float(m["tau"]): m for k, m in methods.items()
                   if m["kind"] != "unified" and isinstance(m.get("tau"), (int, float))}
         sec["tau_sweep"] = [
-            {"tau": float(t), "macro_ppl": _macro(by_tau[float(t)]["eval_nll"]),
+            {"tau": float(t), "macro_ppl": macro_perplexity(by_tau[float(t)]["eval_nll"]),
              "tasks": {k: perplexity(v) for k, v in by_tau[float(t)]["eval_nll"].items()}}
             for t in sorted(set(tau_sweep)) if float(t) in by_tau
         ]
@@ -85,7 +80,7 @@ def pesc_section(res: dict) -> dict:
     loads = p["expert_load"]
     busiest = max((max(v) * len(v) for v in loads.values()), default=0.0)  # busiest / mean share
     return {
-        "macro_ppl": _macro(p["eval_nll"]),
+        "macro_ppl": macro_perplexity(p["eval_nll"]),
         "tasks": _tasks_block(p["eval_nll"], sizes, base),
         "expert_load": loads,
         "task_expert_load": p["task_expert_load"],

@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import load_base, top_block_indices
+from models.base import top_block_indices
 from models.lora import inject
 from models.grouped_lora import PARTS, GroupedLoraLinear, group_slots, initial_adapter_state, slot_index
 from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from models.train.loop import FlockData, make_batch
+from orchestrator.base.load import load_job_base
 from orchestrator.search.pack_settings import base_setting
 from orchestrator.spec import JobSpec
 
@@ -81,14 +82,14 @@ class PackHost:
 
     def __init__(self, payload: dict, capacity: int, max_rank: int, device: str = "cpu", setting: dict | None = None) -> None:
         self.spec = JobSpec.model_validate(payload["spec"])
-        spec, b = self.spec, self.spec.base
+        spec = self.spec
         self.setting = dict(setting or {"bits": 16})
         quantised = int(self.setting["bits"]) < 16
         if quantised:  # LQ-LoRA's Q depends on the rank: one rank per quantised host
             max_rank = int(self.setting["rank"])
         self.device, self.capacity, self.max_rank = device, int(capacity), int(max_rank)
         self.num_tasks = len(payload["names"])
-        self.model = load_base(b.name, b.gguf_file, b.random_init, "float32", device, seed=spec.train.seed)
+        self.model = load_job_base(spec, device, "float32")
         from orchestrator.search.trial import deployed_bytes  # the trial's own sizes
 
         layers = top_block_indices(self.model, spec.lora.top_layers)

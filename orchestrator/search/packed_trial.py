@@ -27,7 +27,6 @@ different settings on one node share them). Hosts are detached actors ended by t
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 import uuid
@@ -37,6 +36,7 @@ import numpy as np
 import ray
 from safetensors.numpy import load_file, save_file
 
+from models.train.perplexity import macro_perplexity  # torch-free
 from orchestrator.search.pack_settings import host_key, packable, setting_of
 from orchestrator.spec import JobSpec
 
@@ -154,7 +154,7 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
 
         def report(step: int, nll: dict, final: bool) -> None:
             metrics = {
-                "step": step, "macro_ppl": float(np.mean([math.exp(min(v, 50.0)) for v in nll.values()])), "final": final, "eval": "full" if final else "subset",
+                "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
                 "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size, "quant_rel_error": quant_error,
                 "seconds": time.perf_counter() - t0,
             }

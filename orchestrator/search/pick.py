@@ -27,8 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.gates.layer import GatedLinear
-from models.lora import MultiTaskLoraLinear
-from models.quant.linear import QuantizedLinear
+from models.lora import MultiTaskLoraLinear, linear_weight
 from models.peft_io import write_adapter_dir
 from orchestrator.errors import StageError
 from orchestrator.spec import JobSpec
@@ -69,14 +68,6 @@ def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, devic
     return model.eval()
 
 
-def _base_weight(layer: MultiTaskLoraLinear) -> torch.Tensor:
-    base = layer.base_layer
-    if isinstance(base, QuantizedLinear):
-        return base.packed.dequantize().float()
-    w = base.weight.detach().float()
-    return w.T if layer.fan_in_fan_out else w
-
-
 @torch.no_grad()
 def fold_picked(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[int, dict[str, torch.Tensor]], dict]:
     """Fold gates into the base and the adapters, in place (see the module docstring).
@@ -98,7 +89,7 @@ def fold_picked(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.T
         raise StageError("search.picked: the rebuilt trial model has no adapters to fold")
     gates, adapters, ranks, alphas = {}, {}, {}, {}
     for name, (gate, lora) in targets.items():
-        w = _base_weight(lora)
+        w = linear_weight(lora.base_layer).detach().float()
         bias = getattr(lora.base_layer, "bias", None)
         g_r = torch.ones(lora.out_features, device=w.device)
         g_c = torch.ones(lora.in_features, device=w.device)
@@ -117,8 +108,7 @@ def fold_picked(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.T
             adapters.setdefault(t, {})[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
             adapters[t][f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
         ranks[name], alphas[name] = lora.ranks[0], lora.alpha
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+        model.set_submodule(name, new)
     for p in model.parameters():
         p.requires_grad_(False)
     return gates, adapters, {"ranks": ranks, "alphas": alphas}

@@ -57,15 +57,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.base import load_base, top_block_indices
+from models.base import top_block_indices
 from models.gates.layer import GatedLinear, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
 from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
 from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
+from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
 from models.train.loop import FlockData, MethodConfig, train_method
+from orchestrator.base.load import load_job_base
 from orchestrator.spec import JobSpec
 
 __all__ = ["build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "search_trial", "STATE_FILE", "META_FILE"]
@@ -85,8 +87,7 @@ def build_payload(
     """
     torch.set_num_threads(threads)
     spec = JobSpec.model_validate(spec_dict)
-    b = spec.base
-    model = load_base(b.name, b.gguf_file, b.random_init, "float32", "cpu", seed=spec.train.seed)
+    model = load_job_base(spec, "cpu", "float32")
     layers = top_block_indices(model, spec.lora.top_layers)
     split = layers[0] if layers else 0
     payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split}
@@ -141,8 +142,7 @@ def build_trial_model(
         (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
     """
     seed_everything(spec.train.seed)
-    b = spec.base
-    model = load_base(b.name, b.gguf_file, b.random_init, "float32", device, seed=spec.train.seed)
+    model = load_job_base(spec, device, "float32")
     layers = top_block_indices(model, spec.lora.top_layers)
     torch.manual_seed(spec.train.seed)  # the same initial adapters as the flock at the same rank
     rank = int(config.get("rank", spec.lora.rank))
@@ -243,10 +243,6 @@ def _tensors(arrays: list[np.ndarray], rows: int | None = None, device: str = "c
         return {s: torch.from_numpy(a[:rows] if rows else a).to(device) for s, a in enumerate(arrays)}
 
 
-def _macro_ppl(nll: dict[int, float]) -> float:
-    return float(np.mean([math.exp(min(v, 50.0)) for v in nll.values()]))
-
-
 def _trained_state(model: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
     ids = {id(p) for p in params}
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if id(p) in ids}
@@ -321,7 +317,7 @@ def search_trial(config: dict, payload: dict) -> None:
         # the size once the gates reach their target: the scheduler's size at early rungs
         goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
         return {
-            "step": step, "macro_ppl": _macro_ppl(nll), "final": final, "eval": "full" if final else "subset",
+            "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
             "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
             "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
             "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
