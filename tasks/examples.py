@@ -81,7 +81,7 @@ class Examples:
         return len(self.ids)
 
 
-def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", override: str | None, task: str) -> str:
+def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", override: str | None, task: str, where: str = "?") -> str:
     """The chat template to render ``messages`` with: the job's override, else the tokenizer's.
 
     Args:
@@ -97,7 +97,7 @@ def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", override: str | 
         template = template.get("default")
     if not template:
         raise TaskDataError(
-            f"task {task!r}: example_format messages is rendered with the tokenizer's chat template, but tokenizer "
+            f"task {task!r}: {where!r} is read as example_format messages, rendered with the tokenizer's chat template, but tokenizer "
             f"{tokenizer.name_or_path!r} has none; set `chat_template: chatml` (or a jinja template string) at the top "
             "level of the job"
         )
@@ -299,6 +299,6 @@ def encode_examples(
         return _pairs(prompts, _strings(ds, fields.output_field), tokenizer, train_on_prompt, fields.output_field, fmt)
     if fmt == "messages":
         require_columns(ds, {"messages_field": fields.messages_field}, task, where, strings=False)
-        template = resolve_chat_template(tokenizer, chat_template, task)
+        template = resolve_chat_template(tokenizer, chat_template, task, where)
         return _messages(ds, fields, tokenizer, train_on_prompt, template, task, where, row_ids)
     raise ValueError(f"encode_examples reads instruction formats, not {fmt!r}")

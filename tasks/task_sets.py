@@ -207,7 +207,7 @@ def plan_task_set(ts: TaskSetSpec, seed: int = 0, taken: set[str] = frozenset())
     return TaskSetPlan(ts, ds, codes, values, counts, [int(g) for g in groups], names, skipped, fld, where, null_rows, eval_rows)
 
 
-def describe_task_sets(task_sets: Sequence[TaskSetSpec], seed: int = 0) -> list[dict]:
+def describe_task_sets(task_sets: Sequence[TaskSetSpec], seed: int = 0, taken: set[str] = frozenset()) -> list[dict]:
     """How many tasks each set expands to and their sizes (rows), without tokenising.
 
     Returns:
@@ -217,7 +217,7 @@ def describe_task_sets(task_sets: Sequence[TaskSetSpec], seed: int = 0) -> list[
         >>> describe_task_sets(spec.task_sets)[0]["tasks"]
         1000
     """
-    out, taken = [], set()
+    out, taken = [], set(taken)
     for ts in task_sets:
         plan = plan_task_set(ts, seed, taken)
         taken.update(plan.names.values())
