@@ -13,7 +13,9 @@ An example is a prompt and a completion; the loss sees the completion only (unle
   end of the conversation rendered up to that turn with ``add_generation_prompt=True`` to the
   end of the conversation rendered through that turn, so it holds the reply and the
   template's end-of-turn marker (``<|im_end|>``), as Axolotl's ``train_on_eos: turn``. Where a
-  template does not render prefixes as prefixes, the span is the reply text itself.
+  template does not render prefixes as prefixes, the span is the reply text itself. The
+  template runs once per role sequence (not once per row) when it inserts each content
+  verbatim (see ``_Structure``): 200,000 chats render in about a second instead of ~20 s.
 
 No BOS is added (raw-text packing adds none either); chat templates add their own.
 Special-token strings in prompts and completions are tokenised as text; in a rendered
@@ -224,15 +226,78 @@ def _assistant_spans(tokenizer, conv: list[dict], template: str, full: str, row:
     return spans
 
 
-def _messages(ds, f: ExampleFields, tokenizer, train_on_prompt: bool, template: str, task: str, where: str,
-              row_ids: np.ndarray) -> Examples:
-    convs = _conversations(ds, f, task, where, row_ids)
+class _Structure:
+    """One rendering of a role sequence with placeholder contents, reused for every conversation of that shape.
+
+    The template is rendered once with a unique placeholder per turn (with whitespace at both
+    ends, so a template that trims or escapes contents is noticed); when every placeholder
+    comes out verbatim, exactly once and in order, a conversation's text is the template's
+    literal pieces joined with its contents, and its assistant spans are known from the
+    placeholder rendering. The first conversations of each shape are also rendered for real
+    and compared; any difference sends that shape to plain per-conversation rendering.
+    """
+
+    CHECKS = 4  # conversations per shape rendered both ways
+
+    def __init__(self, tokenizer, roles: tuple[str, ...], template: str, row: int, task: str, where: str):
+        marks = [f" \n\x01{i}\x02\n " for i in range(len(roles))]
+        conv = [{"role": r, "content": m} for r, m in zip(roles, marks)]
+        full = _render(tokenizer, conv, template, row, task, where)
+        at = [full.find(m) for m in marks]
+        self.ok = all(full.count(m) == 1 for m in marks) and at == sorted(at)
+        self.checked = 0
+        if not self.ok:
+            return
+        self.pieces = [full[: at[0]]] + [full[a + len(m) : b] for a, m, b in zip(at, marks, at[1:] + [len(full)])]
+        self.bounds = []  # each span edge as (piece index, offset in piece)
+        starts = [a + len(m) for a, m in zip(at, marks)]  # piece k + 1 starts here
+        for s, e in _assistant_spans(tokenizer, conv, template, full, row, task, where):
+            edges = []
+            for x in (s, e):
+                k = sum(1 for st in starts if st <= x)  # the piece x falls in
+                lo = 0 if k == 0 else starts[k - 1]
+                hi = at[k] if k < len(at) else len(full)
+                if not lo <= x <= hi:  # inside a placeholder: cannot be mapped
+                    self.ok = False
+                    return
+                edges.append((k, x - lo))
+            self.bounds.append(tuple(edges))
+
+    def apply(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        contents = [t["content"] for t in conv]
+        text = self.pieces[0] + "".join(c + p for c, p in zip(contents, self.pieces[1:]))
+        piece_at = np.cumsum([0] + [len(p) + len(c) for p, c in zip(self.pieces, contents)])  # where piece k starts
+        spans = [tuple(int(piece_at[k]) + o for k, o in edges) for edges in self.bounds]
+        return text, spans
+
+
+def _render_all(convs, tokenizer, template: str, task: str, where: str, row_ids: np.ndarray):
+    """Each conversation's text and assistant spans (one template render per role sequence when possible)."""
+    shapes: dict[tuple[str, ...], _Structure] = {}
     texts, spans = [], []
     for i, conv in enumerate(convs):
         row = int(row_ids[i])
-        full = _render(tokenizer, conv, template, row, task, where)
-        texts.append(full)
-        spans.append(_assistant_spans(tokenizer, conv, template, full, row, task, where))
+        roles = tuple(t["role"] for t in conv)
+        shape = shapes.get(roles)
+        if shape is None:
+            shape = shapes[roles] = _Structure(tokenizer, roles, template, row, task, where)
+        if shape.ok and shape.checked >= shape.CHECKS:
+            text, sp = shape.apply(conv)
+        else:
+            text = _render(tokenizer, conv, template, row, task, where)
+            sp = _assistant_spans(tokenizer, conv, template, text, row, task, where)
+            if shape.ok:
+                shape.ok = shape.apply(conv) == (text, sp)
+                shape.checked += 1
+        texts.append(text)
+        spans.append(sp)
+    return texts, spans
+
+
+def _messages(ds, f: ExampleFields, tokenizer, train_on_prompt: bool, template: str, task: str, where: str,
+              row_ids: np.ndarray) -> Examples:
+    convs = _conversations(ds, f, task, where, row_ids)
+    texts, spans = _render_all(convs, tokenizer, template, task, where, row_ids)
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=True)
     ids, scored, keep_from, rows = [], [], [], []
     for row, (tok, offs, sp) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], spans)):

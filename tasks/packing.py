@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -158,12 +158,13 @@ def cap_rows(rows: np.ndarray, cap: int | None, seed: int, salt: str) -> np.ndar
 def rows_dataset(rows: np.ndarray, mask: np.ndarray | None = None) -> Dataset:
     """(R, L) token rows (and their scored mask) -> a Dataset with fixed-length columns.
 
-    Columns: ``input_ids`` (int32), and ``scored`` (bool) when ``mask`` is given.
+    Columns: ``input_ids`` (int32), and ``scored`` (bool) when ``mask`` is given. Built from
+    Arrow arrays directly (``Dataset.from_dict`` on 2-D numpy takes ~10 ms a task).
     """
+    from datasets.table import InMemoryTable
+
     length = int(rows.shape[1])
-    cols = {"input_ids": rows.astype(np.int32)}
-    features = {"input_ids": List(Value("int32"), length=length)}
+    cols = {"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.int32).ravel()), length)}
     if mask is not None:
-        cols["scored"] = mask.astype(bool)
-        features["scored"] = List(Value("bool"), length=length)
-    return Dataset.from_dict(cols, features=Features(features))
+        cols["scored"] = pa.FixedSizeListArray.from_arrays(pa.array(mask.astype(bool).ravel()), length)
+    return Dataset(InMemoryTable(pa.table(cols)))

@@ -228,3 +228,27 @@ def test_no_usable_example_is_an_error(tmp_path):
     spec = TaskSpec(name="void", source={"kind": "files", "path": path, "example_format": "prompt_completion"})
     with pytest.raises(TaskDataError, match=r"task 'void'.*e\.jsonl.*no usable example"):
         build_task_data([spec], bytes_tokenizer(), seq_len=16)
+
+
+@pytest.mark.parametrize("template", [TINY_TEMPLATE, TINY_TEMPLATE.replace("m['content']", "m['content'] | trim"), "chatml"])
+def test_one_render_per_shape_matches_rendering_every_row(template, monkeypatch):
+    """The per-role-sequence fast path gives exactly the texts and masks of rendering each row."""
+    from tasks import examples
+
+    rng = np.random.default_rng(0)
+    convs = []
+    for i in range(40):
+        turns = [("user", f" q{i} {{x}} "), ("assistant", f"a{'!' * int(rng.integers(0, 5))} ")]
+        if i % 3 == 0:
+            turns = [("system", "sys\n")] + turns + [("user", "more?"), ("assistant", "")]
+        convs.append(_chat(*turns))
+    ds = Dataset.from_dict({"messages": convs})
+    fast = encode_examples(ds, ExampleFields(example_format="messages"), bytes_tokenizer(), chat_template=template)
+    monkeypatch.setattr(examples._Structure, "CHECKS", 10**9)
+    slow = encode_examples(ds, ExampleFields(example_format="messages"), bytes_tokenizer(), chat_template=template)
+    assert len(fast) == len(slow) == 40
+    for a, b, ma, mb in zip(fast.ids, slow.ids, fast.scored, slow.scored):
+        assert a.tolist() == b.tolist() and ma.tolist() == mb.tolist()
+    assert fast.keep_from.tolist() == slow.keep_from.tolist()
+    if "trim" in template:  # a template that changes contents never takes the fast path
+        assert _text(fast.ids[1]).startswith("<user>q1 {x}</s>")
