@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -90,7 +90,7 @@ class TaskSetPlan:
     field: str
     where: str
     null_rows: int = 0
-    eval_rows: np.ndarray | None = field(default=None)
+    eval_rows: np.ndarray | None = None  # (rows,) True where eval_split selects the row
 
     def mapping(self) -> dict:
         """What the report shows: ``{"field", "tasks": {value: name}, "skipped", "null_rows"}``."""
@@ -228,19 +228,17 @@ def describe_task_sets(task_sets: Sequence[TaskSetSpec], seed: int = 0, taken: s
     return out
 
 
-def _split(ts: TaskSetSpec, plan: TaskSetPlan, rows: np.ndarray, name: str, seed: int, n_for_fraction) -> tuple | None:
-    """(train positions, eval positions, how) of a task's examples at table ``rows``; None: unusable."""
-    from tasks.rows import hold_out_examples
-
+def _split(plan: TaskSetPlan, rows: np.ndarray, hold_out_fraction) -> tuple:
+    """(train positions, eval positions, how) of a task's examples at table ``rows``, or (None, reason)."""
     if plan.eval_rows is not None:
         is_eval = plan.eval_rows[rows]
-        if is_eval.any() and not is_eval.all():
-            return np.flatnonzero(~is_eval), np.flatnonzero(is_eval), "eval_split"
         if is_eval.all():
-            return None
+            return None, "every row is an eval_split row: nothing to train on"
+        if is_eval.any():
+            return np.flatnonzero(~is_eval), np.flatnonzero(is_eval), "eval_split"
     if len(rows) < 2:
-        return None
-    tr, ev = n_for_fraction(len(rows), name)
+        return None, f"{len(rows)} usable example: none can be held out for evaluation"
+    tr, ev = hold_out_fraction()
     return tr, ev, "fraction"
 
 
@@ -276,13 +274,13 @@ def _expand_one(plan: TaskSetPlan, ctx: "BuildContext") -> list["TaskData"]:
         pos = order[bounds[g] : bounds[g + 1]]  # this task's examples (positions into ex / ex_rows)
         table_rows = union[ex_rows[pos]]
         extra = {"task_set": {"set": ts.name, "field": plan.field, "value": plan.values[g]}}
-        if text:
-            frac = lambda n, nm, p=pos: hold_out(docs.select(ex_rows[p]), ts.eval_fraction, ctx.seed)  # noqa: E731
+        if text:  # whole documents, by characters, as for a text task
+            frac = lambda p=pos: hold_out(docs.select(ex_rows[p]), ts.eval_fraction, ctx.seed)  # noqa: E731
         else:
-            frac = lambda n, nm: hold_out_examples(n, ts.eval_fraction, ctx.seed, nm)  # noqa: E731
-        split = _split(ts, plan, table_rows, name, ctx.seed, frac)
-        if split is None:
-            plan.skipped[str(plan.values[g])] = "too few usable examples to hold one out for evaluation"
+            frac = lambda n=len(pos), nm=name: hold_out_examples(n, ts.eval_fraction, ctx.seed, nm)  # noqa: E731
+        split = _split(plan, table_rows, frac)
+        if split[0] is None:
+            plan.skipped[str(plan.values[g])] = split[1]
             del plan.names[g]
             continue
         tr, ev, how = split

@@ -78,14 +78,16 @@ def test_eval_split_by_column_value(tmp_path):
 
 
 def test_eval_split_fallback_and_names_prefix(tmp_path):
-    sizes = {"a": 4, "b": 3}
-    rows = [{"customer_id": c, "prompt": "p", "completion": "c", "split": "test" if c == "a" and i == 0 else "train"}
+    sizes = {"a": 4, "b": 3, "c": 2}
+    rows = [{"customer_id": c, "prompt": "p", "completion": "c", "split": "test" if c == "c" or (c == "a" and i == 0) else "train"}
             for c, n in sizes.items() for i in range(n)]
     path = tmp_path / "t.parquet"
     pd.DataFrame(rows).to_parquet(path)
     data = build_task_data([], bytes_tokenizer(), 16,
                            task_sets=[_set(str(path), name_prefix="cust-", eval_split={"field": "split", "value": "test"})])
     assert [(d.name, d.stats["task_set"]["eval"]) for d in data] == [("cust-a", "eval_split"), ("cust-b", "fraction")]
+    assert data.task_sets["customers"]["skipped"] == {"c": "every row is an eval_split row: nothing to train on"}
+    assert data.task_sets["customers"]["tasks"] == {"a": "cust-a", "b": "cust-b"}
 
 
 def test_explicit_tasks_and_sets_combine(tmp_path):
