@@ -182,7 +182,13 @@ def _conversations(ds: "Dataset", f: ExampleFields, task: str, where: str, row_i
                     f"task {task!r}: row {row} of {where!r}, field {f.messages_field!r}: unknown role {role!r}; roles "
                     f"must be {list(ROLES)}: map the data's names with source.role_map (e.g. {{human: user, gpt: assistant}})"
                 )
-            conv.append({"role": role, "content": turn.get(f.content_field) or ""})
+            content = turn.get(f.content_field) or ""
+            if not isinstance(content, str):
+                raise TaskDataError(
+                    f"task {task!r}: row {row} of {where!r}, field {f.messages_field!r}: a {role} turn's "
+                    f"{f.content_field!r} holds {type(content).__name__}, not text; give each turn's content as a string"
+                )
+            conv.append({"role": role, "content": content})
         if not any(t["role"] == "assistant" for t in conv):
             raise TaskDataError(
                 f"task {task!r}: row {row} of {where!r}, field {f.messages_field!r} has no assistant turn, so nothing "
