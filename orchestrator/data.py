@@ -15,14 +15,18 @@ __all__ = ["build_job_data"]
 
 
 def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
-    """Tokenise and pack every task of ``spec`` (or only ``tasks``), once, on the driver.
+    """Tokenise every task of ``spec`` (explicit tasks, then each task set's), once, on the driver.
 
     Args:
-        spec: the job; its base names the tokenizer, its ``train`` section the row length and seed.
-        tasks: task specs to build instead of ``spec.tasks`` (the recycle stage's new task).
+        spec: the job; its base names the tokenizer, its ``train`` section the row length and
+            seed, ``chat_template`` overrides the tokenizer's for ``messages`` sources.
+        tasks: task specs to build instead of ``spec.tasks`` and ``spec.task_sets`` (the
+            recycle stage's new task).
 
     Returns:
-        One :class:`tasks.TaskData` per task, in order.
+        A :class:`tasks.TaskDataList`: one :class:`tasks.TaskData` per task, in order; its
+        ``task_sets`` attribute maps each set to ``{"field", "tasks": {original value: task
+        name}, "skipped": {value: reason}, "null_rows"}`` for the report.
     """
     import datasets
 
@@ -34,7 +38,18 @@ def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
     t = time.perf_counter()
     tok_name = spec.base.tokenizer or spec.base.name
     tokenizer = load_tokenizer(tok_name, spec.base.gguf_file if spec.base.tokenizer is None else None)
-    data = build_task_data(tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed)
-    sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in data)
-    say(f"data ready in {time.perf_counter() - t:.1f}s (train/eval sequences of {spec.train.seq_len} tokens: {sizes})")
+    data = build_task_data(
+        tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed,
+        task_sets=() if tasks else spec.task_sets, chat_template=spec.chat_template,
+    )
+    shown = data if len(data) <= 20 else data[:20]
+    sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in shown) + (f", ... ({len(data)} tasks)" if len(data) > 20 else "")
+    say(f"data ready in {time.perf_counter() - t:.1f}s (train/eval rows of {spec.train.seq_len} tokens: {sizes})")
+    cut = [d for d in data if d.stats.get("truncated") or d.stats.get("dropped") or d.stats.get("empty")]
+    if cut:
+        total = {k: sum(d.stats[k] for d in cut) for k in ("truncated", "dropped", "empty")}
+        worst = ", ".join(f"{d.name} {d.stats['truncated']}/{d.stats['dropped']}/{d.stats['empty']}"
+                          for d in sorted(cut, key=lambda d: -(d.stats["truncated"] + d.stats["dropped"]))[:5])
+        say(f"  examples longer than {spec.train.seq_len} tokens: {total['truncated']} truncated, {total['dropped']} dropped; "
+            f"{total['empty']} rows with an empty completion skipped ({len(cut)} tasks; most: {worst})")
     return data

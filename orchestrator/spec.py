@@ -28,7 +28,7 @@ from orchestrator.errors import SpecError
 from orchestrator.specs.gates import GatesSpec
 from orchestrator.specs.search import SearchSpec
 from tasks.spec import Strict
-from tasks.spec import TaskSpec
+from tasks.spec import TaskSetSpec, TaskSpec
 
 __all__ = [
     "BaseSpec",
@@ -247,11 +247,21 @@ class JobSpec(Strict):
           - {name: json, source: {kind: builtin, suite: stdlib-code, package: json}}
         lora: {rank: 8, target_modules: [q_proj, v_proj]}
         train: {steps: 20, batch_size: 4, seq_len: 64}
+
+    Args:
+        tasks: explicit tasks (may be empty when ``task_sets`` gives at least one set).
+        task_sets: sets that expand one table (split by a column) or a glob of files into many
+            tasks when the data is built (:class:`tasks.spec.TaskSetSpec`).
+        chat_template: for ``messages`` sources: ``chatml`` or a jinja template string; it
+            replaces the tokenizer's own template (as Axolotl's top-level ``chat_template``),
+            and is required when the tokenizer has none.
     """
 
     name: str = Field("loraflock-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     base: BaseSpec
-    tasks: list[TaskSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    task_sets: list[TaskSetSpec] = Field(default_factory=list)
+    chat_template: str | None = Field(None, min_length=1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     flock: FlockSpec = Field(default_factory=FlockSpec)
@@ -261,8 +271,20 @@ class JobSpec(Strict):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_ok(cls, v: str | None) -> str | None:
+        if v is not None and v != "chatml" and "{{" not in v and "{%" not in v:
+            raise ValueError(f"chat_template {v[:40]!r} is neither `chatml` nor a jinja template ({{% ... %}} / {{{{ ... }}}})")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
+        if not self.tasks and not self.task_sets:
+            raise ValueError("the job has no task: list at least one entry under tasks: or task_sets:")
+        sets = [s.name for s in self.task_sets]
+        if len(set(sets)) < len(sets):
+            raise ValueError(f"task set names must be unique; repeated: {sorted({n for n in sets if sets.count(n) > 1})}")
         names = [t.name for t in self.tasks]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -280,7 +302,7 @@ class JobSpec(Strict):
                 "slices dense weights; drop one of them (the search stage combines both per trial)"
             )
         unknown = sorted(set(self.lora.ranks) - set(names))
-        if unknown:
+        if unknown and not self.task_sets:  # a set's task names are known only once its table is read
             raise ValueError(f"lora.ranks names unknown tasks {unknown}; tasks are {names}")
         if self.base.quantized:
             self._check_lq_rank()

@@ -1,4 +1,8 @@
-"""Task specs -> tokenised, packed, fixed-length datasets (``datasets`` + ``pyarrow``; never ray).
+"""Task specs -> tokenised fixed-length rows (``datasets`` + ``pyarrow``; never ray).
+
+A task's examples come in one of four formats (``text``, ``prompt_completion``, ``alpaca``,
+``messages``; see :mod:`tasks.spec`); task sets expand one table (split by a column) or a
+glob of files into many tasks (:mod:`tasks.task_sets`).
 
 Example:
     >>> from tasks import build_task_data, demo_tasks, load_tokenizer
@@ -12,11 +16,23 @@ stays fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tasks.errors import TaskDataError
-from tasks.spec import STDLIB_PACKAGES, BuiltinSource, DataSettings, DataSource, FilesSource, HubSource, TaskSpec
+from tasks.spec import (
+    EXAMPLE_FORMATS,
+    STDLIB_PACKAGES,
+    BuiltinSource,
+    DataSettings,
+    DataSource,
+    EvalSplit,
+    ExampleFields,
+    FilesSource,
+    HubSource,
+    TaskSetSpec,
+    TaskSpec,
+)
 from tasks.builtin.stdlib import DEMO_EVAL_CAP, DEMO_PACKAGES, DEMO_SIZES, demo_tasks
 
 if TYPE_CHECKING:
@@ -29,22 +45,35 @@ __all__ = [
     "DEMO_PACKAGES",
     "DEMO_SIZES",
     "DEMO_EVAL_CAP",
+    "EXAMPLE_FORMATS",
     "BuiltinSource",
     "DataSettings",
     "DataSource",
     "FilesSource",
     "HubSource",
     "TaskSpec",
+    "TaskSetSpec",
+    "EvalSplit",
+    "ExampleFields",
     "TaskData",
+    "TaskDataList",
     "TaskDataError",
     "TokenizerError",
     "build_task_data",
+    "expand_task_sets",
+    "describe_task_sets",
     "demo_tasks",
     "load_tokenizer",
 ]
 
 
-_LAZY = {"TokenizerError": "tasks.tokenizer", "load_tokenizer": "tasks.tokenizer"}
+_LAZY = {
+    "TokenizerError": "tasks.tokenizer",
+    "load_tokenizer": "tasks.tokenizer",
+    "build_task_data": "tasks.build",
+    "expand_task_sets": "tasks.task_sets",
+    "describe_task_sets": "tasks.task_sets",
+}
 
 
 def __getattr__(name: str):
@@ -58,15 +87,34 @@ def __getattr__(name: str):
 
 @dataclass
 class TaskData:
-    """One task's packed rows.
+    """One task's rows, ready for training.
+
+    ``text`` tasks: documents joined with EOS and cut into full rows; every token is scored
+    (masks are ``None``), except that a side shorter than one row is one right-padded row
+    with a mask. Instruction tasks (``prompt_completion``, ``alpaca``, ``messages``): one
+    example per row, right-padded with the tokenizer's pad id (EOS when it has none), and a
+    mask that scores the completion (every assistant turn) only, unless ``train_on_prompt``.
+    No attention mask is needed: a row holds one example, and with right padding in a causal
+    LM no real token attends to a pad; pads are never scored.
 
     Attributes:
         name: the task's name.
-        train: ``input_ids`` column, fixed length L (N rows).
-        eval: ``input_ids`` column, fixed length L (M rows), from held-out documents.
+        train: ``input_ids`` column, fixed length L (N rows), plus ``scored`` when masked.
+        eval: likewise (M rows), from held-out documents / examples.
         train_ids: (N, L) int64 tensor of ``train``.
         eval_ids: (M, L) int64 tensor of ``eval``.
-        train_examples: N (BoRA's N_d).
+        train_examples: N_d, BoRA's task size: training examples (instruction formats, one
+            per row) or packed rows (text).
+        train_mask: bool (N, L): True where token t is a target (predicted from t - 1);
+            column 0 is never scored whatever it says. ``None``: every token is scored.
+        eval_mask: bool (M, L), likewise; eval perplexity is over these tokens only.
+        train_tokens: scored training tokens (``(L - 1) * N`` for full text rows).
+        stats: ``{"format", "examples", "truncated", "dropped", "empty", "train": {...},
+            "eval": {...}}``; the totals add both sides; each side holds ``examples`` (rows
+            kept, after caps), ``tokens`` (scored), and ``truncated``/``dropped`` (instruction
+            formats: examples cut from the left / left out for being longer than L) or
+            ``documents``/``padded`` (text). ``empty``: rows skipped for an empty completion.
+            A task from a task set adds ``task_set: {"set", "field", "value"}`` (the original value).
     """
 
     name: str
@@ -75,93 +123,24 @@ class TaskData:
     train_ids: "torch.Tensor"
     eval_ids: "torch.Tensor"
     train_examples: int
+    train_mask: "torch.Tensor | None" = None
+    eval_mask: "torch.Tensor | None" = None
+    train_tokens: int = 0
+    stats: dict = field(default_factory=dict)
 
     @property
     def eval_examples(self) -> int:
         return int(self.eval_ids.shape[0])
 
 
-def build_task_data(
-    tasks: list[TaskSpec],
-    tokenizer: "PreTrainedTokenizerBase | str",
-    seq_len: int,
-    seed: int = 0,
-) -> list[TaskData]:
-    """Load, split, tokenise, pack and cap every task's text.
+class TaskDataList(list):
+    """A list of :class:`TaskData` that also carries the task sets' expansion.
 
-    Args:
-        tasks: the task specs (unique names).
-        tokenizer: a loaded tokenizer, or a name for :func:`load_tokenizer`.
-        seq_len: tokens per row (L).
-        seed: seeds the document hold-out and the row caps.
-
-    Raises:
-        TaskDataError: a task's data is unusable, or packs into 0 train / 0 eval rows.
-
-    Example:
-        >>> data = build_task_data([TaskSpec(name="notes", source={"kind": "files", "path": "n.jsonl"})], "bytes", 64)
+    Attributes:
+        task_sets: ``{set name: {"field": column or "file", "tasks": {original value: task
+            name}, "skipped": {original value: reason}, "null_rows": n}}`` for the report.
     """
-    import numpy as np
-    import torch
 
-    from tasks.packing import cap_rows, hold_out, pack_rows, rows_dataset, tokenize_documents, tokenizer_fingerprint
-    from tasks.sources import load_documents
-    from tasks.tokenizer import TokenizerError, load_tokenizer
-
-    if seq_len < 2:
-        raise TaskDataError(f"seq_len must be >= 2 tokens (got {seq_len})")
-    names = [t.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise TaskDataError(f"task names must be unique; repeated: {dup}")
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise TokenizerError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents")
-    tok_fp = tokenizer_fingerprint(tokenizer)
-
-    def tokens_of(docs: "Dataset") -> "Dataset":
-        import hashlib
-
-        fp = hashlib.sha256(f"{docs._fingerprint}:{tok_fp}".encode()).hexdigest()[:32]
-        return tokenize_documents(docs, tokenizer, fingerprint=fp)
-
-    out = []
-    for spec in tasks:
-        docs = load_documents(spec.source, spec.name)
-        if spec.eval_source is not None:
-            train_tok, eval_tok = tokens_of(docs), tokens_of(load_documents(spec.eval_source, spec.name))
-            train_idx, eval_idx = np.arange(len(train_tok)), np.arange(len(eval_tok))
-        else:
-            if len(docs) < 2:
-                raise TaskDataError(
-                    f"task {spec.name!r} has a single document, so none can be held out for evaluation: "
-                    "give an eval_source or split the text into several documents (rows)"
-                )
-            train_idx, eval_idx = hold_out(docs, spec.eval_fraction, seed)
-            train_tok = eval_tok = tokens_of(docs)
-        train_rows = pack_rows(train_tok, train_idx, seq_len, eos)
-        eval_rows = pack_rows(eval_tok, eval_idx, seq_len, eos)
-        for side, rows, fix in (
-            ("training", train_rows, "give it more text"),
-            ("eval", eval_rows, "raise eval_fraction or give an eval_source"),
-        ):
-            if len(rows) == 0:
-                raise TaskDataError(
-                    f"task {spec.name!r}: its {side} text is shorter than one row of {seq_len} tokens; "
-                    f"{fix}, or lower seq_len"
-                )
-        train_rows = cap_rows(train_rows, spec.max_train_sequences, seed, f"{spec.name}:train")
-        eval_rows = cap_rows(eval_rows, spec.max_eval_sequences, seed, f"{spec.name}:eval")
-        out.append(
-            TaskData(
-                name=spec.name,
-                train=rows_dataset(train_rows),
-                eval=rows_dataset(eval_rows),
-                train_ids=torch.from_numpy(train_rows.astype(np.int64)),
-                eval_ids=torch.from_numpy(eval_rows.astype(np.int64)),
-                train_examples=int(len(train_rows)),
-            )
-        )
-    return out
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.task_sets: dict = {}

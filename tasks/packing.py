@@ -6,7 +6,9 @@ path, else the row index) and held out in that order until they hold ``eval_frac
 the characters (at least one document, never all of them). Packing joins the documents of
 one side, each followed by EOS, into one token stream of length T and cuts it into
 ``floor(T / L)`` rows of ``L = seq_len`` tokens (the tail shorter than L is dropped): every
-row is full, so the loss never sees padding.
+row is full, so the loss never sees padding. A side whose stream is shorter than one row
+(a small task) becomes one right-padded row with a mask of its real tokens
+(:func:`pack_or_pad`) instead of no row at all.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["hold_out", "tokenize_documents", "tokenizer_fingerprint", "pack_rows", "cap_rows", "rows_dataset"]
+__all__ = [
+    "hold_out", "tokenize_documents", "tokenizer_fingerprint", "pack_rows", "pack_or_pad", "cap_indices", "cap_rows",
+    "rows_dataset",
+]
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A well-mixed 64-bit hash of integers (vectorised; wraps mod 2**64 by design)."""
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
@@ -40,7 +45,7 @@ def _doc_order(docs: Dataset, seed: int) -> np.ndarray:
         keys = docs.with_format("arrow")[:]["doc_key"].to_pylist()
         h = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") for k in keys], dtype=np.uint64)
     else:
-        h = _splitmix64(np.arange(len(docs), dtype=np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64))[0])
+        h = splitmix64(np.arange(len(docs), dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64))[0])
     return np.lexsort((np.arange(len(h)), h))  # ties (duplicate keys) by index
 
 
@@ -114,17 +119,52 @@ def pack_rows(tokens: Dataset, indices: np.ndarray, seq_len: int, eos_id: int) -
     return stream[: rows * seq_len].reshape(rows, seq_len)
 
 
+def pack_or_pad(tokens: Dataset, indices: np.ndarray, seq_len: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`pack_rows`, except that a stream shorter than one row becomes one padded row.
+
+    Returns:
+        (rows, mask): int32 (R, L) and ``None`` (full rows: every token scored), or, for a
+        short stream, (1, L) rows right-padded with ``pad_id`` and a bool (1, L) mask that is
+        True on the real tokens after column 0 (column 0 is never a target).
+    """
+    rows = pack_rows(tokens, indices, seq_len, eos_id)
+    if len(rows):
+        return rows, None
+    col = tokens.select(indices).with_format("arrow")[:]["input_ids"]
+    stream = [t for doc in col.to_pylist() for t in [*doc, eos_id]][:seq_len]
+    padded = np.full((1, seq_len), pad_id, dtype=np.int32)
+    padded[0, : len(stream)] = stream
+    mask = np.zeros((1, seq_len), dtype=bool)
+    mask[0, 1 : len(stream)] = True
+    return padded, mask
+
+
+def cap_indices(n: int, cap: int | None, seed: int, salt: str) -> np.ndarray:
+    """Indices of at most ``cap`` of ``n`` rows: a seeded random subset (``salt``: the task), in order."""
+    if cap is None or n <= cap:
+        return np.arange(n)
+    salt_int = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, salt_int])
+    return np.sort(rng.choice(n, size=cap, replace=False))
+
+
 def cap_rows(rows: np.ndarray, cap: int | None, seed: int, salt: str) -> np.ndarray:
     """At most ``cap`` rows: a seeded random subset (``salt``: the task), kept in stream order."""
     if cap is None or len(rows) <= cap:
         return rows
-    salt_int = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([seed, salt_int])
-    return rows[np.sort(rng.choice(len(rows), size=cap, replace=False))]
+    return rows[cap_indices(len(rows), cap, seed, salt)]
 
 
-def rows_dataset(rows: np.ndarray) -> Dataset:
-    """(R, L) token rows -> a Dataset with a fixed-length ``input_ids`` column."""
+def rows_dataset(rows: np.ndarray, mask: np.ndarray | None = None) -> Dataset:
+    """(R, L) token rows (and their scored mask) -> a Dataset with fixed-length columns.
+
+    Columns: ``input_ids`` (int32), and ``scored`` (bool) when ``mask`` is given. Built from
+    Arrow arrays directly (``Dataset.from_dict`` on 2-D numpy takes ~10 ms a task).
+    """
+    from datasets.table import InMemoryTable
+
     length = int(rows.shape[1])
-    features = Features({"input_ids": List(Value("int32"), length=length)})
-    return Dataset.from_dict({"input_ids": rows.astype(np.int32)}, features=features)
+    cols = {"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.int32).ravel()), length)}
+    if mask is not None:
+        cols["scored"] = pa.FixedSizeListArray.from_arrays(pa.array(mask.astype(bool).ravel()), length)
+    return Dataset(InMemoryTable(pa.table(cols)))

@@ -1,10 +1,11 @@
-"""Load a task's :class:`~tasks.spec.DataSource` into a ``datasets.Dataset`` of documents.
+"""Load a task's :class:`~tasks.spec.DataSource` into a ``datasets.Dataset``.
 
-Every source becomes the same shape: a ``text`` column (one document per row, empty rows
-dropped) and, for the builtin suite, a ``doc_key`` column (the file's path) that the eval
-hold-out hashes. Parsing and caching are ``datasets.load_dataset``'s own; this module only
-checks the inputs and turns failures into a :class:`TaskDataError` that names the task, the
-file and the fix.
+:func:`load_table` gives the source's rows with their own columns (instruction formats read
+them in :mod:`tasks.examples`); :func:`load_documents` turns a ``text`` source into the
+documents shape: a ``text`` column (one document per row, empty rows dropped) and, for the
+builtin suite, a ``doc_key`` column (the file's path) that the eval hold-out hashes. Parsing
+and caching are ``datasets.load_dataset``'s own; this module only checks the inputs and turns
+failures into a :class:`TaskDataError` that names the task, the file and the fix.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datasets import Dataset
 from tasks.errors import TaskDataError
 from tasks.spec import BuiltinSource, DataSource, FilesSource, HubSource
 
-__all__ = ["infer_format", "load_documents"]
+__all__ = ["infer_format", "load_table", "load_documents", "source_where", "require_columns", "text_documents", "expand_paths"]
 
 # spec format -> datasets builder
 _BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
@@ -45,7 +46,7 @@ def infer_format(path: str, task: str = "?") -> str:
     return fmt
 
 
-def _expand(paths: list[str], task: str) -> list[str]:
+def expand_paths(paths: list[str], task: str) -> list[str]:
     """Each path or glob -> existing files (sorted within a glob); missing ones are an error."""
     files: list[str] = []
     for p in paths:
@@ -87,7 +88,7 @@ def _first_non_utf8(path: str) -> int | None:
 
 
 def _load_files(src: FilesSource, task: str) -> Dataset:
-    files = _expand(src.paths(), task)
+    files = expand_paths(src.paths(), task)
     formats = {src.format or infer_format(f, task) for f in files}
     if len(formats) > 1:
         raise TaskDataError(f"task {task!r}: source.path mixes formats {sorted(formats)}; use one format per source")
@@ -108,13 +109,15 @@ def _load_files(src: FilesSource, task: str) -> Dataset:
             f"task {task!r}: cannot read {files if len(files) > 1 else files[0]!r} as {fmt} ({detail}); "
             "check the file or set source.format"
         ) from None
-    text = src.text_field
-    if fmt in _TEXT_FORMATS and text in ds.column_names and _is_string(ds.features[text]):
-        try:  # pyarrow's JSON reader can let invalid UTF-8 into a string column
-            ds.with_format("arrow")[:][text].validate(full=True)
-        except pa.ArrowInvalid:
-            _require_utf8(files, task)
-            raise TaskDataError(f"task {task!r}: column {text!r} of {files} is not valid UTF-8; re-encode the data") from None
+    strings = [c for c in ds.column_names if _is_string(ds.features[c])]
+    if fmt in _TEXT_FORMATS and strings:
+        table = ds.with_format("arrow")[:]
+        for col in strings:
+            try:  # pyarrow's JSON reader can let invalid UTF-8 into a string column
+                table[col].validate(full=True)
+            except pa.ArrowInvalid:
+                _require_utf8(files, task)
+                raise TaskDataError(f"task {task!r}: column {col!r} of {files} is not valid UTF-8; re-encode the data") from None
     return ds
 
 
@@ -143,6 +146,49 @@ def _load_hub(src: HubSource, task: str) -> Dataset:
         ) from None
 
 
+def source_where(source: DataSource) -> str:
+    """How errors name a source: its path(s), hub name or builtin suite."""
+    if isinstance(source, FilesSource):
+        return source.path if isinstance(source.path, str) else ", ".join(source.path)
+    if isinstance(source, HubSource):
+        return source.name
+    return f"builtin {source.suite}" + (f" {source.subset}" if source.subset else "") + (f" {source.package}" if source.package else "")
+
+
+def require_columns(ds: Dataset, wanted: dict[str, str], task: str, where: str, strings: bool = True) -> None:
+    """Every ``{setting: column}`` exists (and holds text): else an error listing the columns found."""
+    for setting, col in wanted.items():
+        if col not in ds.column_names:
+            raise TaskDataError(
+                f"task {task!r}: {where!r} has no column {col!r} (source.{setting}); its columns are "
+                f"{ds.column_names}: set source.{setting} to one of them"
+            )
+        feature = ds.features[col]
+        if strings and not _is_string(feature) and getattr(feature, "dtype", None) != "null":
+            raise TaskDataError(
+                f"task {task!r}: column {col!r} of {where!r} holds {feature}, not text; "
+                f"point source.{setting} at a string column"
+            )
+
+
+def load_table(source: DataSource, task: str) -> Dataset:
+    """The rows of ``source`` with their own columns (no format checks yet).
+
+    Raises:
+        TaskDataError: missing or empty file, zero rows, not UTF-8, unknown file format, or an
+            unreachable hub dataset.
+    """
+    if isinstance(source, BuiltinSource):
+        if source.suite == "stdlib-code":
+            from tasks.builtin.stdlib import package_documents
+
+            return package_documents(source.package)
+        from tasks.builtin.instruct import instruct_table
+
+        return instruct_table(source.subset, source.package)
+    return _load_files(source, task) if isinstance(source, FilesSource) else _load_hub(source, task)
+
+
 def load_documents(source: DataSource, task: str) -> Dataset:
     """The documents of ``source``: columns ``text`` (+ ``doc_key`` for builtin files).
 
@@ -159,29 +205,31 @@ def load_documents(source: DataSource, task: str) -> Dataset:
         >>> docs.column_names
         ['text']
     """
+    ds = load_table(source, task)
     if isinstance(source, BuiltinSource):
-        from tasks.builtin.stdlib import package_documents
+        return ds
+    return text_documents(ds, source.text_field, task, source_where(source))
 
-        return package_documents(source.package)
-    ds = _load_files(source, task) if isinstance(source, FilesSource) else _load_hub(source, task)
-    where = source.path if isinstance(source, FilesSource) else source.name
-    if source.text_field not in ds.column_names:
+
+def text_documents(ds: Dataset, text_field: str, task: str, where: str) -> Dataset:
+    """The non-empty ``text_field`` rows of a loaded table, as a ``text`` column."""
+    if text_field not in ds.column_names:
         raise TaskDataError(
-            f"task {task!r}: {where!r} has no column {source.text_field!r}; its columns are "
+            f"task {task!r}: {where!r} has no column {text_field!r}; its columns are "
             f"{ds.column_names}: set source.text_field to one of them"
         )
-    feature = ds.features[source.text_field]
+    feature = ds.features[text_field]
     if not _is_string(feature):
         raise TaskDataError(
-            f"task {task!r}: column {source.text_field!r} of {where!r} holds {feature}, not text; "
+            f"task {task!r}: column {text_field!r} of {where!r} holds {feature}, not text; "
             "point source.text_field at a string column"
         )
-    ds = ds.select_columns([source.text_field])
-    if source.text_field != "text":
-        ds = ds.rename_column(source.text_field, "text")
+    ds = ds.select_columns([text_field])
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
     lengths = pc.fill_null(pc.utf8_length(ds.with_format("arrow")[:]["text"]), 0).to_numpy(zero_copy_only=False)
     if (lengths == 0).any():
         ds = ds.select(np.flatnonzero(lengths > 0))
     if len(ds) == 0:
-        raise TaskDataError(f"task {task!r}: {where!r} holds no non-empty {source.text_field!r} rows; give it some text")
+        raise TaskDataError(f"task {task!r}: {where!r} holds no non-empty {text_field!r} rows; give it some text")
     return ds

@@ -19,8 +19,21 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     from orchestrator.preflight import preflight
 
     spec = load_job(a.job)
-    preflight(spec)  # target modules and ranks against the model's architecture (meta device)
-    print(f"{a.job}: valid job {spec.name!r} ({len(spec.tasks)} tasks, base {spec.base.name or 'random-init'})")
+    if not spec.tasks:  # only task sets: their tasks are known once the table is read; check with one stand-in
+        from tasks import BuiltinSource, TaskSpec
+
+        stand_in = TaskSpec(name="task-set-stand-in", source=BuiltinSource(package="json"))
+        preflight(spec.model_copy(update={"tasks": [stand_in]}))
+    else:
+        preflight(spec)  # target modules and ranks against the model's architecture (meta device)
+    print(f"{a.job}: valid job {spec.name!r} ({len(spec.tasks)} tasks, {len(spec.task_sets)} task sets, "
+          f"base {spec.base.name or 'random-init'})")
+    if spec.task_sets:
+        from tasks.task_sets import describe_task_sets
+
+        for s in describe_task_sets(spec.task_sets, spec.train.seed, {t.name for t in spec.tasks}):
+            print(f"  task set {s['name']!r}: {s['tasks']} tasks from {s['values']} values of {s['field']} "
+                  f"({s['skipped']} skipped); rows per task min {s['min']}, median {s['median']:g}, max {s['max']}")
     if spec.base.quantized:
         from orchestrator.base.quant import describe_quant
 

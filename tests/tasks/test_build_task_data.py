@@ -105,14 +105,25 @@ def _build_error(tmp_path, texts, seq_len=16, **spec_kwargs) -> str:
     return str(info.value)
 
 
-def test_zero_train_rows_is_an_error(tmp_path):
-    msg = _build_error(tmp_path, ["tiny", "x" * 100], eval_fraction=0.9)
-    assert "training text is shorter than one row of 16 tokens" in msg and "lower seq_len" in msg
+def test_short_training_text_becomes_one_padded_row(tmp_path):
+    """A side shorter than one row is padded, not refused; only its real tokens are scored."""
+    spec = TaskSpec(name="small", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", ["tiny", "x" * 100])}, eval_fraction=0.9)
+    (data,) = build_task_data([spec], bytes_tokenizer(), seq_len=16)
+    assert data.train_examples == 1 and data.train_ids.shape == (1, 16)
+    # "tiny" + EOS, then EOS padding (the bytes tokenizer has no pad token)
+    assert data.train_ids[0].tolist() == [*b"tiny", EOS] + [EOS] * 11
+    assert data.train_mask[0].tolist() == [False, True, True, True, True] + [False] * 11
+    assert data.train_tokens == 4 and data.stats["train"]["padded"]
+    assert data.eval_mask is None and data.eval_examples == 100 // 16  # the long side keeps full rows
 
 
-def test_zero_eval_rows_is_an_error(tmp_path):
-    msg = _build_error(tmp_path, ["x" * 500, "y" * 5])
-    assert "eval text is shorter" in msg and "eval_fraction" in msg
+def test_short_eval_text_becomes_one_padded_row(tmp_path):
+    spec = TaskSpec(name="small", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", ["x" * 500, "y" * 5])})
+    (data,) = build_task_data([spec], bytes_tokenizer(), seq_len=16)
+    assert data.train_mask is None and data.train_tokens == data.train_examples * 15
+    assert data.eval_ids[0].tolist() == [*b"yyyyy", EOS] + [EOS] * 10
+    assert data.eval_mask[0].sum() == 5 and not data.eval_mask[0, 0]
+    assert data.stats["format"] == "text" and data.stats["eval"]["padded"]
 
 
 def test_single_document_needs_eval_source(tmp_path):

@@ -87,3 +87,32 @@ def test_spec_import_is_light():
     code = "import sys, tasks, tasks.spec; print(sorted(m for m in ('datasets', 'torch', 'transformers', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_example_formats_and_their_field_settings():
+    t = TaskSpec(name="t", source={**SRC, "example_format": "alpaca", "instruction_field": "q"}, train_on_prompt=True)
+    assert t.source.field_names() == {"instruction": "q", "input": "input", "output": "output"}
+    assert t.truncation == "left" and t.train_on_prompt
+    with pytest.raises(ValidationError, match=r"\['prompt_field'\] do not apply to example_format 'alpaca'"):
+        TaskSpec(name="t", source={**SRC, "example_format": "alpaca", "prompt_field": "q"})
+    with pytest.raises(ValidationError, match="example_format"):
+        TaskSpec(name="t", source={**SRC, "example_format": "sharegpt"})
+    with pytest.raises(ValidationError, match="truncation"):
+        TaskSpec(name="t", source=SRC, truncation="right")
+    with pytest.raises(ValidationError, match="give both the same example_format"):
+        TaskSpec(name="t", source={**SRC, "example_format": "messages"}, eval_source=SRC)
+    m = TaskSpec(name="t", source={"kind": "hub", "name": "x", "example_format": "messages", "role_map": {"gpt": "assistant"}})
+    assert m.source.role_map == {"gpt": "assistant"}
+    with pytest.raises(ValidationError, match="role_map"):
+        TaskSpec(name="t", source={"kind": "hub", "name": "x", "example_format": "messages", "role_map": {"gpt": "bot"}})
+
+
+def test_builtin_suites():
+    s = TaskSpec(name="t", source={"kind": "builtin", "suite": "stdlib-instruct", "subset": "signature"}).source
+    assert s.format_name == "prompt_completion" and s.package is None
+    assert BuiltinSource(package="json").format_name == "text"
+    for bad, msg in [({"suite": "stdlib-instruct"}, "needs a subset"), ({"suite": "stdlib-code"}, "needs a package"),
+                     ({"package": "json", "subset": "signature"}, "stdlib-instruct only"),
+                     ({"suite": "stdlib-instruct", "subset": "submodule", "example_format": "text"}, "instruction examples")]:
+        with pytest.raises(ValidationError, match=msg):
+            BuiltinSource(**bad)
