@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks.errors import TaskDataError
-from tasks.spec import BuiltinSource, DataSource, ExampleFields, TaskOptions, TaskSetSpec, TaskSpec, example_format_of
+from tasks.spec import BuiltinSource, DataSource, ExampleFields, TaskOptions, TaskSpec
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-    from tasks import TaskData, TaskDataList
     from tasks.examples import Examples
+    from tasks.task_data import TaskData
 
-__all__ = ["BuildContext", "build_task_data", "fields_of", "instruct_task_data", "text_task_data"]
+__all__ = ["BuildContext", "build_instruct_task", "build_text_task", "fields_of", "instruct_task_data", "text_task_data"]
 
 
 @dataclass
@@ -71,8 +71,8 @@ def fields_of(source: DataSource) -> ExampleFields:
 def _task_data(name: str, rows, mask, ev_rows, ev_mask, n_train: int, stats: dict) -> "TaskData":
     import torch
 
-    from tasks import TaskData
     from tasks.packing import rows_dataset
+    from tasks.task_data import TaskData
 
     return TaskData(
         name=name,
@@ -141,7 +141,7 @@ def instruct_task_data(
     return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats)
 
 
-def _text_spec(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
+def build_text_task(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
     from tasks.packing import hold_out
     from tasks.sources import load_documents
 
@@ -179,7 +179,7 @@ def encode_source(source: DataSource, task: str, opts: TaskOptions, ctx: BuildCo
     return ex
 
 
-def _instruct_spec(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
+def build_instruct_task(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
     from tasks.rows import hold_out_examples
     from tasks.sources import source_where
 
@@ -196,49 +196,3 @@ def _instruct_spec(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
         ev = ex
         train_pos, eval_pos = hold_out_examples(len(ex), spec.eval_fraction, ctx.seed, spec.name)
     return instruct_task_data(spec.name, ex, train_pos, ev, eval_pos, spec, ctx, source_where(spec.source))
-
-
-def build_task_data(
-    tasks: Sequence[TaskSpec],
-    tokenizer: "PreTrainedTokenizerBase | str",
-    seq_len: int,
-    seed: int = 0,
-    *,
-    task_sets: Sequence[TaskSetSpec] = (),
-    chat_template: str | None = None,
-) -> "TaskDataList":
-    """Load, split, tokenise, make rows and cap every task's data; task sets expand into tasks.
-
-    Args:
-        tasks: the explicit task specs.
-        tokenizer: a loaded tokenizer, or a name for :func:`tasks.load_tokenizer`.
-        seq_len: tokens per row (L).
-        seed: seeds the hold-outs, the row caps and ``pick: sample``.
-        task_sets: sets that expand into many tasks each (one pass over each table).
-        chat_template: the job's override for ``messages`` sources (``chatml`` or jinja).
-
-    Returns:
-        The explicit tasks in order, then each set's tasks, as a :class:`tasks.TaskDataList`
-        whose ``task_sets`` maps each set to ``{value: task name}`` and its skipped values.
-
-    Raises:
-        TaskDataError: unusable data (the message names the task, the file, the field and the fix),
-            or task names that repeat across explicit tasks and sets.
-
-    Example:
-        >>> data = build_task_data([TaskSpec(name="notes", source={"kind": "files", "path": "n.jsonl"})], "bytes", 64)
-    """
-    from tasks import TaskDataList
-    from tasks.task_sets import expand_with
-
-    names = [t.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise TaskDataError(f"task names must be unique; repeated: {dup}")
-    ctx = BuildContext.make(tokenizer, seq_len, seed, chat_template)
-    out = TaskDataList(_text_spec(s, ctx) if example_format_of(s.source) == "text" else _instruct_spec(s, ctx) for s in tasks)
-    if task_sets:
-        expanded, report = expand_with(ctx, task_sets, taken=set(names))
-        out.extend(expanded)
-        out.task_sets = report
-    return out

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-    from tasks import TaskData
     from tasks.build import BuildContext
+    from tasks.task_data import TaskData
 
 __all__ = ["TaskSetPlan", "plan_task_set", "describe_task_sets", "expand_task_sets", "expand_with", "task_name_of"]
 

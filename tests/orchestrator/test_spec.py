@@ -100,7 +100,7 @@ def test_cli_validate_prints_every_problem_and_exits_2(tmp_path, capsys):
 def test_cli_schema_is_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert "base" in schema["properties"] and "tasks" in schema["required"]
+    assert "base" in schema["required"] and {"tasks", "task_sets"} <= set(schema["properties"])
 
 
 def test_cli_missing_file_no_traceback():
