@@ -142,7 +142,7 @@ DRIVER = """\
 import os, signal, sys, ray, ray.tune, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
-from tests.orchestrator.test_search import job_and_data, search_settings
+from tests.orchestrator.search.test_driver import job_and_data, search_settings
 from orchestrator.search.driver import run_search
 spec, data = job_and_data()
 ray.init(address={address!r}, logging_level="WARNING")

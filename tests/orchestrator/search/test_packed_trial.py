@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from tests.orchestrator.test_pack_host import _unpacked
-from tests.orchestrator.test_search import job_and_data, local_ray, search_settings  # noqa: F401
+from tests.orchestrator.search.test_pack_host import _unpacked
+from tests.orchestrator.search.test_driver import job_and_data, local_ray, search_settings  # noqa: F401
 
 SPACE = """\
 dimensions:

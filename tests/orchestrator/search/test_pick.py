@@ -12,7 +12,7 @@ from models.peft_io import load_adapter
 from orchestrator.search.pick import export_picked_adapters, load_picked_model, picked_base, restrict_lora
 from orchestrator.search.scheduler import ParetoASHA, rungs
 from orchestrator.search.trial import STATE_FILE, _trained_state, build_trial_model, gate_leaves
-from tests.orchestrator.test_search import _spec
+from tests.orchestrator.search.test_driver import _spec
 
 PICKED = {"trial_id": "t0", "rank": 4, "bits": 4, "target_sparsity": 0.3, "lr": 1e-3, "tau": 100.0,
           "quantizer": "nf", "lq_iters": 2, "gate_lr": 0.2}
