@@ -7,11 +7,8 @@ command's glue. ``python -m orchestrator.cli`` runs the same entry point as ``lo
 
 from __future__ import annotations
 
+# Imported, not wrapped: a wrapper that imported orchestrator.cli.main on its first call would
+# see that import rebind the package's ``main`` to the submodule (``main`` then not callable).
+from orchestrator.cli.main import main
+
 __all__ = ["main"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``loraflock`` command line (see :func:`orchestrator.cli.main.main`)."""
-    from orchestrator.cli.main import main as _main
-
-    return _main(argv)

@@ -103,6 +103,17 @@ def test_cli_schema_is_json_schema(capsys):
     assert "base" in schema["properties"] and "tasks" in schema["required"]
 
 
+def test_cli_main_stays_callable_after_the_cli_has_run(capsys):
+    """``orchestrator.cli.main`` is the entry function, also once ``orchestrator.cli.main`` the
+    submodule has been imported by a run (it once rebound the package's name to the module)."""
+    import orchestrator.cli
+
+    assert orchestrator.cli.main(["schema"]) == 0
+    from orchestrator.cli import main as again
+
+    assert callable(again) and again(["schema"]) == 0
+
+
 def test_cli_missing_file_no_traceback():
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", "/nonexistent.yaml"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no such job file" in r.stderr and "Traceback" not in r.stderr
