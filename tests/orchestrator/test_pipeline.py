@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny.yaml"
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 
+pytestmark = pytest.mark.integration  # every test runs the CLI in a subprocess, most a whole job
+
 
 def _run(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
