@@ -1,11 +1,12 @@
-# loraflock: `make demo` runs the demo job, `make test` runs the test suite. Both set up .venv first.
+# loraflock: `make demo` runs the demo job, `make test` runs the test suite, `make test-fast` all but the
+# end-to-end (integration) tests. All set up .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,10 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# the fast lane: no whole jobs, searches, CLI subprocess runs or Ray head nodes (pytest -m integration)
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not integration"
 
 clean:
 	rm -rf runs .pytest_cache

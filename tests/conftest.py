@@ -32,3 +32,29 @@ def tiny_gpt2():
     from models.base import load_base
 
     return load_base(random_init=TINY_GPT2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded local Ray for the whole test run (started by the first test that asks for it).
+
+    Like ``orchestrator.pipeline.init_ray``'s local Ray: no dashboard (so the workers get the
+    setup hook that quiets Ray Train's State-API polling) and Train V2. ``address="local"``
+    always starts a new instance, never joining a cluster a killed test head left behind. Product
+    code that calls ``init_ray`` in this process uses this instance (``init_ray`` returns when Ray
+    is initialised); tests that need a head of their own (the Jobs API tests) start it in a
+    separate process. Yields the ``ray`` module; ``local_ray.get_runtime_context().gcs_address``
+    is the address a subprocess driver joins.
+    """
+    ray = pytest.importorskip("ray")
+    from orchestrator.cluster.ray_logging import SETUP_HOOK
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    assert not ray.is_initialized(), "a test started Ray itself: use the local_ray fixture"
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+        object_store_memory=256 * 2**20,  # tiny models: a small store keeps the run's memory down
+        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
+    )
+    yield ray
+    ray.shutdown()

@@ -31,6 +31,8 @@ TINY = ROOT / "examples" / "tiny.yaml"
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 RAY_STARTED = "starting an embedded local Ray"
 
+pytestmark = pytest.mark.integration  # every case is a CLI subprocess (the module fixture runs them all)
+
 
 def _cli(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

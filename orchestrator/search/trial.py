@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,9 @@ from models.train.loop import FlockData, MethodConfig, train_method
 from orchestrator.base.load import load_job_base
 from orchestrator.spec import JobSpec
 
-__all__ = ["build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "search_trial", "STATE_FILE", "META_FILE"]
+__all__ = [
+    "build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "run_trial", "search_trial", "STATE_FILE", "META_FILE",
+]
 
 STATE_FILE = "trial_state.safetensors"  # trained adapter + gate parameters, by name
 META_FILE = "trial.json"  # steps done and the last metrics
@@ -252,10 +255,48 @@ def search_trial(config: dict, payload: dict) -> None:
     """Ray Tune function trainable (wrap with ``tune.with_parameters(search_trial, payload=...)``).
 
     ``config`` holds the sampled dimensions plus the fixed settings under ``"_search"``
-    (steps, eval_every, eval_subset, quantizer, lq_iters, gate_lambda, threads).
+    (steps, eval_every, eval_subset, quantizer, lq_iters, gate_lambda, threads). The trial is
+    :func:`run_trial`; this wrapper adds Tune's checkpoints: each report saves the trained
+    state (:data:`STATE_FILE`) and the metrics (:data:`META_FILE`), a resumed trial continues
+    from the last one.
     """
     from ray import tune
 
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:  # resumed: continue from the last reported state (Adam restarts)
+        with ckpt.as_directory() as d:
+            resume = load_file(str(Path(d) / STATE_FILE)), int(json.loads((Path(d) / META_FILE).read_text())["step"])
+
+    def report(metrics: dict, state: dict[str, torch.Tensor]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file(state, str(Path(tmp) / STATE_FILE))
+            (Path(tmp) / META_FILE).write_text(json.dumps(metrics))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    run_trial(config, payload, report, resume)
+
+
+def run_trial(
+    config: dict, payload: dict, on_report: Callable[[dict, dict[str, torch.Tensor]], None],
+    resume: tuple[dict[str, torch.Tensor], int] | None = None,
+) -> dict[int, float]:
+    """The search trial without Ray: build, train, measure; ``on_report`` gets what Tune would.
+
+    Args:
+        config: as for :func:`search_trial` (sampled dimensions + ``"_search"``).
+        payload: :func:`build_payload`'s output.
+        on_report: called with ``(metrics, trained_state)`` every ``eval_every`` steps and once
+            at the end (``metrics["final"]``); ``trained_state`` maps parameter names to tensors.
+        resume: ``(trained_state, steps_done)`` of an earlier report to continue from.
+
+    Returns:
+        The final eval NLL per task index (the final report's ``macro_ppl`` is their mean exp).
+
+    Example:
+        >>> reports = []
+        >>> nll = run_trial({**config, "_search": fixed}, payload, lambda m, s: reports.append(m))
+    """
     fixed = config["_search"]
     torch.set_num_threads(int(fixed.get("threads", 1)))
     spec = JobSpec.model_validate(payload["spec"])
@@ -277,11 +318,9 @@ def search_trial(config: dict, payload: dict) -> None:
     init_state = _trained_state(model, params)
 
     steps, every, done = int(fixed["steps"]), int(fixed["eval_every"]), 0
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # resumed: continue from the last reported state (Adam restarts)
-        with ckpt.as_directory() as d:
-            init_state.update(load_file(str(Path(d) / STATE_FILE)))
-            done = int(json.loads((Path(d) / META_FILE).read_text())["step"])
+    if resume is not None:
+        init_state.update(resume[0])
+        done = int(resume[1])
     split = int(payload["split"])
     pre = "train_prefix" in payload
     data = FlockData(
@@ -325,10 +364,7 @@ def search_trial(config: dict, payload: dict) -> None:
         }
 
     def report(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_file(_trained_state(model, params), str(Path(tmp) / STATE_FILE))
-            (Path(tmp) / META_FILE).write_text(json.dumps(metrics))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        on_report(metrics, _trained_state(model, params))
 
     left = steps - done
     calls = [0]
@@ -353,3 +389,4 @@ def search_trial(config: dict, payload: dict) -> None:
             gate_kw["before_eval"]()
         nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split)
     report(measure(steps, nll, final=True))
+    return nll

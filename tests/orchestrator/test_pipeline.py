@@ -1,5 +1,6 @@
-"""`loraflock run` end to end on a real local Ray: outputs, PEFT-loadable adapters, resume,
-refusal of a foreign output directory, and 1 worker == 2 workers (the joint MAP)."""
+"""`loraflock run` end to end on a real local Ray (integration): outputs, PEFT-loadable adapters,
+resume, refusal of a foreign output directory, and 1 worker == 2 workers (the joint MAP); and
+``init_ray`` with Ray already running."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def _run(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + args, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
 
 
+def test_init_ray_uses_the_running_ray_and_starts_no_other(local_ray, monkeypatch):
+    """The stages call ``init_ray`` in the driver; with Ray up (the tests' local_ray, or a
+    caller's own ``ray.init``) it changes nothing, even with an address given."""
+    from orchestrator.pipeline import init_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = local_ray.get_runtime_context().gcs_address
+    init_ray(None)
+    init_ray("127.0.0.1:1")  # not probed: nothing listens there
+    assert local_ray.is_initialized() and local_ray.get_runtime_context().gcs_address == before
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "out"
@@ -31,6 +44,7 @@ def tiny_run(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.integration
 def test_outputs_follow_the_contract(tiny_run):
     out, r = tiny_run
     rep = json.loads((out / "report.json").read_text())
@@ -69,6 +83,7 @@ def test_outputs_follow_the_contract(tiny_run):
     assert "## PESC" in md and "## Recycling" in md
 
 
+@pytest.mark.integration
 def test_peft_reproduces_the_reported_eval_loss(tiny_run):
     """Load a delivered adapter with PEFT on the same base: its eval NLL is the report's."""
     from peft import PeftModel
@@ -92,6 +107,7 @@ def test_peft_reproduces_the_reported_eval_loss(tiny_run):
     assert float(nll) == pytest.approx(rep["flock"]["tasks"]["http"]["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.integration
 def test_rerun_resumes_and_foreign_dir_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     r = _run(["run", str(TINY), "--out", str(out)])
@@ -105,6 +121,7 @@ def test_rerun_resumes_and_foreign_dir_is_refused(tiny_run, tmp_path):
     assert r.returncode == 2 and "holds the results of another job" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.integration
 def test_bad_target_modules_fail_before_ray_starts(tmp_path):
     bad = yaml.safe_load(TINY.read_text())
     bad["lora"]["target_modules"] = ["qkv_nope"]
@@ -115,6 +132,7 @@ def test_bad_target_modules_fail_before_ray_starts(tmp_path):
     assert "Traceback" not in r.stderr and "starting an embedded local Ray" not in r.stdout
 
 
+@pytest.mark.integration
 def test_two_workers_give_the_single_process_joint_map(tiny_run, tmp_path):
     out1, _ = tiny_run
     two = yaml.safe_load(TINY.read_text())
@@ -133,6 +151,7 @@ def test_two_workers_give_the_single_process_joint_map(tiny_run, tmp_path):
         assert rep2["tasks"][t]["eval_loss"] == pytest.approx(row["eval_loss"], rel=2e-4), t
 
 
+@pytest.mark.integration
 def test_adapt_cli_trains_coefficients_on_the_recycled_subspace(tiny_run, tmp_path):
     out, _ = tiny_run
     task = tmp_path / "task.yaml"
@@ -146,6 +165,7 @@ def test_adapt_cli_trains_coefficients_on_the_recycled_subspace(tiny_run, tmp_pa
     assert bad.returncode == 2 and "not a subspace directory" in bad.stderr
 
 
+@pytest.mark.integration
 def test_unreachable_cluster_fails_fast(tmp_path):
     import time
 
@@ -155,6 +175,7 @@ def test_unreachable_cluster_fails_fast(tmp_path):
     assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60
 
 
+@pytest.mark.integration
 def test_search_pick_feeds_the_recycle_stage_without_a_flock(tmp_path):
     """search.pick with a budget nothing meets: the closest point is picked (and said so), and
     recycle builds its subspace from that trial's adapters and adapts the new task on its base."""

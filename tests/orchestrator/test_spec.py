@@ -103,20 +103,20 @@ def test_cli_schema_is_json_schema(capsys):
     assert "base" in schema["required"] and {"tasks", "task_sets"} <= set(schema["properties"])
 
 
+def test_cli_main_stays_callable_after_the_cli_has_run(capsys):
+    """``orchestrator.cli.main`` is the entry function, also once a run has imported the CLI's
+    submodules (a submodule named ``main`` once rebound the package's name to the module)."""
+    import orchestrator.cli
+
+    assert orchestrator.cli.main(["schema"]) == 0
+    from orchestrator.cli import main as again
+
+    assert callable(again) and again(["schema"]) == 0
+
+
 def test_cli_missing_file_no_traceback():
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", "/nonexistent.yaml"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no such job file" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_models_and_tasks_never_import_ray():
-    code = "import sys, models, tasks, pkgutil, importlib\n" \
-           "for pkg in (models, tasks):\n" \
-           "    for m in pkgutil.iter_modules(pkg.__path__):\n" \
-           "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n" \
-           "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n" \
-           "assert not bad, bad\n"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_align_with_global_allocation_is_refused_in_the_job():

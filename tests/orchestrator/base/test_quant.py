@@ -152,6 +152,7 @@ def _check_outputs(out: Path, spec, matrices: int = 7) -> dict:
     return rep
 
 
+@pytest.mark.integration
 def test_bit_budget_example_runs_end_to_end(tmp_path):
     """examples/tiny-bit-budget.yaml: shared store (default), a mixed allocation within budget."""
     from orchestrator.spec import load_job
@@ -167,6 +168,7 @@ def test_bit_budget_example_runs_end_to_end(tmp_path):
     assert "base quantised to 3.4" in r.stdout + r.stderr
 
 
+@pytest.mark.integration
 def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
     """base.bits: 4 on every block with ray.share_base: false (each worker quantises): one width, the
     baseline and PESC on the same base, and the frozen-prefix cache computed through the quantised lower block (the

@@ -22,14 +22,6 @@ from tests.conftest import TINY_GPT2, TINY_LLAMA
 TIED_LLAMA = dict(TINY_LLAMA, tie_word_embeddings=True)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -40,17 +32,17 @@ def _ids(vocab=300, n=3, length=12):
 
 
 @pytest.mark.parametrize("config", [TIED_LLAMA, TINY_LLAMA, TINY_GPT2], ids=["llama-tied", "llama", "gpt2"])
-def test_rebuilt_model_gives_identical_logits_and_maps_the_store(ray_local, config):
+def test_rebuilt_model_gives_identical_logits_and_maps_the_store(local_ray, config):
     original = load_base(random_init=config, seed=3)
     ref = put_base(original)
     shared = load_base_shared(ref, random_init=config)
     assert torch.equal(_logits(shared, _ids()), _logits(original, _ids()))
     # Zero copy: every weight lies in the object store's shared mapping, none is private.
     in_store, total = object_store_bytes(shared)
-    assert total == sum(a.nbytes for a in ray_local.get(ref)["arrays"].values())
+    assert total == sum(a.nbytes for a in local_ray.get(ref)["arrays"].values())
     assert in_store == total
     # ... and it is exactly the buffer ray.get hands out (same address, same bytes).
-    arrays = ray_local.get(ref)["arrays"]
+    arrays = local_ray.get(ref)["arrays"]
     name, param = next(iter(shared.named_parameters()))
     assert param.data_ptr() == arrays[name].__array_interface__["data"][0]
     assert not arrays[name].flags.writeable
@@ -58,7 +50,7 @@ def test_rebuilt_model_gives_identical_logits_and_maps_the_store(ray_local, conf
     assert object_store_bytes(original)[0] == 0  # the check can fail: a private model is not shared
 
 
-def test_tied_embeddings_stay_tied_and_are_stored_once(ray_local):
+def test_tied_embeddings_stay_tied_and_are_stored_once(local_ray):
     original = load_base(random_init=TIED_LLAMA, seed=1)
     assert original.lm_head.weight is original.model.embed_tokens.weight
     state = base_arrays(original)
@@ -68,7 +60,7 @@ def test_tied_embeddings_stay_tied_and_are_stored_once(ray_local):
     assert not any(t.is_meta for t in list(shared.parameters()) + list(shared.buffers()))
 
 
-def test_lora_on_top_of_shared_base_trains_and_matches_private(ray_local):
+def test_lora_on_top_of_shared_base_trains_and_matches_private(local_ray):
     original = load_base(random_init=TIED_LLAMA, seed=2)
     ref = put_base(original)
     shared = load_base_shared(ref, random_init=TIED_LLAMA)
@@ -93,7 +85,7 @@ def test_lora_on_top_of_shared_base_trains_and_matches_private(ray_local):
         if base_name in before:
             assert torch.equal(p, before[base_name]), n
     in_store, total = object_store_bytes(shared)  # adapters are private, the base is not
-    assert in_store == sum(a.nbytes for a in ray_local.get(ref)["arrays"].values()) < total
+    assert in_store == sum(a.nbytes for a in local_ray.get(ref)["arrays"].values()) < total
 
 
 def test_bfloat16_roundtrip_without_ray():
@@ -113,7 +105,7 @@ def test_wrong_architecture_is_a_clear_error():
         load_base_shared(state, random_init=TINY_GPT2)
 
 
-def test_private_copy_detaches_from_the_store_and_keeps_ties(ray_local):
+def test_private_copy_detaches_from_the_store_and_keeps_ties(local_ray):
     original = load_base(random_init=TIED_LLAMA, seed=0)
     ref = put_base(original)
     model = private_copy(load_base_shared(ref, random_init=TIED_LLAMA))
@@ -121,15 +113,15 @@ def test_private_copy_detaches_from_the_store_and_keeps_ties(ray_local):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(1.0)  # now safe: the store is untouched
-    stored = ray_local.get(ref)["arrays"]["model.embed_tokens.weight"]
+    stored = local_ray.get(ref)["arrays"]["model.embed_tokens.weight"]
     assert np.array_equal(stored, original.model.embed_tokens.weight.numpy())
 
 
-def test_a_ray_worker_maps_the_same_store(ray_local):
+def test_a_ray_worker_maps_the_same_store(local_ray):
     original = load_base(random_init=TIED_LLAMA, seed=4)
     ref = put_base(original)
 
-    @ray_local.remote(num_cpus=1)
+    @local_ray.remote(num_cpus=1)
     def in_worker(refs):
         import torch as th
 
@@ -141,12 +133,12 @@ def test_a_ray_worker_maps_the_same_store(ray_local):
         with th.no_grad():
             return model(input_ids=ids).logits, osb(model)
 
-    logits, (in_store, total) = ray_local.get(in_worker.remote([ref]))
+    logits, (in_store, total) = local_ray.get(in_worker.remote([ref]))
     assert torch.equal(logits, _logits(original, _ids()))
     assert in_store == total > 0
 
 
-def test_quantised_base_is_stored_packed_and_workers_map_it_read_only(ray_local):
+def test_quantised_base_is_stored_packed_and_workers_map_it_read_only(local_ray):
     """base.bits: the store holds codes/scales/codebooks + LQ factors; a worker's QuantizedLinear
     layers are views of those read-only buffers (no fp32 copy), and the worker's model (inject +
     LQ init from the stored factors) computes exactly what the quantised model does."""
@@ -163,8 +155,8 @@ def test_quantised_base_is_stored_packed_and_workers_map_it_read_only(ray_local)
     })
     driver = load_base(random_init=TINY_LLAMA, seed=5)
     summary, factors = build_quant_base(driver, spec)
-    ref = ray_local.put(base_arrays(driver, factors, summary))
-    state = ray_local.get(ref)
+    ref = local_ray.put(base_arrays(driver, factors, summary))
+    state = local_ray.get(ref)
     assert state["quant"]["summary"]["stored_bytes"] == summary["stored_bytes"]
     worker = load_base_shared(state, random_init=TINY_LLAMA)
     layers = {n: m for n, m in worker.named_modules() if isinstance(m, QuantizedLinear)}

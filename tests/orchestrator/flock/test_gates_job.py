@@ -74,6 +74,7 @@ def _nll(model, ids: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
+@pytest.mark.integration
 def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it(tmp_path) -> None:
     from peft import PeftModel
 

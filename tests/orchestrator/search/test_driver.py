@@ -184,16 +184,6 @@ def search_settings(space: str, **kw) -> SearchSpec:
     return SearchSpec(**(settings | kw))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def _finished(out: Path) -> dict[str, int]:
     """Trial directory -> lines of its result.json, for trials that sent their final report."""
     found = {}
@@ -217,7 +207,8 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     out = tmp_path / "out"
-    code = DRIVER.format(root=str(ROOT), address=local_ray, space=str(space), out=str(out))
+    address = local_ray.get_runtime_context().gcs_address
+    code = DRIVER.format(root=str(ROOT), address=address, space=str(space), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=os.environ | {"LORAFLOCK_DIE_AFTER_TWO": "1"})
     try:

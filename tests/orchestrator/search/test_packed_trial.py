@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.orchestrator.search.test_pack_host import _unpacked
-from tests.orchestrator.search.test_driver import job_and_data, local_ray, search_settings  # noqa: F401
+from tests.orchestrator.search.test_driver import job_and_data, search_settings
 
 SPACE = """\
 dimensions:
@@ -23,8 +23,8 @@ dimensions:
 
 
 @pytest.mark.integration
-def test_packed_search_matches_unpacked_trials(local_ray, tmp_path):  # noqa: F811
-    from orchestrator.search.driver import run_search
+def test_packed_search_matches_unpacked_trials(local_ray, tmp_path):
+    from orchestrator.search.driver import run_search, trial_quant
     from orchestrator.search.trial import build_payload
 
     space = tmp_path / "space.yaml"
@@ -41,7 +41,8 @@ def test_packed_search_matches_unpacked_trials(local_ray, tmp_path):  # noqa: F8
                             [int(d.train_examples) for d in data], [d.train_ids.numpy() for d in data],
                             [d.eval_ids.numpy() for d in data])
     for rank, bits in [(2, 16), (4, 16), (2, 4), (4, 4)]:  # packed trials' final numbers = the unpacked computation's
-        nll, _, size = _unpacked(payload, {"rank": rank, "bits": bits, "tau": 100.0, "lr": 0.003}, settings.steps)
+        config = {"rank": rank, "bits": bits, "tau": 100.0, "lr": 0.003}
+        nll, _, size = _unpacked(payload, config, settings.steps, **trial_quant(settings, spec))
         row = rows[(rank, bits, 0.0)]
         assert math.isclose(float(row["macro_ppl"]), float(np.mean([math.exp(v) for v in nll.values()])), rel_tol=1e-4)
         assert int(row["model_bytes"]) == size["model_bytes"]
