@@ -19,7 +19,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator.errors import StageError
-from orchestrator.flock.worker import flock_worker, methods_of
+from orchestrator.flock.methods import methods_of
+from orchestrator.flock.worker import flock_worker
 from orchestrator.pesc.stage import merge_pesc
 from orchestrator.spec import JobSpec
 

@@ -32,12 +32,13 @@ from models.prefix import compute_prefix
 from models.train.step import evaluate, seed_everything
 from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
-from models.train.loop import FlockData, MethodConfig, train_method
-from orchestrator.flock.gating import export_gated, gate_init_state, gate_kwargs, gate_results
+from models.train.loop import FlockData, train_method
+from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results
+from orchestrator.flock.methods import method_config, methods_of
 from orchestrator.pesc.stage import run_pesc
 from orchestrator.spec import JobSpec
 
-__all__ = ["flock_worker", "methods_of"]
+__all__ = ["flock_worker"]
 
 
 def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
@@ -58,28 +59,6 @@ def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
         tau_max=p.tau_max,
         update_every=p.update_every,
     )
-
-
-def methods_of(spec: JobSpec) -> list[tuple[str, str, object]]:
-    """(name, kind, tau) of every method the flock trains, the main one first.
-
-    tau-sweep points that another method already trains (the main tau; 0 when the
-    independent baseline runs) are not trained twice: the report takes them from there.
-    """
-    f = spec.flock
-    out: list[tuple[str, str, object]] = [("hierarchical", "hierarchical", f.tau)]
-    if f.tau == 0:
-        out = [("hierarchical", "independent", 0.0)]
-    for b in f.baselines:
-        out.append((b, b, 0.0 if b == "independent" else float("inf")))
-    done = {float(t) for _, k, t in out if k != "unified" and isinstance(t, (int, float))}
-    for t in f.tau_sweep or []:
-        if float(t) in done:
-            continue
-        done.add(float(t))
-        kind = "independent" if t == 0 else "hierarchical"
-        out.append((f"tau={t:g}", kind, float(t)))
-    return out
 
 
 def flock_worker(config: dict) -> None:
@@ -194,18 +173,15 @@ def flock_worker(config: dict) -> None:
     for mname, kind, tau in methods_of(spec):
         if mname in results["methods"]:
             continue
-        cfg = MethodConfig(
-            mname, kind, tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
-            tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every,
-        )
+        cfg = method_config(tr, mname, kind, sync_every=spec.flock.sync_every, eval_every=tr.eval_every)
         prior = None
         if kind == "hierarchical":
             prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
         partial = kept / "partial" / f"rank{rank}" / mname  # mid-method state (resumable)
-        gk = gate_kwargs(model, spec, ctx.get_world_size(), prior) if gates is not None else {}
-        out = train_method(model, data, cfg, init_state, prior, say, device, state_dir=partial,
+        hooks = gate_hooks(model, spec, ctx.get_world_size()) if gates is not None else None
+        out = train_method(model, data, cfg, init_state, prior, say, device, hooks=hooks, state_dir=partial,
                            checkpoint_every=tr.checkpoint_every,
-                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"), **gk)
+                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
         shutil.rmtree(partial, ignore_errors=True)
         results["methods"][mname] = {
             "kind": kind,

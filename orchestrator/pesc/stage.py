@@ -12,7 +12,9 @@ import time
 import torch
 
 from models.base import top_block_indices
-from models.train.loop import FlockData, MethodConfig, train_method
+from models.train.hooks import TrainHooks
+from models.train.loop import FlockData, train_method
+from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = ["merge_pesc", "run_pesc"]
@@ -42,14 +44,13 @@ def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: lis
     # LoRA on attention only: FFN projections inside the experts' shared F stay frozen at B = 0.
     attention = [l for n, l in lora_layers(model).items() if not any(n.startswith(c + ".") for c in converted)]
     params = moe_params(model) + [q for l in attention for q in (l.lora_A_shared, l.lora_B_shared)]
-    cfg = MethodConfig("pesc", "pesc", tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
-                       tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every)
+    cfg = method_config(tr, "pesc", "pesc", sync_every=spec.flock.sync_every)
     coef = p.balance_coef
     say(f"PESC: {len(converted)} FFN blocks -> {p.num_experts} experts (top-{p.top_k}), LoRA on {len(attention)} attention projections")
     t0 = time.perf_counter()
-    out = train_method(model, data, cfg, init_state, None, say, device, trainable=params,
-                       extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
+    hooks = TrainHooks(extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
                        before_eval=lambda: reset_load(model))  # expert load of the eval pass
+    out = train_method(model, data, cfg, init_state, None, say, device, trainable=params, hooks=hooks)
     return {
         "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
         "eval_rows": sum(len(x) for x in data.eval.values()),

@@ -65,7 +65,9 @@ from models.quant.model import quantize_model
 from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
 from models.train.step import evaluate, seed_everything
-from models.train.loop import FlockData, MethodConfig, train_method
+from models.train.hooks import TrainHooks
+from models.train.loop import FlockData, train_method
+from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = ["build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "search_trial", "STATE_FILE", "META_FILE"]
@@ -294,16 +296,13 @@ def search_trial(config: dict, payload: dict) -> None:
         _tensors(payload["train_prefix"], None, device) if pre else None,
         _tensors(payload["eval_prefix"], None, device) if pre else None, split,
     )
-    sub_n = int(fixed["eval_subset"])
-    sub_eval = _tensors(payload["eval"], sub_n, device)
-    sub_pre = _tensors(payload["eval_prefix"], sub_n, device) if pre else None
     prior = None
     if kind == "hierarchical":
         from models.prior import HierarchicalPrior
 
         prior = HierarchicalPrior(model, task_sizes=sizes, groups=spec.flock.prior.groups, tau=tau, mode="fixed")
     lam, target = float(fixed["gate_lambda"]), float(config.get("target_sparsity", 0.0))
-    gate_kw: dict = {}
+    hooks = TrainHooks()
     if info["gated"]:
         from models.gates.schedule import GateController, GateSchedule, importance_scores, init_from_importance
 
@@ -313,8 +312,8 @@ def search_trial(config: dict, payload: dict) -> None:
             init_from_importance(model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split)))
             init_state.update(_trained_state(model, gate_leaves(model)))
         ctrl = GateController(model, GateSchedule(steps, target, lam))
-        gate_kw = {"on_step": lambda s: ctrl.on_step(s + done), "before_eval": ctrl.finish}
-    extra = ctrl.penalty if info["gated"] and lam > 0 else None
+        hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
+                           extra_loss=ctrl.penalty if lam > 0 else None)
 
     def measure(step: int, nll: dict[int, float], final: bool) -> dict:
         size = deployed_bytes(model)
@@ -335,25 +334,20 @@ def search_trial(config: dict, payload: dict) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     left = steps - done
-    calls = [0]
+    # Every ``every`` steps the loop evaluates the first ``eval_subset`` eval rows of each task
+    # and tells us its step: the scheduler's signal, with a checkpoint.
+    hooks.on_eval = lambda step, nll: report(measure(done + step, nll, final=False))
 
     def log(msg: str) -> None:
-        # train_method logs every ``log_every`` (= eval_every) steps and at its last step:
-        # the k-th call is step min(k * every, left) of this run.
         sys.stdout.write(msg + "\n")
-        calls[0] += 1
-        step = min(calls[0] * every, left)
-        if step < left:
-            nll = evaluate(model, sub_eval, tr.eval_batch_size, sub_pre, split)
-            report(measure(done + step, nll, final=False))
 
     if left > 0:
-        cfg = MethodConfig("trial", kind, left, tr.batch_size, float(config.get("lr", tr.lr)), tr.seed + done,
-                           tr.weight_decay, tr.max_grad_norm, tr.temperature, tr.eval_batch_size, every)
-        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, extra_loss=extra, **gate_kw)
+        cfg = method_config(tr, "trial", kind, steps=left, lr=float(config.get("lr", tr.lr)), seed=tr.seed + done,
+                            log_every=every, eval_every=every, eval_rows=int(fixed["eval_subset"]))
+        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, hooks=hooks)
         nll = out["eval_nll"]
     else:
-        if gate_kw:
-            gate_kw["before_eval"]()
+        if hooks.before_eval is not None:
+            hooks.before_eval()
         nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split)
     report(measure(steps, nll, final=True))

@@ -18,6 +18,7 @@ import torch
 from models.gates.layer import sparsity_penalty
 from models.quant.linear import QuantizedLinear
 from models.quant.quantizers import quantize
+from models.train.hooks import TrainHooks
 from models.train.loop import FlockData, MethodConfig, train_method
 from orchestrator.search.pareto import pareto_front
 from orchestrator.specs.search import SearchSpec
@@ -92,7 +93,7 @@ def test_gate_step_size_scaling_keeps_the_function_and_moves_gates_faster():
         init = {n: p.detach().clone() for n, p in model.named_parameters() if any(p is q for q in params)}
         thetas0 = torch.cat([l.theta_rows.detach().reshape(-1).clone() for l in _gated(model)])
         train_method(model, data, MethodConfig("t", "hierarchical", 3, 4, 1e-3, 0, log_every=100), init, None,
-                     lambda s: None, trainable=params, extra_loss=lambda: sparsity_penalty(model, 0.3))
+                     lambda s: None, trainable=params, hooks=TrainHooks(extra_loss=lambda: sparsity_penalty(model, 0.3)))
         thetas = torch.cat([l.theta_rows.detach().reshape(-1) for l in _gated(model)])
         moved[gate_lr] = float((thetas - thetas0).abs().max())
     assert torch.allclose(logits[None], logits[0.2])  # the reparametrisation changes nothing at init

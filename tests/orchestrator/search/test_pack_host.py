@@ -11,7 +11,8 @@ import torch
 from models.lora import adapter_params, lora_layers, set_trainable
 from models.grouped_lora import initial_adapter_state
 from models.prior import HierarchicalPrior
-from models.train.loop import FlockData, MethodConfig, train_method
+from models.train.loop import FlockData, train_method
+from orchestrator.flock.methods import method_config
 from orchestrator.search.pack_host import PackHost
 from orchestrator.search.pack_settings import packable
 from orchestrator.search.trial import _trained_state, build_payload, build_trial_model, deployed_bytes
@@ -47,8 +48,7 @@ def _unpacked(payload, config: dict, steps: int) -> tuple[dict, dict, dict]:
                      t(payload["train_prefix"]), t(payload["eval_prefix"]), payload["split"])
     prior = HierarchicalPrior(model, task_sizes=payload["sizes"], tau=tau, mode="fixed") if tau else None
     tr = spec.train
-    cfg = MethodConfig("t", kind, steps, tr.batch_size, float(config["lr"]), tr.seed, tr.weight_decay,
-                       tr.max_grad_norm, tr.temperature, tr.eval_batch_size, 1000)
+    cfg = method_config(tr, "t", kind, steps=steps, lr=float(config["lr"]), log_every=1000)
     out = train_method(model, data, cfg, init, prior, lambda _m: None, trainable=params)
     return out["eval_nll"], _trained_state(model, params), deployed_bytes(model)
 
@@ -136,8 +136,7 @@ def test_resume_from_an_unpacked_checkpoint(payload):
     data = FlockData(payload["sizes"], [0, 1, 2], t(payload["train"]), t(payload["eval"]),
                      t(payload["train_prefix"]), t(payload["eval_prefix"]), payload["split"])
     tr = spec.train
-    mc = MethodConfig("t", "hierarchical", 2, tr.batch_size, 3e-3, seed + 2, tr.weight_decay, tr.max_grad_norm,
-                      tr.temperature, tr.eval_batch_size, 1000)
+    mc = method_config(tr, "t", "hierarchical", steps=2, lr=3e-3, seed=seed + 2, log_every=1000)
     prior = HierarchicalPrior(model, task_sizes=payload["sizes"], tau=100.0, mode="fixed")
     ref = train_method(model, data, mc, ckpt, prior, lambda _m: None, trainable=params)["eval_nll"]
     host = PackHost(payload, capacity=2, max_rank=4)
