@@ -14,6 +14,7 @@ import torch
 from models.peft_io import save_adapter
 from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData
+from orchestrator.contracts import GateResults
 from orchestrator.spec import JobSpec
 
 __all__ = ["export_gated", "gate_hooks", "gate_init_state", "gate_results"]
@@ -73,13 +74,13 @@ def gate_hooks(model, spec: JobSpec, world: int) -> TrainHooks:
                       extra_params=ExtraParams(gate_params(model), lr=g.gate_lr or sched.auto_gate_lr(), local=not shared))
 
 
-def gate_results(model, names: list[str], owned: list[int]) -> dict:
+def gate_results(model, names: list[str], owned: list[int]) -> GateResults:
     """Sparsity achieved by this worker's gates (overall, per layer, per task)."""
     from models.gates.layer import sparsity_report
 
     rep = sparsity_report(model)
     rep["tasks"] = {names[g]: sparsity_report(model, task=s)["removed_fraction"] for s, g in enumerate(owned)}
-    return rep
+    return GateResults(**rep)
 
 
 def export_gated(model, where: Path, names: list[str], owned: list[int], rank: int, scope: str) -> None:

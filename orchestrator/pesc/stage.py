@@ -14,13 +14,14 @@ import torch
 from models.base import top_block_indices
 from models.train.hooks import TrainHooks
 from models.train.loop import FlockData, train_method
+from orchestrator.contracts import PescPart, PescResult
 from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = ["merge_pesc", "run_pesc"]
 
 
-def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device) -> dict:
+def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device) -> PescPart:
     """PESC on the same workers, base and cached prefix as the flock (the top blocks only).
 
     The FFN of every adapted block becomes ``E`` adapter experts with a top-k router; the
@@ -51,18 +52,18 @@ def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: lis
     hooks = TrainHooks(extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
                        before_eval=lambda: reset_load(model))  # expert load of the eval pass
     out = train_method(model, data, cfg, init_state, None, say, device, trainable=params, hooks=hooks)
-    return {
-        "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
-        "eval_rows": sum(len(x) for x in data.eval.values()),
-        "expert_load": expert_load(model),
-        "task_expert_load": {names[owned[s]]: v for s, v in task_expert_load(model).items()},
-        "trainable_params": sum(q.numel() for q in params),
-        "seconds": time.perf_counter() - t0,  # training + evaluation
-        "curve": out["curve"],
-    }
+    return PescPart(
+        eval_nll={names[owned[s]]: v for s, v in out["eval_nll"].items()},
+        eval_rows=sum(len(x) for x in data.eval.values()),
+        expert_load=expert_load(model),
+        task_expert_load={names[owned[s]]: v for s, v in task_expert_load(model).items()},
+        trainable_params=sum(q.numel() for q in params),
+        seconds=time.perf_counter() - t0,  # training + evaluation
+        curve=out["curve"],
+    )
 
 
-def merge_pesc(parts: list[dict]) -> dict:
+def merge_pesc(parts: list[PescPart]) -> PescResult:
     """Combine the workers' PESC results; expert load is weighted by each worker's eval rows."""
     total = sum(p["eval_rows"] for p in parts)
     load: dict[str, list[float]] = {}
@@ -71,11 +72,11 @@ def merge_pesc(parts: list[dict]) -> dict:
             acc = load.setdefault(layer, [0.0] * len(shares))
             for i, v in enumerate(shares):
                 acc[i] += v * p["eval_rows"] / total
-    return {
-        "eval_nll": {k: v for p in parts for k, v in p["eval_nll"].items()},
-        "expert_load": load,
-        "task_expert_load": {k: v for p in parts for k, v in p["task_expert_load"].items()},
-        "trainable_params": parts[0]["trainable_params"],
-        "seconds": max(p["seconds"] for p in parts),
-        "curve": parts[0]["curve"],
-    }
+    return PescResult(
+        eval_nll={k: v for p in parts for k, v in p["eval_nll"].items()},
+        expert_load=load,
+        task_expert_load={k: v for p in parts for k, v in p["task_expert_load"].items()},
+        trainable_params=parts[0]["trainable_params"],
+        seconds=max(p["seconds"] for p in parts),
+        curve=parts[0]["curve"],
+    )

@@ -67,6 +67,7 @@ from models.quant.quantizers import quantize
 from models.train.step import evaluate, seed_everything
 from models.train.hooks import TrainHooks
 from models.train.loop import FlockData, train_method
+from orchestrator.contracts import TrialMetrics
 from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
@@ -315,19 +316,19 @@ def search_trial(config: dict, payload: dict) -> None:
         hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
                            extra_loss=ctrl.penalty if lam > 0 else None)
 
-    def measure(step: int, nll: dict[int, float], final: bool) -> dict:
+    def measure(step: int, nll: dict[int, float], final: bool) -> TrialMetrics:
         size = deployed_bytes(model)
         # the size once the gates reach their target: the scheduler's size at early rungs
         goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
-        return {
+        return TrialMetrics(**{
             "step": step, "macro_ppl": _macro_ppl(nll), "final": final, "eval": "full" if final else "subset",
             "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
             "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
             "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
             "seconds": time.perf_counter() - t0,
-        }
+        })
 
-    def report(metrics: dict) -> None:
+    def report(metrics: TrialMetrics) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_file(_trained_state(model, params), str(Path(tmp) / STATE_FILE))
             (Path(tmp) / META_FILE).write_text(json.dumps(metrics))
