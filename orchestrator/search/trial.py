@@ -55,23 +55,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
 from models.base import load_base, top_block_indices
-from models.gates.layer import GatedLinear, inject_gates, sparsity_report
+from models.gates.layer import GatedLinear, gate_params, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
 from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
 from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
 from models.train.step import evaluate, seed_everything
-from models.train.hooks import TrainHooks
+from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData, train_method
 from orchestrator.contracts import TrialMetrics
 from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
-__all__ = ["build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "search_trial", "STATE_FILE", "META_FILE"]
+__all__ = ["build_payload", "build_trial_model", "deployed_bytes", "search_trial", "trial_state", "STATE_FILE", "META_FILE"]
 
 STATE_FILE = "trial_state.safetensors"  # trained adapter + gate parameters, by name
 META_FILE = "trial.json"  # steps done and the last metrics
@@ -99,46 +98,28 @@ def build_payload(
     return payload
 
 
-class _Scaled(nn.Module):
-    """Gate logits as ``theta = k * phi`` with ``phi`` the trained leaf.
+def trial_state(path: str | Path, gate_scale: float = 1.0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A trial checkpoint's trained parameters (adapters and gate logits) by parameter name.
 
-    Adam moves every parameter by about ``lr`` per step whatever its gradient's scale, so
-    training ``phi`` at the trial's ``lr`` moves ``theta`` by about ``k * lr``: with
-    ``k = gate_lr / lr`` the gates get their own step size inside the one optimizer of
-    ``train_method`` (at lr ~1e-3 a gate would need ~1500 steps to close).
+    Checkpoints written before the gates got their step size from their own optimizer group
+    (``models.train.hooks.ExtraParams``) hold ``phi = theta / gate_scale`` under
+    ``<layer>.parametrizations.<side>.original``; they come back as ``theta`` under
+    ``<layer>.<side>``, so a search started before that change resumes and picks as before.
     """
-
-    def __init__(self, k: float) -> None:
-        super().__init__()
-        self.k = float(k)
-
-    def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        return phi * self.k
-
-    def right_inverse(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta / self.k
-
-
-def gate_leaves(model: nn.Module) -> list[nn.Parameter]:
-    """The trained gate parameters: ``phi`` of scaled gates, else ``theta`` itself."""
-    out = []
-    for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
-        for side in ("theta_rows", "theta_cols"):
-            if parametrize.is_parametrized(layer, side):
-                out.append(layer.parametrizations[side].original)
-            elif getattr(layer, side) is not None:
-                out.append(getattr(layer, side))
+    out = {}
+    for k, v in load_file(str(path), device=device).items():
+        head, sep, tail = k.rpartition(".parametrizations.")
+        if sep and tail.endswith(".original"):
+            out[f"{head}.{tail.removesuffix('.original')}"] = v * gate_scale
+        else:
+            out[k] = v
     return out
 
 
 def build_trial_model(
     spec: JobSpec, config: dict, num_tasks: int, quantizer: str = "nf", lq_iters: int = 2, device: str = "cpu",
-    gate_lr: float | None = None,
 ) -> tuple[nn.Module, dict]:
     """The trial's model: base + LoRA (+ LQ quantisation) (+ gates) on the top blocks.
-
-    Args:
-        gate_lr: step size of the gate logits (see :class:`_Scaled`); ``None`` = the trial's lr.
 
     Returns:
         (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
@@ -159,12 +140,6 @@ def build_trial_model(
         info["quant"] = {k: v for k, v in q.as_dict().items() if k != "matrices"}
     if float(config.get("target_sparsity", 0.0)) > 0:
         info["gated"] = inject_gates(model, spec.lora.target_modules, layers=layers, scope="shared")
-        lr = float(config.get("lr", spec.train.lr))
-        if gate_lr is not None and gate_lr != lr:
-            for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
-                for side in ("theta_rows", "theta_cols"):
-                    if getattr(layer, side) is not None:
-                        parametrize.register_parametrization(layer, side, _Scaled(gate_lr / lr))
     return model, info
 
 
@@ -276,18 +251,20 @@ def search_trial(config: dict, payload: dict) -> None:
         from models.gates.schedule import GateSchedule
 
         gate_lr = max(float(gate_lr or 0.0), GateSchedule(steps, target).auto_gate_lr())
-    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, gate_lr)
+    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device)
+    lr = float(config.get("lr", tr.lr))
     tau = float(config.get("tau", spec.flock.tau if spec.flock.tau != "infer" else 100.0))
     kind = "independent" if tau == 0 else "hierarchical"
     set_trainable(model, shared=kind == "hierarchical", task=True)
-    params = [p for p in adapter_params(model) if p.requires_grad] + gate_leaves(model)
-    init_state = _trained_state(model, params)
+    params = [p for p in adapter_params(model) if p.requires_grad]
+    gates = gate_params(model)  # their own step size gate_lr: an ExtraParams group of the loop's AdamW
+    init_state = _trained_state(model, params + gates)
 
     steps, every, done = int(fixed["steps"]), int(fixed["eval_every"]), 0
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # resumed: continue from the last reported state (Adam restarts)
         with ckpt.as_directory() as d:
-            init_state.update(load_file(str(Path(d) / STATE_FILE)))
+            init_state.update(trial_state(Path(d) / STATE_FILE, gate_lr / lr if gate_lr else 1.0))
             done = int(json.loads((Path(d) / META_FILE).read_text())["step"])
     split = int(payload["split"])
     pre = "train_prefix" in payload
@@ -311,10 +288,10 @@ def search_trial(config: dict, payload: dict) -> None:
             calib = {s: x[: tr.batch_size] for s, x in data.train.items()}
             calib_pre = {s: x[: tr.batch_size] for s, x in data.train_prefix.items()} if pre else None
             init_from_importance(model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split)))
-            init_state.update(_trained_state(model, gate_leaves(model)))
+            init_state.update(_trained_state(model, gates))
         ctrl = GateController(model, GateSchedule(steps, target, lam))
         hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
-                           extra_loss=ctrl.penalty if lam > 0 else None)
+                           extra_loss=ctrl.penalty if lam > 0 else None, extra_params=ExtraParams(gates, lr=gate_lr))
 
     def measure(step: int, nll: dict[int, float], final: bool) -> TrialMetrics:
         size = deployed_bytes(model)
@@ -330,7 +307,7 @@ def search_trial(config: dict, payload: dict) -> None:
 
     def report(metrics: TrialMetrics) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            save_file(_trained_state(model, params), str(Path(tmp) / STATE_FILE))
+            save_file(_trained_state(model, params + gates), str(Path(tmp) / STATE_FILE))
             (Path(tmp) / META_FILE).write_text(json.dumps(metrics))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -343,7 +320,7 @@ def search_trial(config: dict, payload: dict) -> None:
         sys.stdout.write(msg + "\n")
 
     if left > 0:
-        cfg = method_config(tr, "trial", kind, steps=left, lr=float(config.get("lr", tr.lr)), seed=tr.seed + done,
+        cfg = method_config(tr, "trial", kind, steps=left, lr=lr, seed=tr.seed + done,
                             log_every=every, eval_every=every, eval_rows=int(fixed["eval_subset"]))
         out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, hooks=hooks)
         nll = out["eval_nll"]
