@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -57,7 +57,6 @@ class TaskRouter:
     ids: torch.Tensor | None = None
     # When every row belongs to one task the layers skip the gather (eval, unified).
     single: int | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int, bool]:

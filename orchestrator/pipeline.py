@@ -217,7 +217,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
 
 
 def _methods(spec: JobSpec):
-    from orchestrator.flock.worker import methods_of
+    from orchestrator.flock.methods import methods_of
 
     return methods_of(spec)
 

@@ -103,7 +103,7 @@ class TrainSpec(Strict):
     temperature: float = Field(0.5, ge=0, le=1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0)  # the flock's methods; report.json: flock.eval_curves
     checkpoint_every: int = Field(0, ge=0)
 
 

@@ -127,7 +127,7 @@ class GateController:
     """Applies a :class:`GateSchedule` to a model during one training run.
 
     Use ``penalty`` as (part of) the step's extra loss and call ``on_step(step)`` before
-    every step (``train_method(..., on_step=ctrl.on_step, extra_loss=ctrl.penalty)``).
+    every step (``train_method(..., hooks=TrainHooks(on_step=ctrl.on_step, extra_loss=ctrl.penalty))``).
 
     Args:
         model: a model with gates.

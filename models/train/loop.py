@@ -17,7 +17,7 @@ joint MAP up to float rounding. Ray is touched only by the caller (``report`` ho
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from models.lora import adapter_params, lora_layers, set_trainable
+from models.train.hooks import Prior, TrainHooks
+from models.train.results import MethodResult
 from models.train.step import Batch, BatchSampler, evaluate, train_step
 from models.train.state import load_train_state, save_train_state
 
@@ -56,8 +58,11 @@ class FlockData:
 
 @dataclass
 class MethodConfig:
+    """One method's settings, in plain numbers (the orchestrator builds it from the job's
+    ``train:`` section with ``orchestrator.flock.methods.method_config``)."""
+
     name: str
-    kind: str  # hierarchical | independent | unified
+    kind: str  # hierarchical | independent | unified | pesc | coeff
     steps: int
     batch_size: int
     lr: float
@@ -68,7 +73,8 @@ class MethodConfig:
     eval_batch_size: int = 8
     log_every: int = 10
     sync_every: int = 1
-    extra: dict = field(default_factory=dict)
+    eval_every: int = 0  # evaluate every N steps during training (0 = only at the end)
+    eval_rows: int | None = None  # periodic evaluations use each task's first N eval rows (None = all)
 
 
 def _distributed() -> bool:
@@ -143,20 +149,15 @@ def train_method(
     data: FlockData,
     cfg: MethodConfig,
     init_state: dict[str, torch.Tensor],
-    prior: object | None = None,
+    prior: Prior | None = None,
     log: Callable[[str], None] = print,
     device: torch.device | str = "cpu",
     trainable: Sequence[nn.Parameter] | None = None,
-    extra_loss: Callable[[], torch.Tensor] | None = None,
-    before_eval: Callable[[], None] | None = None,
+    hooks: TrainHooks | None = None,
     state_dir: Path | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[int], None] | None = None,
-    extra_params: Sequence[nn.Parameter] = (),
-    extra_lr: float | None = None,
-    extra_local: bool = False,
-    on_step: Callable[[int], None] | None = None,
-) -> dict:
+) -> MethodResult:
     """Train one method from ``init_state`` and evaluate it on the owned tasks.
 
     Args:
@@ -170,21 +171,17 @@ def train_method(
         log: progress printer.
         trainable: for other kinds (``pesc``): exactly these parameters train (Theta among
             them is synchronised across workers like the unified adapter's).
-        extra_loss: an additional regulariser (e.g. MoE load balancing).
-        before_eval: called between training and the final evaluation (e.g. reset counters).
+        hooks: the caller's extra loss, per-step and evaluation callbacks and parameters
+            with their own learning rate (:class:`models.train.hooks.TrainHooks`).
         state_dir: where mid-training state lives; if it holds state, training resumes from
             it (parameters, optimizer moments, sampler RNG, prior, curve).
         checkpoint_every: write that state every N steps (0 = never) and then call
             ``on_checkpoint(step)`` (the Ray worker reports a checkpoint there).
-        extra_params: more trainable parameters in their own optimizer group (FineGates'
-            logits), with step size ``extra_lr`` (default ``cfg.lr``) and no weight decay;
-            all-reduced across workers like Theta unless ``extra_local`` (task-scope gates).
-        on_step: called with the step number before every step (the gate schedule).
 
     Returns:
-        ``{"eval_nll": {slot: nll}, "curve": [(step, loss)], "seconds": s, "tokens_per_s": x,
-        "tau_history": [...]}``.
+        :class:`models.train.results.MethodResult` (task slots as keys).
     """
+    hooks = hooks or TrainHooks()
     device = torch.device(device)
     with torch.no_grad():
         named = dict(model.named_parameters())
@@ -205,12 +202,13 @@ def train_method(
         task_ids_ = {id(p) for p in adapter_params(model, "task")}
         shared = [p for p in params if id(p) not in task_ids_]
     groups = [{"params": params}]
-    extra_params = [p for p in extra_params if id(p) not in ids]
+    more = hooks.extra_params
+    extra_params = [p for p in more.params if id(p) not in ids] if more is not None else []
     if extra_params:
         for p in extra_params:
             p.requires_grad_(True)
-        groups.append({"params": extra_params, "lr": extra_lr or cfg.lr, "weight_decay": 0.0})
-        if not extra_local:
+        groups.append({"params": extra_params, "lr": more.lr or cfg.lr, "weight_decay": 0.0})
+        if not more.local:
             shared = shared + extra_params
         params = params + extra_params
         ids |= {id(p) for p in extra_params}
@@ -218,9 +216,10 @@ def train_method(
     sampler = BatchSampler(data.sizes, cfg.batch_size, cfg.seed, cfg.temperature)
     reducer = grad_reducer(shared, sync=cfg.sync_every == 1)
     use_prior = kind == "hierarchical" and prior is not None
-    terms = [f for f in (prior.penalty if use_prior else None, extra_loss) if f is not None]
+    terms = [f for f in (prior.penalty if use_prior else None, hooks.extra_loss) if f is not None]
     extra = (lambda: sum(f() for f in terms)) if terms else None
     curve: list[tuple[int, float]] = []
+    eval_curve: list[tuple[int, dict[int, float]]] = []
     t0 = time.perf_counter()
     tokens, start = 0, 1
     ids_named = {n: p for n, p in model.named_parameters() if id(p) in ids}
@@ -228,6 +227,7 @@ def train_method(
         meta = load_train_state(state_dir, ids_named, opt)
         if meta is not None:
             start, curve = meta["step"] + 1, [tuple(c) for c in meta["curve"]]
+            eval_curve = [(int(st), {int(k): v for k, v in nll.items()}) for st, nll in meta.get("eval_curve", [])]
             sampler.set_state(meta["sampler"])
             if use_prior and meta.get("prior"):
                 prior.load_state_dict(meta["prior"])
@@ -240,8 +240,8 @@ def train_method(
         if new:
             _stop_tasks(model, opt, data, sampler, new, failed, step, log)
         pending = set()
-        if on_step is not None:
-            on_step(step)
+        if hooks.on_step is not None:
+            hooks.on_step(step)
         batch = make_batch(data, sampler, device)
         # Parameters absent from this batch still get (zero or prior) gradients, as in the
         # single-process joint objective, so Adam treats them identically on every worker.
@@ -255,7 +255,8 @@ def train_method(
             _update_tau(prior, step)
         if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
             meta = {"step": step, "curve": curve, "sampler": sampler.state(),
-                    "prior": prior.state_dict() if use_prior else None}
+                    "prior": prior.state_dict() if use_prior else None,
+                    **({"eval_curve": eval_curve} if cfg.eval_every else {})}
             save_train_state(state_dir, ids_named, opt, meta)
             if on_checkpoint is not None:
                 on_checkpoint(step)
@@ -267,19 +268,32 @@ def train_method(
                 f"[{cfg.name}] step {step}/{cfg.steps}  loss {res.nll:.4f}  "
                 f"tok/s {tokens / el:,.0f}  elapsed {el:,.0f}s  eta {eta:,.0f}s"
             )
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            nll = _evaluate_owned(model, data, cfg, failed, cfg.eval_rows)
+            eval_curve.append((step, nll))
+            if hooks.on_eval is not None:
+                hooks.on_eval(step, nll)
     seconds = time.perf_counter() - t0
-    if before_eval is not None:
-        before_eval()
+    if hooks.before_eval is not None:
+        hooks.before_eval()
     slot_of = {g: s for s, g in enumerate(data.owned)}
-    keep = {s: x for s, x in data.eval.items() if data.owned[s] not in failed}
-    pre = {s: x for s, x in data.eval_prefix.items() if s in keep} if data.eval_prefix else None
-    nll = evaluate(model, keep, cfg.eval_batch_size, pre, data.split)
-    out = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-           "failed": {slot_of[g]: why for g, why in failed.items() if g in slot_of}}
+    nll = _evaluate_owned(model, data, cfg, failed)
+    out: MethodResult = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+                         "failed": {slot_of[g]: why for g, why in failed.items() if g in slot_of}}
+    if cfg.eval_every:
+        out["eval_curve"] = eval_curve
     if use_prior:
         out["tau"] = {g: float(t) for g, t in prior.tau.items()}
         out["tau_history"] = list(prior.history)
     return out
+
+
+def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed: dict[int, str],
+                    rows: int | None = None) -> dict[int, float]:
+    """Eval NLL of every owned task still training (the first ``rows`` eval rows of each, or all)."""
+    keep = {s: x[:rows] if rows else x for s, x in data.eval.items() if data.owned[s] not in failed}
+    pre = {s: x[:rows] if rows else x for s, x in data.eval_prefix.items() if s in keep} if data.eval_prefix else None
+    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split)
 
 
 @torch.no_grad()
@@ -331,7 +345,7 @@ def _stop_tasks(model, opt, data: FlockData, sampler: BatchSampler, tasks: set[i
     sampler.exclude(sorted(tasks))
 
 
-def _update_tau(prior: object, step: int) -> None:
+def _update_tau(prior: Prior, step: int) -> None:
     """Empirical-Bayes tau update from statistics summed over all workers."""
     packed = prior.stats_tensor()  # (groups, 2): sum ||delta||^2 and count, this worker's tasks
     if _distributed():

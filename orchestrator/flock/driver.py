@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from orchestrator.contracts import FlockResults, MethodRecord, PescPart, WorkerResults
 from orchestrator.errors import StageError
-from orchestrator.flock.worker import flock_worker, methods_of
+from orchestrator.flock.methods import methods_of
+from orchestrator.flock.worker import flock_worker
 from orchestrator.pesc.stage import merge_pesc
 from orchestrator.spec import JobSpec
 
@@ -69,7 +72,7 @@ def _cpus_per_worker(spec: JobSpec) -> float:
     return max(1.0, float(int(total // spec.ray.num_workers)))
 
 
-def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_name: str | None) -> dict:
+def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_name: str | None) -> FlockResults:
     """Train the flock (and its baselines); write ``adapters/``; return the stage's results.
 
     Args:
@@ -119,23 +122,18 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         raise KeyboardInterrupt from None
     if result.checkpoint is None:
         raise StageError(f"the flock finished without a checkpoint: see the worker logs under {storage}/flock")
-    merged: dict = {"base_eval_nll": {}, "methods": {}}
-    pesc_parts: list[dict] = []
+    merged = cast(FlockResults, {"base_eval_nll": {}, "methods": {}})  # assignment and sizes come last
+    pesc_parts: list[PescPart] = []
     with result.checkpoint.as_directory() as d:
         for f in sorted((Path(d) / "results").glob("rank*.json")):
-            part = json.loads(f.read_text())
+            part = cast(WorkerResults, json.loads(f.read_text()))
             merged["base_eval_nll"].update(part["base_eval_nll"])
             if "pesc" in part:
                 pesc_parts.append(part["pesc"])
             if part.get("quant"):  # the quantised base's report (identical on every worker)
                 merged["quant"] = part["quant"]
             for m, r in part["methods"].items():
-                tgt = merged["methods"].setdefault(m, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
-                tgt["eval_nll"].update(r["eval_nll"])
-                tgt.setdefault("failed", {}).update(r.get("failed", {}))
-                if "gates" in r:  # per-task sparsity from every worker (task scope differs per task)
-                    tgt["gates"]["tasks"].update(r["gates"]["tasks"])
-                tgt["seconds"] = max(tgt["seconds"], r["seconds"])
+                _merge_method(merged["methods"], m, r)
         for sub in ("adapters", "prior", "pesc", "quant_base", "export"):  # replace whole, via a temporary name
             src = Path(d) / sub
             if src.is_dir():
@@ -155,3 +153,19 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
     merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
     merged["sizes"] = dict(zip(names, sizes))
     return merged
+
+
+def _merge_method(methods: dict[str, MethodRecord], name: str, r: MethodRecord) -> None:
+    """Fold one worker's record of a method into the merged one (tasks are disjoint across workers)."""
+    tgt = methods.get(name)
+    if tgt is None:  # the first worker's record, without its per-task figures
+        tgt = methods[name] = cast(MethodRecord, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
+        if "eval_curve" in r:
+            tgt["eval_curve"] = [[step, {}] for step, _ in r["eval_curve"]]
+    tgt["eval_nll"].update(r["eval_nll"])
+    tgt.setdefault("failed", {}).update(r.get("failed", {}))
+    if "gates" in r:  # per-task sparsity from every worker (task scope differs per task)
+        tgt["gates"]["tasks"].update(r["gates"]["tasks"])
+    for mine, theirs in zip(tgt.get("eval_curve", []), r.get("eval_curve", [])):  # same steps on every worker
+        mine[1].update(theirs[1])
+    tgt["seconds"] = max(tgt["seconds"], r["seconds"])

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from models.peft_io import save_adapter
+from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData
+from orchestrator.contracts import GateResults
 from orchestrator.spec import JobSpec
 
-__all__ = ["export_gated", "gate_init_state", "gate_kwargs", "gate_results"]
+__all__ = ["export_gated", "gate_hooks", "gate_init_state", "gate_results"]
 
 
 def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
@@ -57,8 +59,8 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ids}
 
 
-def gate_kwargs(model, spec: JobSpec, world: int, prior) -> dict:
-    """train_method arguments that train the gates with the job's schedule (fresh per method)."""
+def gate_hooks(model, spec: JobSpec, world: int) -> TrainHooks:
+    """train_method hooks that train the gates with the job's schedule (fresh per method)."""
     from models.gates.schedule import GateController, GateSchedule, clear_hard
     from models.gates.layer import gate_params
 
@@ -68,17 +70,17 @@ def gate_kwargs(model, spec: JobSpec, world: int, prior) -> dict:
                          g.harden_at, g.allocation, align=g.align)
     shared = g.scope == "shared"
     ctrl = GateController(model, sched, penalty_scale=1.0 / world if shared else 1.0)
-    return {"extra_params": gate_params(model), "extra_lr": g.gate_lr or sched.auto_gate_lr(),
-            "extra_local": not shared, "on_step": ctrl.on_step, "extra_loss": ctrl.penalty, "before_eval": ctrl.finish}
+    return TrainHooks(extra_loss=ctrl.penalty, on_step=ctrl.on_step, before_eval=ctrl.finish,
+                      extra_params=ExtraParams(gate_params(model), lr=g.gate_lr or sched.auto_gate_lr(), local=not shared))
 
 
-def gate_results(model, names: list[str], owned: list[int]) -> dict:
+def gate_results(model, names: list[str], owned: list[int]) -> GateResults:
     """Sparsity achieved by this worker's gates (overall, per layer, per task)."""
     from models.gates.layer import sparsity_report
 
     rep = sparsity_report(model)
     rep["tasks"] = {names[g]: sparsity_report(model, task=s)["removed_fraction"] for s, g in enumerate(owned)}
-    return rep
+    return GateResults(**rep)
 
 
 def export_gated(model, where: Path, names: list[str], owned: list[int], rank: int, scope: str) -> None:

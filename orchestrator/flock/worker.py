@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import ray
 import ray.train
@@ -33,12 +34,15 @@ from models.train.step import evaluate, seed_everything
 from orchestrator.base.load import load_job_base
 from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
-from models.train.loop import FlockData, MethodConfig, train_method
-from orchestrator.flock.gating import export_gated, gate_init_state, gate_kwargs, gate_results
+from models.train.loop import FlockData, train_method
+from models.train.results import MethodResult
+from orchestrator.contracts import GateResults, MethodRecord, WorkerResults
+from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results
+from orchestrator.flock.methods import method_config, methods_of
 from orchestrator.pesc.stage import run_pesc
 from orchestrator.spec import JobSpec
 
-__all__ = ["flock_worker", "methods_of"]
+__all__ = ["flock_worker"]
 
 
 def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
@@ -59,28 +63,6 @@ def _prior(model, spec: JobSpec, sizes_owned: list[int], total: int, tau):
         tau_max=p.tau_max,
         update_every=p.update_every,
     )
-
-
-def methods_of(spec: JobSpec) -> list[tuple[str, str, object]]:
-    """(name, kind, tau) of every method the flock trains, the main one first.
-
-    tau-sweep points that another method already trains (the main tau; 0 when the
-    independent baseline runs) are not trained twice: the report takes them from there.
-    """
-    f = spec.flock
-    out: list[tuple[str, str, object]] = [("hierarchical", "hierarchical", f.tau)]
-    if f.tau == 0:
-        out = [("hierarchical", "independent", 0.0)]
-    for b in f.baselines:
-        out.append((b, b, 0.0 if b == "independent" else float("inf")))
-    done = {float(t) for _, k, t in out if k != "unified" and isinstance(t, (int, float))}
-    for t in f.tau_sweep or []:
-        if float(t) in done:
-            continue
-        done.add(float(t))
-        kind = "independent" if t == 0 else "hierarchical"
-        out.append((f"tau={t:g}", kind, float(t)))
-    return out
 
 
 def flock_worker(config: dict) -> None:
@@ -166,14 +148,14 @@ def flock_worker(config: dict) -> None:
         init_state |= gate_init_state(model, data, spec, ctx.get_world_size())
         say(f"gates on {len(init_state) - len(ad)} gate vectors, initialised ({gates.init}) in {time.perf_counter() - t1:.1f}s")
 
-    results: dict = {}
+    results = cast(WorkerResults, {})  # filled below (or resumed from the checkpoint)
     kept = Path(tempfile.mkdtemp(prefix="loraflock-adapters-"))  # the flock's adapters, once trained
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             f = Path(d) / "results" / f"rank{rank}.json"
             if f.is_file():
-                results = json.loads(f.read_text())
+                results = cast(WorkerResults, json.loads(f.read_text()))
                 say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
             subs = [Path("adapters") / names[g] for g in owned] + [Path("partial") / f"rank{rank}"]
             for sub in subs + ([Path("prior"), Path("pesc")] if rank == 0 else []):
@@ -195,30 +177,18 @@ def flock_worker(config: dict) -> None:
     for mname, kind, tau in methods_of(spec):
         if mname in results["methods"]:
             continue
-        cfg = MethodConfig(
-            mname, kind, tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
-            tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every,
-        )
+        cfg = method_config(tr, mname, kind, sync_every=spec.flock.sync_every, eval_every=tr.eval_every)
         prior = None
         if kind == "hierarchical":
             prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
         partial = kept / "partial" / f"rank{rank}" / mname  # mid-method state (resumable)
-        gk = gate_kwargs(model, spec, ctx.get_world_size(), prior) if gates is not None else {}
-        out = train_method(model, data, cfg, init_state, prior, say, device, state_dir=partial,
+        hooks = gate_hooks(model, spec, ctx.get_world_size()) if gates is not None else None
+        out = train_method(model, data, cfg, init_state, prior, say, device, hooks=hooks, state_dir=partial,
                            checkpoint_every=tr.checkpoint_every,
-                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"), **gk)
+                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
         shutil.rmtree(partial, ignore_errors=True)
-        results["methods"][mname] = {
-            "kind": kind,
-            "tau": tau if tau != float("inf") else "inf",
-            "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
-            "failed": {names[owned[s]]: why for s, why in out["failed"].items()},
-            "curve": out["curve"],
-            "seconds": out["seconds"],
-            "tokens_per_s": out["tokens_per_s"],
-            **({"tau_inferred": out.get("tau"), "tau_history": out.get("tau_history")} if prior is not None else {}),
-            **({"gates": gate_results(model, names, owned)} if gates is not None else {}),
-        }
+        gate_res = gate_results(model, names, owned) if gates is not None else None
+        results["methods"][mname] = _method_record(kind, tau, out, [names[g] for g in owned], prior is not None, gate_res)
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
             for s, g in enumerate(owned):
                 save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
@@ -249,13 +219,34 @@ def flock_worker(config: dict) -> None:
         _report(rank, results, kept, "pesc")
 
 
+def _method_record(kind: str, tau, out: MethodResult, task: list[str], with_prior: bool,
+                   gates: GateResults | None) -> MethodRecord:
+    """The loop's result (task slots) as the method's record (task names), as checkpointed and merged."""
+    rec = MethodRecord(
+        kind=kind,
+        tau=tau if tau != float("inf") else "inf",
+        eval_nll={task[s]: v for s, v in out["eval_nll"].items()},
+        failed={task[s]: why for s, why in out["failed"].items()},
+        curve=out["curve"],
+        seconds=out["seconds"],
+        tokens_per_s=out["tokens_per_s"],
+    )
+    if "eval_curve" in out:  # train.eval_every > 0
+        rec["eval_curve"] = [(step, {task[s]: v for s, v in nll.items()}) for step, nll in out["eval_curve"]]
+    if with_prior:
+        rec["tau_inferred"], rec["tau_history"] = out.get("tau"), out.get("tau_history")
+    if gates is not None:
+        rec["gates"] = gates
+    return rec
+
+
 def _note_quant(quant: dict | None, adapter_dir: Path) -> None:
     """Say beside an adapter that it was trained on the quantised base (it belongs with that base)."""
     if quant is not None:
         (adapter_dir / NOTE_FILE).write_text(json.dumps(adapter_note(quant), indent=2))
 
 
-def _report(rank: int, results: dict, kept: Path, step: str) -> None:
+def _report(rank: int, results: WorkerResults, kept: Path, step: str) -> None:
     """Checkpoint this worker's results so far plus everything it delivers (``kept``).
 
     Every checkpoint carries all finished outputs, so the latest one is complete on its own.

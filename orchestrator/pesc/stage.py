@@ -12,13 +12,16 @@ import time
 import torch
 
 from models.base import top_block_indices
-from models.train.loop import FlockData, MethodConfig, train_method
+from models.train.hooks import TrainHooks
+from models.train.loop import FlockData, train_method
+from orchestrator.contracts import PescPart, PescResult
+from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = ["merge_pesc", "run_pesc"]
 
 
-def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device) -> dict:
+def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device) -> PescPart:
     """PESC on the same workers, base and cached prefix as the flock (the top blocks only).
 
     The FFN of every adapted block becomes ``E`` adapter experts with a top-k router; the
@@ -42,26 +45,25 @@ def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: lis
     # LoRA on attention only: FFN projections inside the experts' shared F stay frozen at B = 0.
     attention = [l for n, l in lora_layers(model).items() if not any(n.startswith(c + ".") for c in converted)]
     params = moe_params(model) + [q for l in attention for q in (l.lora_A_shared, l.lora_B_shared)]
-    cfg = MethodConfig("pesc", "pesc", tr.steps, tr.batch_size, tr.lr, tr.seed, tr.weight_decay, tr.max_grad_norm,
-                       tr.temperature, tr.eval_batch_size, tr.log_every, spec.flock.sync_every)
+    cfg = method_config(tr, "pesc", "pesc", sync_every=spec.flock.sync_every)
     coef = p.balance_coef
     say(f"PESC: {len(converted)} FFN blocks -> {p.num_experts} experts (top-{p.top_k}), LoRA on {len(attention)} attention projections")
     t0 = time.perf_counter()
-    out = train_method(model, data, cfg, init_state, None, say, device, trainable=params,
-                       extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
+    hooks = TrainHooks(extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
                        before_eval=lambda: reset_load(model))  # expert load of the eval pass
-    return {
-        "eval_nll": {names[owned[s]]: v for s, v in out["eval_nll"].items()},
-        "eval_rows": sum(len(x) for x in data.eval.values()),
-        "expert_load": expert_load(model),
-        "task_expert_load": {names[owned[s]]: v for s, v in task_expert_load(model).items()},
-        "trainable_params": sum(q.numel() for q in params),
-        "seconds": time.perf_counter() - t0,  # training + evaluation
-        "curve": out["curve"],
-    }
+    out = train_method(model, data, cfg, init_state, None, say, device, trainable=params, hooks=hooks)
+    return PescPart(
+        eval_nll={names[owned[s]]: v for s, v in out["eval_nll"].items()},
+        eval_rows=sum(len(x) for x in data.eval.values()),
+        expert_load=expert_load(model),
+        task_expert_load={names[owned[s]]: v for s, v in task_expert_load(model).items()},
+        trainable_params=sum(q.numel() for q in params),
+        seconds=time.perf_counter() - t0,  # training + evaluation
+        curve=out["curve"],
+    )
 
 
-def merge_pesc(parts: list[dict]) -> dict:
+def merge_pesc(parts: list[PescPart]) -> PescResult:
     """Combine the workers' PESC results; expert load is weighted by each worker's eval rows."""
     total = sum(p["eval_rows"] for p in parts)
     load: dict[str, list[float]] = {}
@@ -70,11 +72,11 @@ def merge_pesc(parts: list[dict]) -> dict:
             acc = load.setdefault(layer, [0.0] * len(shares))
             for i, v in enumerate(shares):
                 acc[i] += v * p["eval_rows"] / total
-    return {
-        "eval_nll": {k: v for p in parts for k, v in p["eval_nll"].items()},
-        "expert_load": load,
-        "task_expert_load": {k: v for p in parts for k, v in p["task_expert_load"].items()},
-        "trainable_params": parts[0]["trainable_params"],
-        "seconds": max(p["seconds"] for p in parts),
-        "curve": parts[0]["curve"],
-    }
+    return PescResult(
+        eval_nll={k: v for p in parts for k, v in p["eval_nll"].items()},
+        expert_load=load,
+        task_expert_load={k: v for p in parts for k, v in p["task_expert_load"].items()},
+        trainable_params=parts[0]["trainable_params"],
+        seconds=max(p["seconds"] for p in parts),
+        curve=parts[0]["curve"],
+    )

@@ -25,8 +25,9 @@ from models.lora import adapter_params, inject
 from models.peft_io import save_adapter
 from models.prefix import compute_prefix
 from models.train.step import evaluate, perplexity, seed_everything
-from models.train.loop import FlockData, MethodConfig, train_method
+from models.train.loop import FlockData, train_method
 from orchestrator.base.load import load_job_base
+from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = ["adapt_new_task"]
@@ -88,8 +89,8 @@ def adapt_new_task(
     log(f"[adapt {name}] {len(train_ids)} train / {len(eval_ids)} eval sequences, prefix cached in {time.perf_counter() - t0:.1f}s")
     base_nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split) if split else None
 
-    cfg = MethodConfig(f"adapt {name}: coefficients", "coeff", steps or tr.steps, tr.batch_size, lr or tr.lr, tr.seed,
-                       0.0, tr.max_grad_norm, 1.0, tr.eval_batch_size, tr.log_every)
+    cfg = method_config(tr, f"adapt {name}: coefficients", "coeff", steps=steps or tr.steps, lr=lr or tr.lr,
+                        weight_decay=0.0, temperature=1.0)
     torch.manual_seed(tr.seed)
     inject_eigen(model, sub, num_tasks=1, rank=rank, alpha=spec.lora.alpha, k_extra=k_extra, seed=tr.seed)
     if base_nll is None:
@@ -118,8 +119,8 @@ def adapt_new_task(
             restrict_lora(model, gates)
         ad = {id(p) for p in adapter_params(model)}
         init = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
-        cfg_l = MethodConfig(f"adapt {name}: full LoRA", "independent", steps or tr.steps, tr.batch_size, tr.lr, tr.seed,
-                             0.0, tr.max_grad_norm, 1.0, tr.eval_batch_size, tr.log_every)
+        cfg_l = method_config(tr, f"adapt {name}: full LoRA", "independent", steps=steps or tr.steps,
+                              weight_decay=0.0, temperature=1.0)
         res_l = train_method(model, data, cfg_l, init, log=log, device=device)
         save_adapter(model, 0, out_dir / "lora", base_model_name)
         gain_l = result["base_ppl"] - perplexity(res_l["eval_nll"][0])

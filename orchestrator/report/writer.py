@@ -7,6 +7,7 @@ from typing import Any
 
 from models.files import atomic_write_json, atomic_write_text
 from models.train.perplexity import macro_perplexity, perplexity
+from orchestrator.contracts import FlockResults, MethodRecord
 from orchestrator.report import plots
 
 __all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
@@ -26,7 +27,7 @@ def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, f
     return out
 
 
-def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> dict:
+def flock_section(res: FlockResults, tau: Any, tau_sweep: list[float] | None = None) -> dict:
     """The ``flock`` block of report.json from :func:`orchestrator.flock.driver.run_flock`'s result."""
     sizes, base, methods = res["sizes"], res["base_eval_nll"], res["methods"]
     main = methods["hierarchical"]
@@ -59,10 +60,14 @@ def flock_section(res: dict, tau: Any, tau_sweep: list[float] | None = None) -> 
     if "gates" in main:
         sec["gates"] = gates_block(methods)
     sec["curves"] = {k: m["curve"] for k, m in methods.items()}
+    evals = {k: m["eval_curve"] for k, m in methods.items() if "eval_curve" in m}
+    if evals:  # train.eval_every > 0: held-out perplexity during training
+        sec["eval_curves"] = {k: [{"step": step, "macro_ppl": macro_perplexity(nll), "tasks": {t: perplexity(v) for t, v in nll.items()}}
+                                  for step, nll in c] for k, c in evals.items()}
     return sec
 
 
-def gates_block(methods: dict) -> dict:
+def gates_block(methods: dict[str, MethodRecord]) -> dict:
     """FineGates' sparsity achieved: the flock's (overall, per layer, per task) and every method's."""
     g = methods["hierarchical"]["gates"]
     return {
@@ -73,7 +78,7 @@ def gates_block(methods: dict) -> dict:
     }
 
 
-def pesc_section(res: dict) -> dict:
+def pesc_section(res: FlockResults) -> dict:
     """The ``pesc`` block of report.json."""
     p = res["pesc"]
     sizes, base = res["sizes"], res["base_eval_nll"]

@@ -31,7 +31,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,7 +66,6 @@ class _Lease:
     steps: int = 0
     last_nll: float = float("nan")
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class PackHost:

@@ -37,6 +37,7 @@ import ray
 from safetensors.numpy import load_file, save_file
 
 from models.train.perplexity import macro_perplexity  # torch-free
+from orchestrator.contracts import TrialMetrics
 from orchestrator.search.pack_settings import host_key, packable, setting_of
 from orchestrator.spec import JobSpec
 
@@ -153,11 +154,11 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
         quant_error = ray.get(host.quant_error.remote())
 
         def report(step: int, nll: dict, final: bool) -> None:
-            metrics = {
+            metrics = TrialMetrics(**{  # no target_bytes/rung_bytes: see TrialMetrics
                 "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
                 "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size, "quant_rel_error": quant_error,
                 "seconds": time.perf_counter() - t0,
-            }
+            })
             trained = ray.get(host.state.remote(lid))
             with tempfile.TemporaryDirectory() as tmp:
                 save_file({k: np.ascontiguousarray(v) for k, v in trained.items()}, str(Path(tmp) / STATE_FILE))

@@ -5,7 +5,7 @@ compressed model instead of the flock's. Its Tune checkpoint (``trial_state.safe
 copied to ``out/search/pick/``) holds only what the trial trained (adapters, gate logits);
 everything else is rebuilt deterministically by
 :func:`orchestrator.search.trial.build_trial_model` from the trial's configuration (same
-seed, same LoRA init, same LQ quantisation, same gate parametrisation).
+seed, same LoRA init, same LQ quantisation, same gates).
 
 In eval mode a gated layer computes ``y = g_r * (W (g_c * x) + s B A (g_c * x))`` with the
 deterministic gates ``g_r`` (rows) and ``g_c`` (columns), so folding them gives exactly
@@ -23,7 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from models.gates.layer import GatedLinear
@@ -49,14 +48,15 @@ def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, devic
     Raises:
         StageError: the checkpoint is missing or does not fit the rebuilt model.
     """
-    from orchestrator.search.trial import STATE_FILE, build_trial_model
+    from orchestrator.search.trial import STATE_FILE, build_trial_model, trial_state
 
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
         raise StageError(f"search.picked: {path} not found: re-run the search stage (delete its entry in state.json)")
-    model, _ = build_trial_model(spec, picked_config(picked), len(spec.tasks), str(picked["quantizer"]),
-                                 int(picked["lq_iters"]), device, picked.get("gate_lr"))
-    state = load_file(str(path), device=device)
+    config = picked_config(picked)
+    model, _ = build_trial_model(spec, config, len(spec.tasks), str(picked["quantizer"]), int(picked["lq_iters"]), device)
+    gate_lr = picked.get("gate_lr")  # only for checkpoints that stored gate logits scaled by gate_lr / lr
+    state = trial_state(path, float(gate_lr) / float(config.get("lr", spec.train.lr)) if gate_lr else 1.0, device)
     params = dict(model.named_parameters())
     bad = [k for k, v in state.items() if k not in params or params[k].shape != v.shape]
     if bad:

@@ -56,10 +56,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
 from models.base import top_block_indices
-from models.gates.layer import GatedLinear, inject_gates, sparsity_report
+from models.gates.layer import GatedLinear, gate_params, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
 from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
@@ -67,12 +66,16 @@ from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
 from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
-from models.train.loop import FlockData, MethodConfig, train_method
+from models.train.hooks import ExtraParams, TrainHooks
+from models.train.loop import FlockData, train_method
 from orchestrator.base.load import load_job_base
+from orchestrator.contracts import TrialMetrics
+from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = [
-    "build_payload", "build_trial_model", "gate_leaves", "deployed_bytes", "run_trial", "search_trial", "STATE_FILE", "META_FILE",
+    "build_payload", "build_trial_model", "deployed_bytes", "run_trial", "search_trial", "trial_state",
+    "upgrade_trial_state", "STATE_FILE", "META_FILE",
 ]
 
 STATE_FILE = "trial_state.safetensors"  # trained adapter + gate parameters, by name
@@ -100,46 +103,33 @@ def build_payload(
     return payload
 
 
-class _Scaled(nn.Module):
-    """Gate logits as ``theta = k * phi`` with ``phi`` the trained leaf.
+def upgrade_trial_state(state: dict[str, torch.Tensor], gate_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A trial checkpoint's trained parameters (adapters and gate logits) by today's parameter names.
 
-    Adam moves every parameter by about ``lr`` per step whatever its gradient's scale, so
-    training ``phi`` at the trial's ``lr`` moves ``theta`` by about ``k * lr``: with
-    ``k = gate_lr / lr`` the gates get their own step size inside the one optimizer of
-    ``train_method`` (at lr ~1e-3 a gate would need ~1500 steps to close).
+    Checkpoints written before the gates got their step size from their own optimizer group
+    (``models.train.hooks.ExtraParams``) hold ``phi = theta / gate_scale`` under
+    ``<layer>.parametrizations.<side>.original``; they come back as ``theta`` under
+    ``<layer>.<side>``, so a search started before that change resumes and picks as before.
     """
-
-    def __init__(self, k: float) -> None:
-        super().__init__()
-        self.k = float(k)
-
-    def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        return phi * self.k
-
-    def right_inverse(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta / self.k
-
-
-def gate_leaves(model: nn.Module) -> list[nn.Parameter]:
-    """The trained gate parameters: ``phi`` of scaled gates, else ``theta`` itself."""
-    out = []
-    for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
-        for side in ("theta_rows", "theta_cols"):
-            if parametrize.is_parametrized(layer, side):
-                out.append(layer.parametrizations[side].original)
-            elif getattr(layer, side) is not None:
-                out.append(getattr(layer, side))
+    out = {}
+    for k, v in state.items():
+        head, sep, tail = k.rpartition(".parametrizations.")
+        if sep and tail.endswith(".original"):
+            out[f"{head}.{tail.removesuffix('.original')}"] = v * gate_scale
+        else:
+            out[k] = v
     return out
+
+
+def trial_state(path: str | Path, gate_scale: float = 1.0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """:func:`upgrade_trial_state` of the trial checkpoint file ``path`` (safetensors)."""
+    return upgrade_trial_state(load_file(str(path), device=device), gate_scale)
 
 
 def build_trial_model(
     spec: JobSpec, config: dict, num_tasks: int, quantizer: str = "nf", lq_iters: int = 2, device: str = "cpu",
-    gate_lr: float | None = None,
 ) -> tuple[nn.Module, dict]:
     """The trial's model: base + LoRA (+ LQ quantisation) (+ gates) on the top blocks.
-
-    Args:
-        gate_lr: step size of the gate logits (see :class:`_Scaled`); ``None`` = the trial's lr.
 
     Returns:
         (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
@@ -159,12 +149,6 @@ def build_trial_model(
         info["quant"] = {k: v for k, v in q.as_dict().items() if k != "matrices"}
     if float(config.get("target_sparsity", 0.0)) > 0:
         info["gated"] = inject_gates(model, spec.lora.target_modules, layers=layers, scope="shared")
-        lr = float(config.get("lr", spec.train.lr))
-        if gate_lr is not None and gate_lr != lr:
-            for layer in (m for m in model.modules() if isinstance(m, GatedLinear)):
-                for side in ("theta_rows", "theta_cols"):
-                    if getattr(layer, side) is not None:
-                        parametrize.register_parametrization(layer, side, _Scaled(gate_lr / lr))
     return model, info
 
 
@@ -310,16 +294,18 @@ def run_trial(
         from models.gates.schedule import GateSchedule
 
         gate_lr = max(float(gate_lr or 0.0), GateSchedule(steps, target).auto_gate_lr())
-    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device, gate_lr)
+    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device)
+    lr = float(config.get("lr", tr.lr))
     tau = float(config.get("tau", spec.flock.tau if spec.flock.tau != "infer" else 100.0))
     kind = "independent" if tau == 0 else "hierarchical"
     set_trainable(model, shared=kind == "hierarchical", task=True)
-    params = [p for p in adapter_params(model) if p.requires_grad] + gate_leaves(model)
-    init_state = _trained_state(model, params)
+    params = [p for p in adapter_params(model) if p.requires_grad]
+    gates = gate_params(model)  # their own step size gate_lr: an ExtraParams group of the loop's AdamW
+    init_state = _trained_state(model, params + gates)
 
     steps, every, done = int(fixed["steps"]), int(fixed["eval_every"]), 0
     if resume is not None:
-        init_state.update(resume[0])
+        init_state.update(upgrade_trial_state(resume[0], gate_lr / lr if gate_lr else 1.0))
         done = int(resume[1])
     split = int(payload["split"])
     pre = "train_prefix" in payload
@@ -329,16 +315,13 @@ def run_trial(
         _tensors(payload["train_prefix"], None, device) if pre else None,
         _tensors(payload["eval_prefix"], None, device) if pre else None, split,
     )
-    sub_n = int(fixed["eval_subset"])
-    sub_eval = _tensors(payload["eval"], sub_n, device)
-    sub_pre = _tensors(payload["eval_prefix"], sub_n, device) if pre else None
     prior = None
     if kind == "hierarchical":
         from models.prior import HierarchicalPrior
 
         prior = HierarchicalPrior(model, task_sizes=sizes, groups=spec.flock.prior.groups, tau=tau, mode="fixed")
     lam, target = float(fixed["gate_lambda"]), float(config.get("target_sparsity", 0.0))
-    gate_kw: dict = {}
+    hooks = TrainHooks()
     if info["gated"]:
         from models.gates.schedule import GateController, GateSchedule, importance_scores, init_from_importance
 
@@ -346,47 +329,42 @@ def run_trial(
             calib = {s: x[: tr.batch_size] for s, x in data.train.items()}
             calib_pre = {s: x[: tr.batch_size] for s, x in data.train_prefix.items()} if pre else None
             init_from_importance(model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split)))
-            init_state.update(_trained_state(model, gate_leaves(model)))
+            init_state.update(_trained_state(model, gates))
         ctrl = GateController(model, GateSchedule(steps, target, lam))
-        gate_kw = {"on_step": lambda s: ctrl.on_step(s + done), "before_eval": ctrl.finish}
-    extra = ctrl.penalty if info["gated"] and lam > 0 else None
+        hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
+                           extra_loss=ctrl.penalty if lam > 0 else None, extra_params=ExtraParams(gates, lr=gate_lr))
 
-    def measure(step: int, nll: dict[int, float], final: bool) -> dict:
+    def measure(step: int, nll: dict[int, float], final: bool) -> TrialMetrics:
         size = deployed_bytes(model)
         # the size once the gates reach their target: the scheduler's size at early rungs
         goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
-        return {
+        return TrialMetrics(**{
             "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
             "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
             "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
             "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
             "seconds": time.perf_counter() - t0,
-        }
+        })
 
-    def report(metrics: dict) -> None:
-        on_report(metrics, _trained_state(model, params))
+    def report(metrics: TrialMetrics) -> None:
+        on_report(metrics, _trained_state(model, params + gates))
 
     left = steps - done
-    calls = [0]
+    # Every ``every`` steps the loop evaluates the first ``eval_subset`` eval rows of each task
+    # and tells us its step: the scheduler's signal, with a checkpoint.
+    hooks.on_eval = lambda step, nll: report(measure(done + step, nll, final=False))
 
     def log(msg: str) -> None:
-        # train_method logs every ``log_every`` (= eval_every) steps and at its last step:
-        # the k-th call is step min(k * every, left) of this run.
         sys.stdout.write(msg + "\n")
-        calls[0] += 1
-        step = min(calls[0] * every, left)
-        if step < left:
-            nll = evaluate(model, sub_eval, tr.eval_batch_size, sub_pre, split)
-            report(measure(done + step, nll, final=False))
 
     if left > 0:
-        cfg = MethodConfig("trial", kind, left, tr.batch_size, float(config.get("lr", tr.lr)), tr.seed + done,
-                           tr.weight_decay, tr.max_grad_norm, tr.temperature, tr.eval_batch_size, every)
-        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, extra_loss=extra, **gate_kw)
+        cfg = method_config(tr, "trial", kind, steps=left, lr=lr, seed=tr.seed + done,
+                            log_every=every, eval_every=every, eval_rows=int(fixed["eval_subset"]))
+        out = train_method(model, data, cfg, init_state, prior, log, device, trainable=params, hooks=hooks)
         nll = out["eval_nll"]
     else:
-        if gate_kw:
-            gate_kw["before_eval"]()
+        if hooks.before_eval is not None:
+            hooks.before_eval()
         nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split)
     report(measure(steps, nll, final=True))
     return nll

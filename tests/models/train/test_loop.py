@@ -145,3 +145,31 @@ def test_a_diverged_task_is_stopped_and_the_others_train_on():
     assert any("the other tasks continue" in line for line in logs)
     for t in (0, 1, 3):  # the others learned (not necessarily the same batches once task 2 stopped)
         assert out["eval_nll"][t] < ref["eval_nll"][t] + 0.5
+
+
+
+def test_hooks_run_at_their_moments_and_periodic_evals_do_not_change_training():
+    from dataclasses import replace
+
+    from models.train.hooks import TrainHooks
+
+    data = _data([0, 1, 2, 3])
+    m, init = _model(4)
+    plain = train_method(m, data, _cfg("independent", steps=7), init, log=lambda s: None)
+    assert "eval_curve" not in plain  # eval_every = 0: only the final evaluation
+    seen: list[tuple[str, int]] = []
+    hooks = TrainHooks(on_step=lambda s: seen.append(("step", s)), before_eval=lambda: seen.append(("final", 0)),
+                       on_eval=lambda s, nll: seen.append(("eval", s)))
+    cfg = replace(_cfg("independent", steps=7), eval_every=3, eval_rows=2)
+    out = train_method(m, data, cfg, init, log=lambda s: None, hooks=hooks)
+    assert [x for x in seen if x[0] != "step"] == [("eval", 3), ("eval", 6), ("final", 0)]
+    assert [s for k, s in seen if k == "step"] == list(range(1, 8))
+    assert [s for s, _ in out["eval_curve"]] == [3, 6] and set(out["eval_curve"][0][1]) == {0, 1, 2, 3}
+    assert out["eval_nll"] == plain["eval_nll"]  # evaluating in between leaves training as it was
+
+
+def test_the_hierarchical_prior_is_a_prior():
+    from models.train.hooks import Prior
+
+    m, _ = _model(4)
+    assert isinstance(HierarchicalPrior(m, SIZES, tau=1.0), Prior)

@@ -11,7 +11,8 @@ from models.lora import adapter_params, inject, set_trainable, task_ids
 from models.peft_io import load_adapter
 from orchestrator.search.pick import export_picked_adapters, load_picked_model, picked_base, restrict_lora
 from orchestrator.search.scheduler import ParetoASHA, rungs
-from orchestrator.search.trial import STATE_FILE, _trained_state, build_trial_model, gate_leaves
+from models.gates.layer import gate_params
+from orchestrator.search.trial import STATE_FILE, _trained_state, build_trial_model, trial_state
 from tests.orchestrator.search.test_driver import _spec
 
 PICKED = {"trial_id": "t0", "rank": 4, "bits": 4, "target_sparsity": 0.3, "lr": 1e-3, "tau": 100.0,
@@ -21,9 +22,9 @@ PICKED = {"trial_id": "t0", "rank": 4, "bits": 4, "target_sparsity": 0.3, "lr": 
 def _trained_trial(tmp_path):
     """A 'trained' trial: random task deltas, some gates closed, some half open; its checkpoint."""
     spec = _spec()
-    model, _ = build_trial_model(spec, PICKED, 3, "nf", 2, gate_lr=0.2)
+    model, _ = build_trial_model(spec, PICKED, 3, "nf", 2)
     set_trainable(model, shared=True, task=True)
-    params = [p for p in adapter_params(model) if p.requires_grad] + gate_leaves(model)
+    params = [p for p in adapter_params(model) if p.requires_grad] + gate_params(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -33,7 +34,8 @@ def _trained_trial(tmp_path):
             rows, cols = layer.theta_rows.clone(), layer.theta_cols.clone()
             rows[0, :3], cols[0, 1:3] = -2.0, -2.0  # closed
             rows[0, 5] = -0.2  # tanh(-0.2) + 0.5 ~ 0.3: a fractional gate
-            layer.theta_rows, layer.theta_cols = rows, cols  # through the parametrisation (right_inverse)
+            layer.theta_rows.copy_(rows)
+            layer.theta_cols.copy_(cols)
     save_file(_trained_state(model, params), str(tmp_path / STATE_FILE))
     return spec, model.eval()
 
@@ -76,6 +78,29 @@ def test_restricted_lora_never_touches_pruned_rows_or_columns(tmp_path):
     assert (g_r[:3] == 0).all() and (g_c[1:3] == 0).all()
     assert layer.task_B(0)[:3].abs().max() == 0 and layer.task_A(0)[:, 1:3].abs().max() == 0
     assert layer.task_B(0)[3:].abs().max() > 0  # the kept rows trained
+
+
+
+def test_a_checkpoint_with_step_size_scaled_gates_still_loads(tmp_path):
+    """Checkpoints from before the gates had their own optimizer group stored phi = theta * lr / gate_lr."""
+    from safetensors.torch import load_file
+
+    spec, trial = _trained_trial(tmp_path)
+    new = load_file(str(tmp_path / STATE_FILE))
+    scale = PICKED["gate_lr"] / PICKED["lr"]
+    old = {}
+    for k, v in new.items():
+        head, _, side = k.rpartition(".")
+        old[f"{head}.parametrizations.{side}.original" if side.startswith("theta_") else k] = (
+            v / scale if side.startswith("theta_") else v)
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / STATE_FILE))
+    back = trial_state(tmp_path / "old" / STATE_FILE, scale)
+    assert set(back) == set(new) and all(torch.allclose(back[k], new[k]) for k in new)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    rebuilt = load_picked_model(spec, PICKED, tmp_path / "old")
+    with torch.no_grad(), task_ids(trial, 1), task_ids(rebuilt, 1):
+        assert torch.allclose(rebuilt(input_ids=ids).logits, trial(input_ids=ids).logits, atol=1e-5)
 
 
 class _T:
