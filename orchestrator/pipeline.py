@@ -119,6 +119,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         >>> report = run_job(load_job("examples/tiny.yaml"), "runs/tiny")
     """
     from orchestrator.preflight import preflight
+    from orchestrator.report.data import data_section
     from orchestrator.report.writer import flock_section, pesc_section, write_report
 
     out = Path(out).resolve()
@@ -127,7 +128,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     if target:
         _probe(target)  # an unreachable cluster fails before anything is written
     t0 = time.perf_counter()
-    say(f"job {spec.name!r}: {len(spec.tasks)} tasks, output {out}")
+    say(f"job {spec.name!r}: {len(spec.tasks)} tasks" + (f" + {len(spec.task_sets)} task sets" if spec.task_sets else "")
+        + f", output {out}")
     data = build_job_data(spec)  # bad data files fail here, before Ray starts
     new_task = None
     if spec.recycle.enabled and spec.recycle.new_task is not None:
@@ -177,7 +179,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         from orchestrator.recycle.driver import run_recycle
 
         picked = state["results"].get("search", {}).get("picked") if spec.search.enabled else None
-        return run_recycle(spec, out, new_task, base_model_name(spec), picked)
+        return run_recycle(spec, out, new_task, base_model_name(spec), picked, [d.name for d in data])
 
     methods = ", ".join(m for m, _, _ in _methods(spec)) + (", then pesc" if spec.pesc.enabled else "")
     stage("flock", spec.flock.enabled, flock, f"training {methods}")
@@ -191,7 +193,8 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     what = "the picked search trial's" if spec.search.enabled and spec.search.pick else "the flock's"
     stage("recycle", spec.recycle.enabled, recycle, f"recycling {what} adapters into a principal subspace")
 
-    report: dict = {"job": _job_summary(spec, data), "timing": {}}
+    report: dict = {"job": _job_summary(spec, data), "data": data_section(data, getattr(data, "task_sets", None)),
+                    "timing": {}}
     if "flock" in state["results"]:
         report["flock"] = flock_section(state["results"]["flock"], spec.flock.tau, spec.flock.tau_sweep)
         if state["results"]["flock"].get("quant"):  # base.bits / base.bit_budget: the quantised base's figures

@@ -30,8 +30,8 @@ def preflight(spec: JobSpec) -> list[str]:
         names = inject(
             model,
             spec.lora.target_modules,
-            num_tasks=len(spec.tasks),
-            rank=[spec.rank_of(t.name) for t in spec.tasks],
+            num_tasks=max(1, len(spec.tasks)),  # only task sets: one stand-in task (the check is per layer)
+            rank=[spec.rank_of(t.name) for t in spec.tasks] or [spec.lora.rank],
             alpha=spec.lora.alpha,
             layers=layers,
         )
@@ -43,7 +43,7 @@ def preflight(spec: JobSpec) -> list[str]:
         g = spec.gates
         try:
             inject_gates(model, g.target_modules, layers=layers if g.layers == "adapted" else None, scope=g.scope,
-                         num_tasks=len(spec.tasks), gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
+                         num_tasks=max(1, len(spec.tasks)), gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
         except GateConfigError as e:
             raise SpecError(f"gates: {e}") from None
     return names

@@ -136,7 +136,8 @@ def instruct_task_data(
     tr, ev = sides["train"][2], sides["eval"][2]
     empty = ex.empty + (ev_ex.empty if ev_ex is not ex else 0)
     stats = {"format": ex.format, "examples": tr["examples"] + ev["examples"], "truncated": tr["truncated"] + ev["truncated"],
-             "dropped": tr["dropped"] + ev["dropped"], "empty": int(empty), "train": tr, "eval": ev, **(extra or {})}
+             "dropped": tr["dropped"] + ev["dropped"], "empty": int(empty), "train_on_prompt": bool(opts.train_on_prompt),
+             "train": tr, "eval": ev, **(extra or {})}
     (rows, mask, _), (ev_rows, ev_mask, _) = sides["train"], sides["eval"]
     return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats)
 

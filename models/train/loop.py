@@ -45,6 +45,9 @@ class FlockData:
         train: slot -> (N_d, L) token ids.
         eval: slot -> (M_d, L) token ids.
         train_prefix / eval_prefix: slot -> cached hidden states entering block ``split``.
+        train_mask / eval_mask: slot -> (N_d, L) bool scored-token masks (instruction rows score
+            their completions, padding is never scored; see ``models.train.step.Batch``);
+            ``None`` for the whole dict or one slot: every token after the first is scored.
     """
 
     sizes: list[int]
@@ -54,6 +57,19 @@ class FlockData:
     train_prefix: dict[int, torch.Tensor] | None = None
     eval_prefix: dict[int, torch.Tensor] | None = None
     split: int = 0
+    train_mask: dict[int, torch.Tensor | None] | None = None
+    eval_mask: dict[int, torch.Tensor | None] | None = None
+
+    def train_scored(self, slots: Sequence[int], rows: np.ndarray) -> torch.Tensor | None:
+        """The (B, L) scored-token mask of these training rows, or ``None`` if all are full rows."""
+        masks = self.train_mask
+        if masks is None or all(masks.get(s) is None for s in set(slots)):
+            return None
+        length = self.train[slots[0]].shape[1]
+        full = torch.ones(length, dtype=torch.bool, device=self.train[slots[0]].device)
+        full[0] = False
+        got = [masks.get(s) for s in slots]
+        return torch.stack([full if m is None else m[r] for m, r in zip(got, rows)])
 
 
 @dataclass
@@ -141,7 +157,8 @@ def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> 
     pre = None
     if data.train_prefix is not None:
         pre = torch.stack([data.train_prefix[s][r] for s, r in zip(slots, rows)])
-    return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split).to(device)
+    scored = data.train_scored(slots, rows)
+    return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored).to(device)
 
 
 def train_method(
@@ -293,7 +310,10 @@ def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed
     """Eval NLL of every owned task still training (the first ``rows`` eval rows of each, or all)."""
     keep = {s: x[:rows] if rows else x for s, x in data.eval.items() if data.owned[s] not in failed}
     pre = {s: x[:rows] if rows else x for s, x in data.eval_prefix.items() if s in keep} if data.eval_prefix else None
-    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split)
+    masks = None
+    if data.eval_mask is not None:
+        masks = {s: None if m is None else (m[:rows] if rows else m) for s, m in data.eval_mask.items() if s in keep}
+    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split, masks=masks)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ __all__ = [
     "StepResult",
     "NonFiniteLossError",
     "row_nll",
+    "row_nll_sum",
     "train_step",
     "evaluate",
     "seed_everything",
@@ -67,6 +68,9 @@ class Batch:
         weights: (N,) row weights; ``sum(weights * row_nll)`` is the objective estimate.
         prefix: optional (N, L, H) cached hidden states entering block ``split``.
         split: index of the first block that runs (with ``prefix``).
+        scored: optional (N, L) bool: True where token t is a target (predicted from t - 1;
+            column 0 is never one). ``None``: every token after the first is scored (raw text
+            in full rows). Instruction rows score their completion only; padding never.
     """
 
     input_ids: torch.Tensor
@@ -74,10 +78,12 @@ class Batch:
     weights: torch.Tensor
     prefix: torch.Tensor | None = None
     split: int = 0
+    scored: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(mv(self.input_ids), mv(self.task_ids), mv(self.weights), mv(self.prefix), self.split)
+        return Batch(mv(self.input_ids), mv(self.task_ids), mv(self.weights), mv(self.prefix), self.split,
+                     mv(self.scored))
 
 
 class BatchSampler:
@@ -129,8 +135,12 @@ class BatchSampler:
         return tasks, idx, self.row_weight[tasks]
 
 
-def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token NLL of each row: (N,)."""
+def row_nll_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL of each row's scored tokens and their count: two (N,) tensors.
+
+    Unscored targets (prompt tokens, padding) enter the cross-entropy as ``ignore_index``, so
+    they add nothing to the sum and their logits get exactly zero gradient.
+    """
     ctx = use_prefix(model, batch.split, batch.prefix) if batch.prefix is not None else nullcontext()
     ids = batch.task_ids
     route = int(ids[0]) if bool((ids == ids[0]).all()) else ids  # one task: no gather
@@ -139,9 +149,19 @@ def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     # Shift by padding the targets (ignored last position) rather than slicing the logits:
     # a (N, L-1, V) slice would copy the largest tensor of the step (V = 49k on SmolLM2).
     n, length = batch.input_ids.shape
-    target = F.pad(batch.input_ids[:, 1:], (0, 1), value=-100)
+    nxt = batch.input_ids[:, 1:]
+    if batch.scored is not None:
+        nxt = nxt.masked_fill(~batch.scored[:, 1:], -100)
+    target = F.pad(nxt, (0, 1), value=-100)  # (N, L): the target of position t is token t + 1
     nll = F.cross_entropy(logits.reshape(n * length, -1).float(), target.reshape(-1), reduction="none", ignore_index=-100)
-    return nll.view(n, length)[:, :-1].mean(dim=1)
+    count = (target != -100).sum(dim=1)
+    return nll.view(n, length).sum(dim=1), count
+
+
+def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token NLL of each row over its scored tokens: (N,) (0 for a row with none)."""
+    total, count = row_nll_sum(model, batch)
+    return total / count.clamp(min=1)
 
 
 @dataclass
@@ -231,13 +251,16 @@ def evaluate(
     prefixes: dict[int, torch.Tensor] | None = None,
     split: int = 0,
     slot_of: Callable[[int], int] | None = None,
+    masks: dict[int, torch.Tensor | None] | None = None,
 ) -> dict[int, float]:
-    """Mean token NLL of each task's held-out sequences.
+    """Mean NLL per scored token of each task's held-out sequences.
 
     Args:
         sets: task -> (M, L) eval token ids.
         prefixes: task -> (M, L, H) cached hidden states (with ``split``).
         slot_of: adapter slot used for a task (default: the task's own; unified = 0).
+        masks: task -> (M, L) bool scored-token mask (see :class:`Batch`); missing or
+            ``None``: every token after the first (full raw-text rows).
 
     Returns:
         task -> mean NLL (perplexity is ``exp`` of it).
@@ -250,9 +273,12 @@ def evaluate(
         for i in range(0, len(ids), batch_size):
             rows = ids[i : i + batch_size]
             pre = prefixes[t][i : i + batch_size] if prefixes is not None else None
+            mask = masks.get(t) if masks is not None else None
             tid = torch.full((len(rows),), slot, dtype=torch.long, device=rows.device)
-            b = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, split)
-            total += float(row_nll(model, b).sum())
-            count += len(rows)
+            b = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, split,
+                      None if mask is None else mask[i : i + batch_size])
+            nll, n = row_nll_sum(model, b)
+            total += float(nll.sum())
+            count += int(n.sum())
         out[t] = total / max(count, 1)
     return out

@@ -57,6 +57,6 @@ def adapt_from_cli(subspace: str, task_file: str, out: str | None, job: str | No
     (data,) = build_job_data(spec, [task])
     target = Path(out) if out else run / "adapt" / task.name
     result = adapt_new_task(spec, sub, task.name, data.train_ids, data.eval_ids, target, base_model_name(spec),
-                            steps, lr, k_extra, compare_lora)
+                            steps, lr, k_extra, compare_lora, train_mask=data.train_mask, eval_mask=data.eval_mask)
     result["adapters"] = {k: str(target / k) for k in (["coeff", "lora"] if compare_lora else ["coeff"])}
     return result

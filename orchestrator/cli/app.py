@@ -19,13 +19,7 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     from orchestrator.preflight import preflight
 
     spec = load_job(a.job)
-    if not spec.tasks:  # only task sets: their tasks are known once the table is read; check with one stand-in
-        from tasks import BuiltinSource, TaskSpec
-
-        stand_in = TaskSpec(name="task-set-stand-in", source=BuiltinSource(package="json"))
-        preflight(spec.model_copy(update={"tasks": [stand_in]}))
-    else:
-        preflight(spec)  # target modules and ranks against the model's architecture (meta device)
+    preflight(spec)  # target modules and ranks against the model's architecture (meta device)
     print(f"{a.job}: valid job {spec.name!r} ({len(spec.tasks)} tasks, {len(spec.task_sets)} task sets, "
           f"base {spec.base.name or 'random-init'})")
     if spec.task_sets:

@@ -89,6 +89,9 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         "sizes": sizes,
         "train": [np.ascontiguousarray(d.train_ids.numpy()) for d in data],
         "eval": [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
+        # scored-token masks (instruction formats, padded rows); None: every token is scored
+        "train_mask": [None if d.train_mask is None else d.train_mask.numpy() for d in data],
+        "eval_mask": [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
     }
     assignment = assign_tasks(sizes, spec.ray.num_workers)
     # The frozen base goes into the object store once (as numpy, returned by a Ray task so the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.peft_io import save_adapter
@@ -43,8 +44,10 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
                         return total
                     rows = ids[i : i + bs]
                     pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
+                    scored = data.train_scored([s] * len(rows), np.arange(i, i + len(rows)))
                     tid = torch.full((len(rows),), s, dtype=torch.long, device=rows.device)
-                    total = total + row_nll(model, Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split)).mean()
+                    batch = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split, scored)
+                    total = total + row_nll(model, batch).mean()
                     left -= 1
             return total
 

@@ -128,6 +128,10 @@ def flock_worker(config: dict) -> None:
     # Object-store arrays are read-only views; token ids are small, so take private copies.
     train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
     evals = {s: torch.tensor(data_all["eval"][g], device=device) for s, g in enumerate(owned)}
+    train_mask, eval_mask = (
+        {s: None if m[g] is None else torch.tensor(m[g], device=device) for s, g in enumerate(owned)}
+        for m in (data_all.get("train_mask") or [None] * len(names), data_all.get("eval_mask") or [None] * len(names))
+    )
     split = layers[0] if layers and layers[0] > 0 else 0
     if gates is not None and gates.layers == "all":
         split = 0  # gated lower blocks change: nothing below the adapters is frozen
@@ -142,7 +146,7 @@ def flock_worker(config: dict) -> None:
             ep[s] = compute_prefix(model, evals[s], split)
             say(f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, {time.perf_counter() - t1:.0f}s")
         say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
-    data = FlockData(sizes, owned, train, evals, tp, ep, split)
+    data = FlockData(sizes, owned, train, evals, tp, ep, split, train_mask, eval_mask)
     if gates is not None:
         t1 = time.perf_counter()
         init_state |= gate_init_state(model, data, spec, ctx.get_world_size())
@@ -163,7 +167,7 @@ def flock_worker(config: dict) -> None:
                     shutil.copytree(Path(d) / sub, kept / sub, dirs_exist_ok=True)
     if "base_eval_nll" not in results:
         t1 = time.perf_counter()
-        base = evaluate(model, evals, spec.train.eval_batch_size, ep, split)  # B = 0: the base itself
+        base = evaluate(model, evals, spec.train.eval_batch_size, ep, split, masks=eval_mask)  # B = 0: the base itself
         results["base_eval_nll"] = {names[owned[s]]: v for s, v in base.items()}
         say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
     results.setdefault("methods", {})

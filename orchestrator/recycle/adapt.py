@@ -48,6 +48,8 @@ def adapt_new_task(
     log: Callable[[str], None] = print,
     device: str = "cpu",
     picked: dict | None = None,
+    train_mask: torch.Tensor | None = None,
+    eval_mask: torch.Tensor | None = None,
 ) -> dict:
     """Train ``name`` on the subspace (and, to compare, as a full LoRA); export PEFT adapters.
 
@@ -56,6 +58,8 @@ def adapt_new_task(
             both arms train on that trial's compressed base (its bits, LQ quantisation and
             pruned rows/columns, :func:`orchestrator.search.pick.picked_base`) at its rank,
             the full LoRA kept inside the pruned rows/columns; ``None`` = the job's base.
+        train_mask, eval_mask: the task's scored-token masks (``tasks.TaskData``); ``None``:
+            every token is scored.
 
     Returns:
         ``{coeff_params, lora_params, base_ppl, coeff_ppl, lora_ppl, ...}`` (the report's
@@ -85,16 +89,18 @@ def adapt_new_task(
     t0 = time.perf_counter()
     tp = {0: compute_prefix(model, train_ids, split)} if split else None
     ep = {0: compute_prefix(model, eval_ids, split)} if split else None
-    data = FlockData([len(train_ids)], [0], {0: train_ids}, {0: eval_ids}, tp, ep, split)
+    data = FlockData([len(train_ids)], [0], {0: train_ids}, {0: eval_ids}, tp, ep, split,
+                     None if train_mask is None else {0: train_mask.to(device)},
+                     None if eval_mask is None else {0: eval_mask.to(device)})
     log(f"[adapt {name}] {len(train_ids)} train / {len(eval_ids)} eval sequences, prefix cached in {time.perf_counter() - t0:.1f}s")
-    base_nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split) if split else None
+    base_nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split, masks=data.eval_mask) if split else None
 
     cfg = method_config(tr, f"adapt {name}: coefficients", "coeff", steps=steps or tr.steps, lr=lr or tr.lr,
                         weight_decay=0.0, temperature=1.0)
     torch.manual_seed(tr.seed)
     inject_eigen(model, sub, num_tasks=1, rank=rank, alpha=spec.lora.alpha, k_extra=k_extra, seed=tr.seed)
     if base_nll is None:
-        base_nll = evaluate(model, data.eval, tr.eval_batch_size)  # alpha_B = 0: the base itself
+        base_nll = evaluate(model, data.eval, tr.eval_batch_size, masks=data.eval_mask)  # alpha_B = 0: the base itself
     res_c = train_method(model, data, cfg, {}, log=log, device=device, trainable=eigen_params(model))
     result = {
         "task": name,

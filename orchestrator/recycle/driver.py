@@ -28,7 +28,8 @@ __all__ = ["run_recycle"]
 
 
 def run_recycle(
-    spec: JobSpec, out: Path, new_task_data, base_model_name: str | None, picked: dict | None = None
+    spec: JobSpec, out: Path, new_task_data, base_model_name: str | None, picked: dict | None = None,
+    task_names: list[str] | None = None,
 ) -> dict:
     """Build and save the subspace; adapt the held-out task (if any) as a Ray task.
 
@@ -38,6 +39,8 @@ def run_recycle(
         new_task_data: ``tasks.TaskData`` of ``recycle.new_task`` or ``None``.
         base_model_name: recorded in exported adapters.
         picked: the search's ``search.picked`` record: recycle that trial's compressed model.
+        task_names: the job's tasks (explicit and expanded from task sets) whose flock adapters
+            are recycled; ``None``: ``spec.tasks``.
     """
     rc = spec.recycle
     if picked is not None:
@@ -49,7 +52,7 @@ def run_recycle(
         dirs: dict[str, Path] = export_picked_adapters(spec, picked, picked["checkpoint"], out / "search" / "pick" / "adapters",
                                                        base_model_name)
     else:
-        dirs = {t.name: out / "adapters" / t.name for t in spec.tasks}
+        dirs = {t: out / "adapters" / t for t in (task_names if task_names is not None else [t.name for t in spec.tasks])}
     for src in rc.sources:
         p = Path(src)
         dirs[p.name if p.name not in dirs else f"{p.parent.name}-{p.name}"] = p
@@ -86,7 +89,7 @@ def run_recycle(
         ref = task.remote(
             spec, str(out / "recycle" / "subspace"), new_task_data.name, new_task_data.train_ids, new_task_data.eval_ids,
             str(out / "recycle" / "new_task"), base_model_name, rc.steps, rc.lr, rc.k_extra, True, print,
-            "cuda" if spec.ray.use_gpu else "cpu", picked,
+            "cuda" if spec.ray.use_gpu else "cpu", picked, new_task_data.train_mask, new_task_data.eval_mask,
         )
         section["new_task"] = ray.get(ref)
         nt = section["new_task"]

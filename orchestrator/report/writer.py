@@ -197,6 +197,10 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
                 lines.append(f"The coefficients reach **{nt['gain_fraction'] * 100:.0f}%** of the full LoRA's perplexity gain "
                              f"with **{nt['param_ratio']:.0f}x** fewer trainable parameters.")
         lines.append("")
+    if report.get("data"):
+        from orchestrator.report.data import render_data_md
+
+        lines += render_data_md(report["data"])
     t = report.get("timing", {})
     if t:
         lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]

@@ -204,6 +204,8 @@ def run_search(
         job, names, [int(d.train_examples) for d in data],
         [np.ascontiguousarray(d.train_ids.numpy()) for d in data], [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
         threads,
+        [None if d.train_mask is None else d.train_mask.numpy() for d in data],
+        [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
     ))
     resources = {"cpu": search.cpus_per_trial, **({"gpu": 1} if spec.ray.use_gpu else {})}
     pack = None
@@ -253,7 +255,7 @@ def run_search(
         if pack is not None:
             pack.stop()
     section = _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0,
-                       trial_quant(search, spec))
+                       trial_quant(search, spec), names)
     return {**section, "packing": packing} if packing is not None else section
 
 
@@ -292,7 +294,7 @@ def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict) -> dict
 
 def _collect(
     results, search: SearchSpec, source: str, steps: int, out: Path, base_model_name: str | None, seconds: float,
-    quant: dict,
+    quant: dict, names: list[str],
 ) -> dict:
     rows = trial_rows(results)
     if not rows:
@@ -320,7 +322,8 @@ def _collect(
         "trials": [public(r) for r in rows],
         "pareto": [public(r) for r in front],
         "picked": None if picked is None else {
-            **public(picked), "rule": picked["rule"], "met": picked["met"], "checkpoint": picked["checkpoint"]},
+            **public(picked), "rule": picked["rule"], "met": picked["met"], "checkpoint": picked["checkpoint"],
+            "tasks": names},
         "seconds": seconds,
     }
     section["plot"] = plot_pareto(out, section)

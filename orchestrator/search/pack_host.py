@@ -68,6 +68,21 @@ class _Lease:
     error: str | None = None
 
 
+def _fused_scored(batches: list[Batch]) -> torch.Tensor | None:
+    """The trials' scored-token masks side by side (a full-row mask where a batch has none)."""
+    if all(b.scored is None for b in batches):
+        return None
+    parts = []
+    for b in batches:
+        if b.scored is None:
+            full = torch.ones_like(b.input_ids, dtype=torch.bool)
+            full[:, 0] = False
+            parts.append(full)
+        else:
+            parts.append(b.scored)
+    return torch.cat(parts)
+
+
 class PackHost:
     """A base, its prefix cache and ``capacity`` slot groups of ``num_tasks`` slots each.
 
@@ -89,7 +104,7 @@ class PackHost:
         self.device, self.capacity, self.max_rank = device, int(capacity), int(max_rank)
         self.num_tasks = len(payload["names"])
         self.model = load_job_base(spec, device, "float32")
-        from orchestrator.search.trial import deployed_bytes  # the trial's own sizes
+        from orchestrator.search.trial import deployed_bytes, mask_tensors  # the trial's own sizes and masks
 
         layers = top_block_indices(self.model, spec.lora.top_layers)
         torch.manual_seed(spec.train.seed)  # the trial's Theta_A draws (LQ keeps them where L = 0)
@@ -122,7 +137,8 @@ class PackHost:
         pre = "train_prefix" in payload
         t = lambda arrays: {s: torch.from_numpy(np.array(a)).to(device) for s, a in enumerate(arrays)}  # noqa: E731
         self.data = FlockData(list(payload["sizes"]), list(range(self.num_tasks)), t(payload["train"]), t(payload["eval"]),
-                              t(payload["train_prefix"]) if pre else None, t(payload["eval_prefix"]) if pre else None, split)
+                              t(payload["train_prefix"]) if pre else None, t(payload["eval_prefix"]) if pre else None, split,
+                              mask_tensors(payload.get("train_mask"), device), mask_tensors(payload.get("eval_mask"), device))
         self.total_size = float(sum(self.data.sizes))
         self.leases: dict[str, _Lease] = {}
         self.free = list(range(self.capacity))
@@ -199,7 +215,7 @@ class PackHost:
         ids = torch.cat([b.task_ids + lease.slots.start for b, lease in zip(batches, leases)])
         pre = torch.cat([b.prefix for b in batches]) if batches[0].prefix is not None else None
         fused = Batch(torch.cat([b.input_ids for b in batches]), ids, torch.cat([b.weights for b in batches]),
-                      pre, self.data.split)
+                      pre, self.data.split, _fused_scored(batches))
         self.model.train()
         for p in self.params:
             p.grad = None
@@ -252,7 +268,7 @@ class PackHost:
         lease = self.leases[lid]
         cut = lambda d: None if d is None else {s: x[:subset] if subset else x for s, x in d.items()}  # noqa: E731
         return evaluate(self.model, cut(self.data.eval), self.spec.train.eval_batch_size, cut(self.data.eval_prefix),
-                        self.data.split, slot_of=lambda t: lease.slots.start + t)
+                        self.data.split, slot_of=lambda t: lease.slots.start + t, masks=cut(self.data.eval_mask))
 
     @torch.no_grad()
     def state(self, lid: str) -> dict[str, torch.Tensor]:

@@ -37,6 +37,12 @@ _HPARAMS = ("rank", "target_sparsity", "bits", "quantizer", "tau", "lr")
 _PREFIX = "base_model.model."
 
 
+def task_names(spec: JobSpec, picked: dict) -> list[str]:
+    """The picked trial's tasks in slot order: recorded by the search (task sets expand at run
+    time), else the job's explicit tasks (records written before task sets existed)."""
+    return list(picked.get("tasks") or [t.name for t in spec.tasks])
+
+
 def picked_config(picked: dict) -> dict:
     """The trial configuration (sampled dimensions) of a ``search.picked`` record."""
     return {k: picked[k] for k in _HPARAMS if picked.get(k) is not None}
@@ -54,7 +60,7 @@ def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, devic
     if not path.is_file():
         raise StageError(f"search.picked: {path} not found: re-run the search stage (delete its entry in state.json)")
     config = picked_config(picked)
-    model, _ = build_trial_model(spec, config, len(spec.tasks), str(picked["quantizer"]), int(picked["lq_iters"]), device)
+    model, _ = build_trial_model(spec, config, len(task_names(spec, picked)), str(picked["quantizer"]), int(picked["lq_iters"]), device)
     gate_lr = picked.get("gate_lr")  # only for checkpoints that stored gate logits scaled by gate_lr / lr
     state = trial_state(path, float(gate_lr) / float(config.get("lr", spec.train.lr)) if gate_lr else 1.0, device)
     params = dict(model.named_parameters())
@@ -134,9 +140,8 @@ def export_picked_adapters(
     model = load_picked_model(spec, picked, checkpoint)
     _, adapters, meta = fold_picked(model)
     dirs = {}
-    for t, task in enumerate(spec.tasks):
-        dirs[task.name] = write_adapter_dir(Path(out_dir) / task.name, adapters[t], meta["ranks"], meta["alphas"],
-                                            base_model_name)
+    for t, name in enumerate(task_names(spec, picked)):
+        dirs[name] = write_adapter_dir(Path(out_dir) / name, adapters[t], meta["ranks"], meta["alphas"], base_model_name)
     return dirs
 
 

@@ -75,7 +75,7 @@ from orchestrator.spec import JobSpec
 
 __all__ = [
     "build_payload", "build_trial_model", "deployed_bytes", "run_trial", "search_trial", "trial_state",
-    "upgrade_trial_state", "STATE_FILE", "META_FILE",
+    "upgrade_trial_state", "mask_tensors", "STATE_FILE", "META_FILE",
 ]
 
 STATE_FILE = "trial_state.safetensors"  # trained adapter + gate parameters, by name
@@ -84,19 +84,22 @@ META_FILE = "trial.json"  # steps done and the last metrics
 
 @torch.no_grad()
 def build_payload(
-    spec_dict: dict, names: list[str], sizes: list[int], train: list[np.ndarray], evals: list[np.ndarray], threads: int = 1
+    spec_dict: dict, names: list[str], sizes: list[int], train: list[np.ndarray], evals: list[np.ndarray], threads: int = 1,
+    train_mask: list[np.ndarray | None] | None = None, eval_mask: list[np.ndarray | None] | None = None,
 ) -> dict:
-    """Everything every trial shares, computed once: token ids and the frozen-prefix cache.
+    """Everything every trial shares, computed once: token ids, scored-token masks and the frozen-prefix cache.
 
     The lower blocks ``0 .. split-1`` (below ``lora.top_layers``) are run once for every
-    sequence of the unmodified base; trials start at block ``split``.
+    sequence of the unmodified base; trials start at block ``split``. ``train_mask`` /
+    ``eval_mask`` hold each task's (N, L) bool mask of scored tokens (``None``: all scored).
     """
     torch.set_num_threads(threads)
     spec = JobSpec.model_validate(spec_dict)
     model = load_job_base(spec, "cpu", "float32")
     layers = top_block_indices(model, spec.lora.top_layers)
     split = layers[0] if layers else 0
-    payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split}
+    payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split,
+               "train_mask": train_mask or [None] * len(train), "eval_mask": eval_mask or [None] * len(evals)}
     if split:
         payload["train_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in train]
         payload["eval_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in evals]
@@ -230,6 +233,13 @@ def _tensors(arrays: list[np.ndarray], rows: int | None = None, device: str = "c
         return {s: torch.from_numpy(a[:rows] if rows else a).to(device) for s, a in enumerate(arrays)}
 
 
+def mask_tensors(arrays: list[np.ndarray | None] | None, device: str = "cpu") -> dict[int, torch.Tensor | None] | None:
+    """A payload's scored-token masks as tensors by task slot; ``None`` when every task scores all tokens."""
+    if arrays is None or all(a is None for a in arrays):
+        return None
+    return {s: None if a is None else torch.from_numpy(np.array(a)).to(device) for s, a in enumerate(arrays)}
+
+
 def _trained_state(model: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
     ids = {id(p) for p in params}
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if id(p) in ids}
@@ -314,6 +324,7 @@ def run_trial(
         _tensors(payload["train"], None, device), _tensors(payload["eval"], None, device),
         _tensors(payload["train_prefix"], None, device) if pre else None,
         _tensors(payload["eval_prefix"], None, device) if pre else None, split,
+        mask_tensors(payload.get("train_mask"), device), mask_tensors(payload.get("eval_mask"), device),
     )
     prior = None
     if kind == "hierarchical":
@@ -365,6 +376,6 @@ def run_trial(
     else:
         if hooks.before_eval is not None:
             hooks.before_eval()
-        nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split)
+        nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split, masks=data.eval_mask)
     report(measure(steps, nll, final=True))
     return nll
