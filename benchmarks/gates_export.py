@@ -45,10 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
 from models.gates.export import export_pruned, strip_adapters  # noqa: E402
-from models.gates.schedule import GateController, GateSchedule, clear_hard, harden, importance_scores, init_from_importance  # noqa: E402
-from models.train.distill import kd_loss  # noqa: E402
 from models.gates.layer import gate_params, inject_gates, sparsity_report  # noqa: E402
+from models.gates.schedule import (  # noqa: E402
+    GateController,
+    GateSchedule,
+    clear_hard,
+    harden,
+    importance_scores,
+    init_from_importance,
+)
 from models.lora import adapter_params, inject, lora_layers, task_ids  # noqa: E402
+from models.train.distill import kd_loss  # noqa: E402
 from models.train.step import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
 
 TINY = {

@@ -34,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
-from models.quant.bit_budget import allocate  # noqa: E402
 from models.lora import adapter_params, inject, set_trainable  # noqa: E402
-from models.quant.model import quantizable_matrices, quantize_model  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
+from models.quant.bit_budget import allocate  # noqa: E402
+from models.quant.model import quantizable_matrices, quantize_model  # noqa: E402
 from models.quant.quantizers import packed_nbytes  # noqa: E402
 from models.train.step import Batch, evaluate, seed_everything, train_step  # noqa: E402
 

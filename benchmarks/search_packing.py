@@ -65,8 +65,8 @@ def main() -> None:
 
     from orchestrator.data import build_job_data
     from orchestrator.search.driver import run_search
-    from orchestrator.specs.search import SearchSpec
     from orchestrator.spec import load_job
+    from orchestrator.specs.search import SearchSpec
 
     load_start = os.getloadavg()
     spec = load_job(args.job)

@@ -17,6 +17,7 @@ class (slots allocated at the largest rank). Model code only: no Ray here.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -12,8 +12,8 @@ rotary embeddings, masks and position embeddings (Llama, GPT-2, ... alike).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

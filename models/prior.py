@@ -31,8 +31,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import pyro
 import pyro.distributions as dist

@@ -17,8 +17,6 @@ Flow::
 
 from __future__ import annotations
 
-from typing import Union
-
 from typing_extensions import NotRequired, TypedDict
 
 __all__ = [
@@ -66,15 +64,15 @@ class MethodRecord(TypedDict):
     """
 
     kind: str
-    tau: Union[float, str]
+    tau: float | str
     eval_nll: dict[str, float]
     failed: dict[str, str]
     curve: Curve
     eval_curve: NotRequired[EvalCurve]
     seconds: float
     tokens_per_s: float
-    tau_inferred: NotRequired[Union[dict[str, float], None]]
-    tau_history: NotRequired[Union[list[dict], None]]
+    tau_inferred: NotRequired[dict[str, float] | None]
+    tau_history: NotRequired[list[dict] | None]
     gates: NotRequired[GateResults]
 
 
@@ -170,5 +168,5 @@ class TrialMetrics(TypedDict):
     mask_bytes: int
     target_bytes: NotRequired[int]
     rung_bytes: NotRequired[int]
-    quant_rel_error: Union[float, None]
+    quant_rel_error: float | None
     seconds: float

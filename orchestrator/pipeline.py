@@ -13,16 +13,16 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Callable
 
 from models.files import atomic_write_json
-from orchestrator.errors import ClusterAddressError, OutputDirError
-from orchestrator.cluster.ray_logging import SETUP_HOOK
 from orchestrator.base.load import base_model_name
+from orchestrator.cluster.ray_logging import SETUP_HOOK
 from orchestrator.console import say
 from orchestrator.data import build_job_data
+from orchestrator.errors import ClusterAddressError, OutputDirError
 from orchestrator.spec import JobSpec
 
 __all__ = ["run_job", "StageState", "init_ray"]

@@ -19,7 +19,6 @@ __all__ = ["preflight"]
 def preflight(spec: JobSpec) -> list[str]:
     """Validate the spec against the model; return the module names that get adapters."""
     from models.base import top_block_indices
-
     from orchestrator.base.quant import check_quant
 
     b = spec.base

@@ -23,12 +23,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from orchestrator.specs.base import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
 from orchestrator.errors import SpecError
+from orchestrator.specs.base import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
 from orchestrator.specs.gates import GatesSpec
 from orchestrator.specs.search import SearchSpec
-from tasks.spec import Strict
-from tasks.spec import TaskSetSpec, TaskSpec
+from tasks.spec import Strict, TaskSetSpec, TaskSpec
 
 __all__ = [
     "BaseSpec",
@@ -182,7 +181,7 @@ class PescSpec(Strict):
     balance_coef: float = Field(0.01, ge=0)
 
     @model_validator(mode="after")
-    def _k_le_e(self) -> "PescSpec":
+    def _k_le_e(self) -> PescSpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         return self
@@ -279,7 +278,7 @@ class JobSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "JobSpec":
+    def _cross_checks(self) -> JobSpec:
         if not self.tasks and not self.task_sets:
             raise ValueError("the job has no task: list at least one entry under tasks: or task_sets:")
         sets = [s.name for s in self.task_sets]

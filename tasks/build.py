@@ -30,7 +30,7 @@ __all__ = ["BuildContext", "build_instruct_task", "build_text_task", "fields_of"
 class BuildContext:
     """What every task of a job is built with."""
 
-    tokenizer: "PreTrainedTokenizerBase"
+    tokenizer: PreTrainedTokenizerBase
     seq_len: int
     seed: int
     chat_template: str | None
@@ -39,7 +39,7 @@ class BuildContext:
     tok_fp: str
 
     @classmethod
-    def make(cls, tokenizer: "PreTrainedTokenizerBase | str", seq_len: int, seed: int, chat_template: str | None) -> "BuildContext":
+    def make(cls, tokenizer: PreTrainedTokenizerBase | str, seq_len: int, seed: int, chat_template: str | None) -> BuildContext:
         from tasks.packing import tokenizer_fingerprint
         from tasks.tokenizer import TokenizerError, load_tokenizer
 
@@ -53,7 +53,7 @@ class BuildContext:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         return cls(tokenizer, seq_len, seed, chat_template, int(eos), int(pad), tokenizer_fingerprint(tokenizer))
 
-    def tokens_of(self, docs: "Dataset") -> "Dataset":
+    def tokens_of(self, docs: Dataset) -> Dataset:
         """One row of token ids per document (cached by datasets under a content fingerprint)."""
         from tasks.packing import tokenize_documents
 
@@ -68,7 +68,7 @@ def fields_of(source: DataSource) -> ExampleFields:
     return source
 
 
-def _task_data(name: str, rows, mask, ev_rows, ev_mask, n_train: int, stats: dict) -> "TaskData":
+def _task_data(name: str, rows, mask, ev_rows, ev_mask, n_train: int, stats: dict) -> TaskData:
     import torch
 
     from tasks.packing import rows_dataset
@@ -93,9 +93,9 @@ def _scored(rows: np.ndarray, mask: np.ndarray | None) -> int:
 
 
 def text_task_data(
-    name: str, tokens: "Dataset", train_idx: np.ndarray, ev_tokens: "Dataset", eval_idx: np.ndarray,
+    name: str, tokens: Dataset, train_idx: np.ndarray, ev_tokens: Dataset, eval_idx: np.ndarray,
     opts: TaskOptions, ctx: BuildContext, extra: dict | None = None,
-) -> "TaskData":
+) -> TaskData:
     """A raw-text task from tokenised documents: packed full rows (a short side: one padded row)."""
     from tasks.packing import cap_indices, pack_or_pad
 
@@ -114,9 +114,9 @@ def text_task_data(
 
 
 def instruct_task_data(
-    name: str, ex: "Examples", train_pos: np.ndarray, ev_ex: "Examples", eval_pos: np.ndarray,
+    name: str, ex: Examples, train_pos: np.ndarray, ev_ex: Examples, eval_pos: np.ndarray,
     opts: TaskOptions, ctx: BuildContext, where: str, extra: dict | None = None,
-) -> "TaskData":
+) -> TaskData:
     """An instruction task: one example per padded row, truncated or dropped, then capped."""
     from tasks.packing import cap_indices
     from tasks.rows import example_rows
@@ -142,7 +142,7 @@ def instruct_task_data(
     return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats)
 
 
-def build_text_task(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
+def build_text_task(spec: TaskSpec, ctx: BuildContext) -> TaskData:
     from tasks.packing import hold_out
     from tasks.sources import load_documents
 
@@ -163,7 +163,7 @@ def build_text_task(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
 
 
 def encode_source(source: DataSource, task: str, opts: TaskOptions, ctx: BuildContext,
-                  ds: "Dataset | None" = None, row_ids: np.ndarray | None = None) -> "Examples":
+                  ds: Dataset | None = None, row_ids: np.ndarray | None = None) -> Examples:
     """Load (unless ``ds`` is given) and tokenise a source's instruction examples."""
     from tasks.examples import encode_examples
     from tasks.sources import load_table, source_where
@@ -180,7 +180,7 @@ def encode_source(source: DataSource, task: str, opts: TaskOptions, ctx: BuildCo
     return ex
 
 
-def build_instruct_task(spec: TaskSpec, ctx: BuildContext) -> "TaskData":
+def build_instruct_task(spec: TaskSpec, ctx: BuildContext) -> TaskData:
     from tasks.rows import hold_out_examples
     from tasks.sources import source_where
 

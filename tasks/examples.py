@@ -83,7 +83,7 @@ class Examples:
         return len(self.ids)
 
 
-def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", override: str | None, task: str, where: str = "?") -> str:
+def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | None, task: str, where: str = "?") -> str:
     """The chat template to render ``messages`` with: the job's override, else the tokenizer's.
 
     Args:
@@ -106,20 +106,20 @@ def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", override: str | 
     return template
 
 
-def _strings(ds: "Dataset", col: str | None) -> list[str]:
+def _strings(ds: Dataset, col: str | None) -> list[str]:
     """A string column as Python strings, null -> ''; an absent column -> all ''."""
     if col is None or col not in ds.column_names:
         return [""] * len(ds)
     return ["" if v is None else v for v in ds.with_format("arrow")[:][col].to_pylist()]
 
 
-def _tokenize(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> list[list[int]]:
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)["input_ids"]
 
 
-def _eos(tokenizer: "PreTrainedTokenizerBase") -> int:
+def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     from tasks.tokenizer import TokenizerError
 
     if tokenizer.eos_token_id is None:
@@ -150,7 +150,7 @@ def _alpaca_prompt(instruction: str, inp: str) -> str:
     return ALPACA_PROMPT_NO_INPUT.replace("{instruction}", instruction, 1)
 
 
-def _check_messages_column(ds: "Dataset", f: ExampleFields, task: str, where: str) -> None:
+def _check_messages_column(ds: Dataset, f: ExampleFields, task: str, where: str) -> None:
     feature = ds.features[f.messages_field]
     inner = getattr(feature, "feature", None)
     if inner is None and isinstance(feature, list) and feature:
@@ -168,7 +168,7 @@ def _check_messages_column(ds: "Dataset", f: ExampleFields, task: str, where: st
             )
 
 
-def _conversations(ds: "Dataset", f: ExampleFields, task: str, where: str, row_ids: np.ndarray) -> list[list[dict]]:
+def _conversations(ds: Dataset, f: ExampleFields, task: str, where: str, row_ids: np.ndarray) -> list[list[dict]]:
     _check_messages_column(ds, f, task, where)
     out = []
     for i, turns in enumerate(ds.with_format("arrow")[:][f.messages_field].to_pylist()):
@@ -324,9 +324,9 @@ def _messages(ds, f: ExampleFields, tokenizer, train_on_prompt: bool, template: 
 
 
 def encode_examples(
-    ds: "Dataset",
+    ds: Dataset,
     fields: ExampleFields,
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     *,
     train_on_prompt: bool = False,
     chat_template: str | None = None,

@@ -7,7 +7,8 @@ combines them, so neither has to import the other's caller.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tasks.build import BuildContext, build_instruct_task, build_text_task
 from tasks.errors import TaskDataError
@@ -23,13 +24,13 @@ __all__ = ["build_task_data"]
 
 def build_task_data(
     tasks: Sequence[TaskSpec],
-    tokenizer: "PreTrainedTokenizerBase | str",
+    tokenizer: PreTrainedTokenizerBase | str,
     seq_len: int,
     seed: int = 0,
     *,
     task_sets: Sequence[TaskSetSpec] = (),
     chat_template: str | None = None,
-) -> "TaskDataList":
+) -> TaskDataList:
     """Load, split, tokenise, make rows and cap every task's data; task sets expand into tasks.
 
     Args:

@@ -68,7 +68,7 @@ def hold_out(docs: Dataset, eval_fraction: float, seed: int) -> tuple[np.ndarray
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def tokenize_documents(docs: Dataset, tokenizer: "PreTrainedTokenizerBase", fingerprint: str | None = None) -> Dataset:
+def tokenize_documents(docs: Dataset, tokenizer: PreTrainedTokenizerBase, fingerprint: str | None = None) -> Dataset:
     """One row of token ids per document (batched ``Dataset.map``; datasets caches file-backed runs).
 
     Special-token strings inside the text (e.g. a literal ``<|endoftext|>``) are tokenised
@@ -90,7 +90,7 @@ def tokenize_documents(docs: Dataset, tokenizer: "PreTrainedTokenizerBase", fing
     )
 
 
-def tokenizer_fingerprint(tokenizer: "PreTrainedTokenizerBase") -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A cheap content hash of a tokenizer (its serialised fast tokenizer, ~30 ms for 49k tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -135,7 +135,7 @@ class ExampleFields(Strict):
     role_map: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _fields_match_format(self) -> "ExampleFields":
+    def _fields_match_format(self) -> ExampleFields:
         own = set(_FORMAT_FIELDS[self.example_format])
         stray = sorted(
             f for fmt, names in _FORMAT_FIELDS.items() if fmt != self.example_format
@@ -165,7 +165,7 @@ class FilesSource(ExampleFields):
     """
 
     kind: Literal["files"] = "files"
-    path: Union[str, list[str]]
+    path: str | list[str]
     format: Literal["jsonl", "json", "csv", "parquet", "arrow"] | None = None
 
     @field_validator("path")
@@ -226,7 +226,7 @@ class BuiltinSource(Strict):
         return v
 
     @model_validator(mode="after")
-    def _suite_fields(self) -> "BuiltinSource":
+    def _suite_fields(self) -> BuiltinSource:
         if self.suite == "stdlib-code":
             if self.package is None:
                 raise ValueError(f"stdlib-code needs a package: one of {list(STDLIB_PACKAGES)}")
@@ -248,7 +248,7 @@ class BuiltinSource(Strict):
         return "text" if self.suite == "stdlib-code" else "prompt_completion"
 
 
-DataSource = Annotated[Union[FilesSource, HubSource, BuiltinSource], Field(discriminator="kind")]
+DataSource = Annotated[FilesSource | HubSource | BuiltinSource, Field(discriminator="kind")]
 
 
 def example_format_of(source: DataSource) -> str:
@@ -308,7 +308,7 @@ class TaskSpec(TaskOptions):
         return _safe_task_name(v)
 
     @model_validator(mode="after")
-    def _same_format(self) -> "TaskSpec":
+    def _same_format(self) -> TaskSpec:
         if self.eval_source is not None and example_format_of(self.eval_source) != example_format_of(self.source):
             raise ValueError(
                 f"eval_source reads example_format {example_format_of(self.eval_source)!r} but source reads "
@@ -316,7 +316,7 @@ class TaskSpec(TaskOptions):
             )
         return self
 
-    def resolve_paths(self, base_dir: str | Path) -> "TaskSpec":
+    def resolve_paths(self, base_dir: str | Path) -> TaskSpec:
         """A copy whose relative local-file paths are taken from ``base_dir`` (the job file's folder)."""
         return self.model_copy(update={f: _resolved(getattr(self, f), base_dir) for f in ("source", "eval_source")})
 
@@ -387,7 +387,7 @@ class TaskSetSpec(TaskOptions):
         return _safe_task_name(v, "task set name")
 
     @model_validator(mode="after")
-    def _one_split(self) -> "TaskSetSpec":
+    def _one_split(self) -> TaskSetSpec:
         if (self.task_field is None) == (not self.task_per_file):
             raise ValueError(
                 f"task set {self.name!r}: give either task_field (split one table by a column) "
@@ -397,7 +397,7 @@ class TaskSetSpec(TaskOptions):
             raise ValueError(f"task set {self.name!r}: task_per_file needs a `kind: files` source with a glob")
         return self
 
-    def resolve_paths(self, base_dir: str | Path) -> "TaskSetSpec":
+    def resolve_paths(self, base_dir: str | Path) -> TaskSetSpec:
         """A copy whose relative local-file paths are taken from ``base_dir`` (the job file's folder)."""
         return self.model_copy(update={"source": _resolved(self.source, base_dir)})
 

@@ -49,13 +49,13 @@ class TaskData:
     """
 
     name: str
-    train: "Dataset"
-    eval: "Dataset"
-    train_ids: "torch.Tensor"
-    eval_ids: "torch.Tensor"
+    train: Dataset
+    eval: Dataset
+    train_ids: torch.Tensor
+    eval_ids: torch.Tensor
     train_examples: int
-    train_mask: "torch.Tensor | None" = None
-    eval_mask: "torch.Tensor | None" = None
+    train_mask: torch.Tensor | None = None
+    eval_mask: torch.Tensor | None = None
     train_tokens: int = 0
     stats: dict = field(default_factory=dict)
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class TaskSetPlan:
     """
 
     spec: TaskSetSpec
-    ds: "Dataset"
+    ds: Dataset
     codes: np.ndarray
     values: list
     counts: np.ndarray
@@ -102,7 +103,7 @@ def _label(ts: TaskSetSpec) -> str:
     return f"{ts.name} (task set)"
 
 
-def _load(ts: TaskSetSpec) -> tuple["Dataset", np.ndarray, list, str, str, int]:
+def _load(ts: TaskSetSpec) -> tuple[Dataset, np.ndarray, list, str, str, int]:
     """The table, each row's group code (-1: none), the groups' values, the field, where, null rows."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -242,7 +243,7 @@ def _split(plan: TaskSetPlan, rows: np.ndarray, hold_out_fraction) -> tuple:
     return tr, ev, "fraction"
 
 
-def _expand_one(plan: TaskSetPlan, ctx: "BuildContext") -> list["TaskData"]:
+def _expand_one(plan: TaskSetPlan, ctx: BuildContext) -> list[TaskData]:
     from tasks.build import encode_source, instruct_task_data, text_task_data
     from tasks.packing import hold_out
     from tasks.rows import hold_out_examples
@@ -295,7 +296,7 @@ def _expand_one(plan: TaskSetPlan, ctx: "BuildContext") -> list["TaskData"]:
     return out
 
 
-def expand_with(ctx: "BuildContext", task_sets: Sequence[TaskSetSpec], taken: set[str] = frozenset()) -> tuple[list["TaskData"], dict]:
+def expand_with(ctx: BuildContext, task_sets: Sequence[TaskSetSpec], taken: set[str] = frozenset()) -> tuple[list[TaskData], dict]:
     """:func:`expand_task_sets` with a prepared :class:`tasks.build.BuildContext`."""
     out, report, taken = [], {}, set(taken)
     for ts in task_sets:
@@ -308,13 +309,13 @@ def expand_with(ctx: "BuildContext", task_sets: Sequence[TaskSetSpec], taken: se
 
 def expand_task_sets(
     task_sets: Sequence[TaskSetSpec],
-    tokenizer: "PreTrainedTokenizerBase | str",
+    tokenizer: PreTrainedTokenizerBase | str,
     seq_len: int,
     seed: int = 0,
     *,
     chat_template: str | None = None,
     taken: set[str] = frozenset(),
-) -> tuple[list["TaskData"], dict]:
+) -> tuple[list[TaskData], dict]:
     """Expand task sets into tasks' data, one pass over each table.
 
     Args:

@@ -56,7 +56,7 @@ def _bytes_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def bytes_tokenizer() -> "PreTrainedTokenizerBase":
+def bytes_tokenizer() -> PreTrainedTokenizerBase:
     """The offline byte-level tokenizer: ``ids == list(text.encode("utf-8"))``, EOS = 256.
 
     Example:
@@ -76,7 +76,7 @@ def bytes_tokenizer() -> "PreTrainedTokenizerBase":
     return tok
 
 
-def _gguf_tokenizer(directory: str, gguf_file: str) -> "PreTrainedTokenizerBase":
+def _gguf_tokenizer(directory: str, gguf_file: str) -> PreTrainedTokenizerBase:
     """Convert a GGUF's tokenizer once; reuse the saved ``tokenizer.json`` afterwards."""
     from transformers import AutoTokenizer
 
@@ -97,7 +97,7 @@ def _gguf_tokenizer(directory: str, gguf_file: str) -> "PreTrainedTokenizerBase"
     return tok
 
 
-def load_tokenizer(name: str | None, gguf_file: str | None = None) -> "PreTrainedTokenizerBase":
+def load_tokenizer(name: str | None, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer that matches a base model.
 
     Args:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.eigen.subspace import Subspace, SubspaceError
+from models.lora import MultiTaskLoraLinear, TaskRouter, adapter_params, linear_dims
 from models.peft_io import write_adapter_dir
-from models.lora import MultiTaskLoraLinear, TaskRouter, linear_dims, adapter_params
 
 __all__ = [
     "EigenLoraLinear",

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save
@@ -232,7 +232,7 @@ class Subspace:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Subspace":
+    def load(cls, directory: str | Path) -> Subspace:
         """Read a directory written by :meth:`save`."""
         d = Path(directory)
         cfg_path, w_path = d / SUBSPACE_CONFIG, d / SUBSPACE_WEIGHTS

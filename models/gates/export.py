@@ -37,7 +37,7 @@ Model code only: no Ray here.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

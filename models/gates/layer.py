@@ -40,12 +40,12 @@ Model code only: no Ray here.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from models.lora import MultiTaskLoraLinear, TaskRouter, linear_dims, block_index, matches_target
+from models.lora import MultiTaskLoraLinear, TaskRouter, block_index, linear_dims, matches_target
 
 __all__ = [
     "GateConfigError",

@@ -17,8 +17,8 @@ budget cannot hold NF4 everywhere, only a mix of 4 and fewer bits.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch

@@ -27,7 +27,6 @@ import torch
 
 from models.quant.quantizers import PackedTensor, quantize
 
-
 __all__ = ["LQDecomposition", "QuantTargetError", "lq_decompose", "weighted_error"]
 
 

@@ -16,17 +16,25 @@ error. The per-matrix maths is in ``models.quant.lq``, which re-exports these na
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import LoraTargetError, MultiTaskLoraLinear, block_index, linear_dims, linear_weight, matches_target, task_ids
-from models.quant.lq import LQDecomposition, QuantTargetError, lq_decompose
+from models.lora import (
+    LoraTargetError,
+    MultiTaskLoraLinear,
+    block_index,
+    linear_dims,
+    linear_weight,
+    matches_target,
+    task_ids,
+)
 from models.quant.linear import QuantizedLinear
+from models.quant.lq import LQDecomposition, QuantTargetError, lq_decompose
 from models.train.step import Batch, row_nll
 
 __all__ = [

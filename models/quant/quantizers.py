@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -72,13 +72,13 @@ def vq_dim(bits: int) -> int:
 
 
 # --------------------------------------------------------------------------- grids
-@lru_cache(maxsize=None)
+@cache
 def uniform_levels(bits: int) -> torch.Tensor:
     """2^b evenly spaced levels on [-1, 1] (both ends hit the block's absmax)."""
     return torch.linspace(-1.0, 1.0, 2**bits)
 
 
-@lru_cache(maxsize=None)
+@cache
 def nf_levels(bits: int) -> torch.Tensor:
     """NormalFloat levels (QLoRA's ``create_normal_map`` generalised to b bits), sorted."""
     from scipy.stats import norm
@@ -228,7 +228,7 @@ class PackedTensor:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> "PackedTensor":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> PackedTensor:
         """Rebuild from :meth:`to_tensors` output (e.g. ``safetensors.torch.load_file``)."""
         try:
             header = tensors[f"{prefix}header"].tolist()

@@ -17,9 +17,9 @@ joint MAP up to float rounding. Ray is touched only by the caller (``report`` ho
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ from torch import nn
 from models.lora import adapter_params, lora_layers, set_trainable
 from models.train.hooks import Prior, TrainHooks
 from models.train.results import MethodResult
-from models.train.step import Batch, BatchSampler, evaluate, train_step
 from models.train.state import load_train_state, save_train_state
+from models.train.step import Batch, BatchSampler, evaluate, train_step
 
 __all__ = ["FlockData", "MethodConfig", "train_method", "make_batch", "grad_reducer", "average_shared"]
 

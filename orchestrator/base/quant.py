@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.base import top_block_indices
-from models.quant.bit_budget import BudgetError, allocate
 from models.files import atomic_dir
 from models.lora import block_index, matches_target
-from models.quant.lq import QuantTargetError
+from models.quant.bit_budget import BudgetError, allocate
 from models.quant.linear import QuantizedLinear
+from models.quant.lq import QuantTargetError
 from models.quant.model import quantizable_matrices, quantize_base
 from models.quant.quantizers import ALLOWED_BITS, packed_nbytes
 from orchestrator.errors import SpecError

@@ -42,9 +42,9 @@ def _task(path: str) -> TaskSpec:
 def adapt_from_cli(subspace: str, task_file: str, out: str | None, job: str | None, steps: int | None,
                    lr: float | None, k_extra: int, compare_lora: bool) -> dict:
     """Validate everything, build the task's data, train its coefficients, export PEFT adapters."""
-    from orchestrator.recycle.adapt import adapt_new_task
     from orchestrator.base.load import base_model_name
     from orchestrator.data import build_job_data
+    from orchestrator.recycle.adapt import adapt_new_task
 
     sub = Path(subspace)
     if not (sub / "subspace.json").is_file():

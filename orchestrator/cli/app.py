@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from orchestrator.spec import load_job
-
     from orchestrator.preflight import preflight
+    from orchestrator.spec import load_job
 
     spec = load_job(a.job)
     preflight(spec)  # target modules and ranks against the model's architecture (meta device)

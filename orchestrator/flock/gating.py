@@ -30,8 +30,8 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
     """
     import torch.distributed as dist
 
-    from models.gates.schedule import importance_scores, init_from_importance
     from models.gates.layer import gate_params
+    from models.gates.schedule import importance_scores, init_from_importance
     from models.train.step import Batch, row_nll
 
     g, bs = spec.gates, spec.train.batch_size
@@ -64,8 +64,8 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
 
 def gate_hooks(model, spec: JobSpec, world: int) -> TrainHooks:
     """train_method hooks that train the gates with the job's schedule (fresh per method)."""
-    from models.gates.schedule import GateController, GateSchedule, clear_hard
     from models.gates.layer import gate_params
+    from models.gates.schedule import GateController, GateSchedule, clear_hard
 
     g = spec.gates
     clear_hard(model)

@@ -30,12 +30,12 @@ from models.lora import adapter_params, inject
 from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
 from models.prefix import compute_prefix
-from models.train.step import evaluate, seed_everything
-from orchestrator.base.load import load_job_base
-from orchestrator.base.store import load_base_shared, lq_factors
-from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
 from models.train.loop import FlockData, train_method
 from models.train.results import MethodResult
+from models.train.step import evaluate, seed_everything
+from orchestrator.base.load import load_job_base
+from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
+from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.contracts import GateResults, MethodRecord, WorkerResults
 from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results
 from orchestrator.flock.methods import method_config, methods_of

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from models.base import top_block_indices
-from models.eigen.subspace import Subspace
 from models.eigen.layer import coeff_params, eigen_params, export_peft, inject_eigen, lora_params
+from models.eigen.subspace import Subspace
 from models.lora import adapter_params, inject
 from models.peft_io import save_adapter
 from models.prefix import compute_prefix
-from models.train.step import evaluate, perplexity, seed_everything
 from models.train.loop import FlockData, train_method
+from models.train.step import evaluate, perplexity, seed_everything
 from orchestrator.base.load import load_job_base
 from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec

@@ -20,8 +20,8 @@ import ray
 
 from models.eigen.subspace import build_subspace, load_peft_adapters
 from models.files import atomic_write_json
-from orchestrator.errors import StageError
 from orchestrator.console import say
+from orchestrator.errors import StageError
 from orchestrator.spec import JobSpec
 
 __all__ = ["run_recycle"]

@@ -38,11 +38,11 @@ from ray import tune
 
 from models.files import atomic_write_text
 from orchestrator.errors import StageError
-from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.report.search import plot_pareto
-from orchestrator.specs.search import SearchSpec
+from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.search.trial import build_payload, search_trial
 from orchestrator.spec import JobSpec
+from orchestrator.specs.search import SearchSpec
 from tune_spaces.loader import Dimension, SearchSpace, load_space, to_optuna, to_tune
 
 __all__ = ["run_search", "trial_rows", "write_csv", "TRIAL_COLUMNS"]

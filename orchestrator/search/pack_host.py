@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 from models.base import top_block_indices
-from models.lora import inject
 from models.grouped_lora import PARTS, GroupedLoraLinear, group_slots, initial_adapter_state, slot_index
-from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
+from models.lora import inject
 from models.train.loop import FlockData, make_batch
+from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from orchestrator.base.load import load_job_base
 from orchestrator.search.pack_settings import base_setting
 from orchestrator.spec import JobSpec

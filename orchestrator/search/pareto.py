@@ -8,7 +8,7 @@ are all kept (neither dominates the other). Rows with a missing or NaN key are l
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["PickError", "dominates", "pareto_front", "pick_point"]
 

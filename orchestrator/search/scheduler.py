@@ -22,7 +22,7 @@ still looks dense; ``target_bytes`` is its size once it reaches its target spars
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch

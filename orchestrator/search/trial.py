@@ -60,14 +60,14 @@ from torch import nn
 from models.base import top_block_indices
 from models.gates.layer import GatedLinear, gate_params, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
+from models.prefix import compute_prefix
 from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
-from models.prefix import compute_prefix
 from models.quant.quantizers import quantize
-from models.train.perplexity import macro_perplexity
-from models.train.step import evaluate, seed_everything
 from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData, train_method
+from models.train.perplexity import macro_perplexity
+from models.train.step import evaluate, seed_everything
 from orchestrator.base.load import load_job_base
 from orchestrator.contracts import TrialMetrics
 from orchestrator.flock.methods import method_config

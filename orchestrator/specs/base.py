@@ -107,7 +107,7 @@ class BaseSpec(Strict):
         return self.bit_budget is not None or (self.bits is not None and self.bits < 16)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "BaseSpec":
+    def _one_source(self) -> BaseSpec:
         if (self.name is None) == (self.random_init is None):
             raise ValueError("give exactly one of `name` (hub id, local path, builtin) or `random_init`")
         if self.random_init is not None:

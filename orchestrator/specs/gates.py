@@ -82,7 +82,7 @@ class GatesSpec(Strict):
     export: bool = True
 
     @model_validator(mode="after")
-    def _consistent(self) -> "GatesSpec":
+    def _consistent(self) -> GatesSpec:
         if self.enabled and self.target_sparsity <= 0:
             raise ValueError("gates.target_sparsity must be > 0 when gates are enabled (e.g. 0.3)")
         if self.sigma_final > self.sigma:

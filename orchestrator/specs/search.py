@@ -45,7 +45,7 @@ class PickSpec(Strict):
     on_miss: Literal["closest", "error"] = "closest"
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "PickSpec":
+    def _one_rule(self) -> PickSpec:
         if (self.max_bytes is None) == (self.max_ppl is None):
             raise ValueError("search.pick needs exactly one of `max_bytes` or `max_ppl`")
         return self
@@ -117,7 +117,7 @@ class SearchSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _optuna_space(self) -> "SearchSpec":
+    def _optuna_space(self) -> SearchSpec:
         if self.algorithm == "optuna":
             from tune_spaces.loader import load_space, to_optuna
 
@@ -125,7 +125,7 @@ class SearchSpec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _grace_fits(self) -> "SearchSpec":
+    def _grace_fits(self) -> SearchSpec:
         if self.steps is not None and (self.grace_period > self.steps or self.eval_every > self.steps):
             raise ValueError(
                 f"search.grace_period ({self.grace_period}) and search.eval_every ({self.eval_every}) must be "

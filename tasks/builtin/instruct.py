@@ -26,7 +26,7 @@ Example (YAML)::
 from __future__ import annotations
 
 import ast
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING
 
 from tasks.builtin.stdlib import package_files, stdlib_root
@@ -55,7 +55,7 @@ def _def_line(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return f"{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
 
 
-@lru_cache(maxsize=None)
+@cache
 def instruct_rows(subset: str, package: str) -> tuple[tuple[str, str], ...]:
     """(docstring, answer) pairs of one package, in file and source order, first docstring wins.
 
@@ -83,7 +83,7 @@ def instruct_rows(subset: str, package: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def instruct_table(subset: str, package: str | None = None) -> "Dataset":
+def instruct_table(subset: str, package: str | None = None) -> Dataset:
     """The suite's table: one package's examples, or every package's with a ``package`` column.
 
     Columns: ``package``, ``prompt``, ``completion``, ``instruction``, ``input``, ``output``,

@@ -13,8 +13,9 @@ speakers: the small tasks are where borrowing strength from the others pays off.
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from tasks.spec import STDLIB_PACKAGES, BuiltinSource, TaskSpec
 
@@ -64,7 +65,7 @@ def package_files(package: str) -> list[Path]:
     return files
 
 
-def package_documents(package: str) -> "Dataset":
+def package_documents(package: str) -> Dataset:
     """One document per source file: columns ``text`` and ``doc_key`` (the relative path).
 
     Empty files (bare ``__init__.py``) are skipped.

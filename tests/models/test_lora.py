@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.lora import LoraTargetError, MultiTaskLoraLinear, TaskRouter, adapter_params, inject, lora_layers, set_trainable, task_ids
+from models.lora import (
+    LoraTargetError,
+    MultiTaskLoraLinear,
+    TaskRouter,
+    adapter_params,
+    inject,
+    lora_layers,
+    set_trainable,
+    task_ids,
+)
 
 
 def _randomise(model, std=0.05, seed=1):

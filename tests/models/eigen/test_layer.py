@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from models.base import load_base
-from models.eigen.subspace import SubspaceError, build_subspace
 from models.eigen.layer import (
     EigenLoraLinear,
     coeff_params,
@@ -17,7 +16,8 @@ from models.eigen.layer import (
     inject_eigen,
     lora_params,
 )
-from models.lora import TaskRouter, linear_dims, inject, lora_layers, task_ids
+from models.eigen.subspace import SubspaceError, build_subspace
+from models.lora import TaskRouter, inject, linear_dims, lora_layers, task_ids
 from tests.conftest import TINY_GPT2, TINY_LLAMA
 
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "attn.c_attn", "mlp.c_fc")

@@ -7,9 +7,8 @@ import torch
 
 from models.base import load_base
 from models.eigen.subspace import Subspace, SubspaceError, build_subspace, load_peft_adapters
-from models.peft_io import write_adapter_dir
 from models.lora import inject, lora_layers
-from models.peft_io import save_adapter
+from models.peft_io import save_adapter, write_adapter_dir
 from tests.conftest import TINY_LLAMA
 
 SHAPES = {"l.0.q": (12, 20), "l.0.v": (16, 20)}  # module -> (m, n)

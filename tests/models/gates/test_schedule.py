@@ -9,8 +9,16 @@ import torch
 from torch import nn
 
 from models.base import load_base
+from models.gates.layer import (
+    GateConfigError,
+    GatedLinear,
+    gate_layers,
+    gate_params,
+    inject_gates,
+    open_probabilities,
+    sparsity_report,
+)
 from models.gates.schedule import GateController, GateSchedule, harden, importance_scores, init_from_importance
-from models.gates.layer import GateConfigError, GatedLinear, gate_layers, gate_params, inject_gates, open_probabilities, sparsity_report
 from models.lora import adapter_params, inject
 from models.train.step import Batch, train_step
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from models.base import load_base
 from models.lora import adapter_params, inject, lora_layers, set_trainable, task_ids
-from models.quant.lq import QuantTargetError, lq_decompose
 from models.quant.linear import QuantizedLinear
+from models.quant.lq import QuantTargetError, lq_decompose
 from models.quant.model import fisher_diag, quantizable_matrices, quantize_model
 from models.quant.quantizers import quantize
 from models.train.step import Batch, train_step

@@ -9,8 +9,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.quant.quantizers import (
-    ALLOWED_BITS, QUANTIZERS, PackedTensor, QuantConfigError, nf_levels, pack_bits, quantize,
-    uniform_levels, unpack_bits, vq_dim,
+    ALLOWED_BITS,
+    QUANTIZERS,
+    PackedTensor,
+    QuantConfigError,
+    nf_levels,
+    pack_bits,
+    quantize,
+    uniform_levels,
+    unpack_bits,
+    vq_dim,
 )
 
 # QLoRA's published NF4 table (bitsandbytes functional.py)

@@ -125,7 +125,8 @@ def test_a_ray_worker_maps_the_same_store(local_ray):
     def in_worker(refs):
         import torch as th
 
-        from orchestrator.base.store import load_base_shared as load, object_store_bytes as osb
+        from orchestrator.base.store import load_base_shared as load
+        from orchestrator.base.store import object_store_bytes as osb
 
         th.set_num_threads(1)
         model = load(refs[0], random_init=TIED_LLAMA)

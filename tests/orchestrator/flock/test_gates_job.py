@@ -113,8 +113,8 @@ def _random_gated_model(
     """The tiny job's base with rank-4 LoRA, ``down_proj`` column gates, random adapters and
     gates, hardened to ``closed``; the generator is returned to draw the test's inputs from."""
     from models.base import load_base
-    from models.gates.schedule import harden
     from models.gates.layer import gate_params, inject_gates
+    from models.gates.schedule import harden
     from models.lora import adapter_params, inject
 
     spec = parse_job(yaml.safe_load(JOB.read_text()))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from orchestrator.search.driver import trial_quant, with_job_base
-from orchestrator.specs.search import SearchSpec
 from orchestrator.spec import JobSpec
+from orchestrator.specs.search import SearchSpec
 from tests.orchestrator.conftest import tiny_job_spec
 from tune_spaces.loader import load_space, to_tune
 

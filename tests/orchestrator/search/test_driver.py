@@ -21,9 +21,9 @@ from models.quant.quantizers import quantize
 from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData, MethodConfig, train_method
 from orchestrator.search.pareto import pareto_front
-from orchestrator.specs.search import SearchSpec
 from orchestrator.search.trial import build_trial_model, deployed_bytes
 from orchestrator.spec import JobSpec, load_job
+from orchestrator.specs.search import SearchSpec
 from tests.conftest import TINY_LLAMA
 from tests.orchestrator.conftest import tiny_job_spec
 
@@ -200,8 +200,8 @@ def _csv(path: Path) -> list[dict]:
 
 @pytest.mark.integration
 def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, tmp_path):
-    from orchestrator.search.driver import run_search
     from orchestrator.report.search import render_search_md
+    from orchestrator.search.driver import run_search
 
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models.lora import lora_layers
 from models.grouped_lora import initial_adapter_state
+from models.lora import lora_layers
 from orchestrator.search.pack_host import PackHost
 from orchestrator.search.pack_settings import packable
 from orchestrator.search.trial import build_payload, build_trial_model, run_trial
@@ -112,7 +112,8 @@ def test_packable_and_capacity(payload):
 
 
 def test_thin_trial_checkpoint_names_match_the_unpacked_trial():
-    from orchestrator.search import packed_trial as search_pack, trial as search_trial
+    from orchestrator.search import packed_trial as search_pack
+    from orchestrator.search import trial as search_trial
 
     assert (search_pack.STATE_FILE, search_pack.META_FILE) == (search_trial.STATE_FILE, search_trial.META_FILE)
 

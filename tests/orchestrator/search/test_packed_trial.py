@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from tests.orchestrator.search.test_pack_host import _unpacked
 from tests.orchestrator.search.test_driver import job_and_data, search_settings
+from tests.orchestrator.search.test_pack_host import _unpacked
 
 SPACE = """\
 dimensions:

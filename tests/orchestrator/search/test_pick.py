@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from models.gates.layer import GatedLinear
+from models.gates.layer import GatedLinear, gate_params
 from models.lora import adapter_params, inject, set_trainable, task_ids
 from models.peft_io import load_adapter
 from orchestrator.search.pick import export_picked_adapters, load_picked_model, picked_base, restrict_lora
 from orchestrator.search.scheduler import ParetoASHA, rungs
-from models.gates.layer import gate_params
 from orchestrator.search.trial import STATE_FILE, _trained_state, build_trial_model, trial_state
 from tests.orchestrator.search.test_driver import _spec
 

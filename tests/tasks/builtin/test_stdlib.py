@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tasks import DEMO_EVAL_CAP, DEMO_PACKAGES, DEMO_SIZES, STDLIB_PACKAGES, build_task_data, demo_tasks
-from tasks.packing import hold_out
 from tasks.builtin.stdlib import DEMO_EVAL_FRACTION, package_documents, package_files, stdlib_root
+from tasks.packing import hold_out
 from tasks.tokenizer import bytes_tokenizer
 
 EOS = 256
