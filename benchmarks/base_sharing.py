@@ -200,7 +200,9 @@ def main() -> None:
         "base_mb": round(base_bytes / MB, 1),
         "memory_per_worker_mb": {k: v["pss_with_base_mb"] for k, v in modes.items()},
         "base_copies_in_memory": {k: v["base_copies_in_memory"] for k, v in modes.items()},
-        "shared_vs_private_memory_ratio": round(modes["shared"]["session_pss_delta_mb"] / modes["private"]["session_pss_delta_mb"], 3),
+        "shared_vs_private_memory_ratio": round(
+            modes["shared"]["session_pss_delta_mb"] / modes["private"]["session_pss_delta_mb"], 3
+        ),
         "modes": modes,
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
                     "loadavg_start": [round(x, 2) for x in load_start],

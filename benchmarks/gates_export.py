@@ -97,7 +97,9 @@ def schedule(args) -> GateSchedule:
                         "layer", args.init_low, args.init_high, align=args.align)
 
 
-def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool, calib: torch.Tensor) -> torch.nn.Module:
+def make_model(
+    args, base_state, lora_layers_idx: list[int] | None, gated: bool, calib: torch.Tensor
+) -> torch.nn.Module:
     model = load_base(random_init=TINY) if args.tiny else load_base(args.base)
     if base_state is not None:
         model.load_state_dict(base_state)
@@ -113,7 +115,12 @@ def make_model(args, base_state, lora_layers_idx: list[int] | None, gated: bool,
                 total = torch.zeros(())
                 for i in range(0, len(calib), 8):
                     rows = calib[i : i + 8]
-                    total = total + row_nll(model, Batch(rows, torch.zeros(len(rows), dtype=torch.long), torch.ones(len(rows)))).mean()
+                    total = (
+                        total
+                        + row_nll(
+                            model, Batch(rows, torch.zeros(len(rows), dtype=torch.long), torch.ones(len(rows)))
+                        ).mean()
+                    )
                 return total
 
             kind = "taylor" if args.init == "taylor" else "magnitude"
@@ -147,7 +154,9 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     # cosine: every group's lr decays to 0 by the last step (both arms alike); constant: none
-    decay = (lambda i: 0.5 * (1 + math.cos(math.pi * i / args.steps))) if args.lr_schedule == "cosine" else (lambda i: 1.0)
+    decay = (
+        (lambda i: 0.5 * (1 + math.cos(math.pi * i / args.steps))) if args.lr_schedule == "cosine" else (lambda i: 1.0)
+    )
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     curve: dict[int, float] = {}
     paused = 0.0
@@ -156,14 +165,20 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
         if ctrl is not None:
             ctrl.on_step(step)
         if teacher is None:
-            b = Batch(train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch))
+            b = Batch(
+                train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch)
+            )
             nll = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None).nll
         else:
             nll = distill_step(model, teacher, train_ids[rows], opt, params, args, ctrl)
         sched_lr.step()
         if step % 10 == 0 or step == args.steps:
             extra = f" removed {sparsity_report(model)['removed_fraction']:.3f}" if ctrl else ""
-            print(f"  step {step} nll {nll:.3f}{extra} {time.perf_counter() - t0 - paused:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"  step {step} nll {nll:.3f}{extra} {time.perf_counter() - t0 - paused:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
         if args.eval_every and eval_ids is not None and step % args.eval_every == 0 and step < args.steps:
             t_eval = time.perf_counter()
             curve[step] = round(math.exp(evaluate(model, {0: eval_ids}, batch_size=8)[0]), 3)
@@ -232,8 +247,12 @@ def main() -> None:
     ap.add_argument("--align", type=int, default=1,
                     help="round each layer's kept MLP width down to a multiple of this (64: kernel-friendly)")
     ap.add_argument("--train-seqs", type=int, default=2048, help="training sequences (no repeats at the default steps)")
-    ap.add_argument("--distill", type=float, default=0.0,
-                    help="KD weight w for the gated arm: (1 - w) CE + w KL to the trained ungated LoRA arm (0 = CE only)")
+    ap.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="KD weight w for the gated arm: (1 - w) CE + w KL to the trained ungated LoRA arm (0 = CE only)",
+    )
     ap.add_argument("--kd-temp", type=float, default=1.0, help="distillation temperature")
     ap.add_argument("--compare-init", action="store_true", help="also measure one-shot pruning by each importance")
     ap.add_argument("--lat-batch", type=int, default=4)
@@ -255,7 +274,11 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         directory, gguf = resolve_model(args.base)
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(directory)
+        tok = (
+            AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+            if gguf
+            else AutoTokenizer.from_pretrained(directory)
+        )
         tokenize = lambda s: tok(s)["input_ids"]  # noqa: E731
         base_state = None
     train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=args.train_seqs, n_eval=args.eval,
@@ -278,8 +301,18 @@ def main() -> None:
         probe = make_model(args, base_state, top, True, calib[:0])
         for kind in ("magnitude", "taylor"):
             def forward() -> torch.Tensor:
-                return sum(row_nll(probe, Batch(calib[i : i + 8], torch.zeros(len(calib[i : i + 8]), dtype=torch.long),
-                                                torch.ones(len(calib[i : i + 8])))).mean() for i in range(0, len(calib), 8))
+                return sum(
+                    row_nll(
+                        probe,
+                        Batch(
+                            calib[i : i + 8],
+                            torch.zeros(len(calib[i : i + 8]), dtype=torch.long),
+                            torch.ones(len(calib[i : i + 8])),
+                        ),
+                    ).mean()
+                    for i in range(0, len(calib), 8)
+                )
+
             with torch.no_grad():  # all gates open again before scoring
                 for p in gate_params(probe):
                     p.fill_(1.0)
@@ -287,8 +320,11 @@ def main() -> None:
             harden(probe, args.target, align=args.align)
             oneshot[kind] = math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])
             clear_hard(probe)
-            print(f"[{time.perf_counter() - t_start:.0f}s] one-shot {kind} pruning, no training: ppl {oneshot[kind]:.2f}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t_start:.0f}s] one-shot {kind} pruning, no training: ppl {oneshot[kind]:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
         del probe
     for arm in ("lora", "gated"):
         model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
@@ -297,7 +333,11 @@ def main() -> None:
         nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
         print(f"[{time.perf_counter() - t_start:.0f}s] {arm}: {args.steps} steps in {secs:.0f}s, "
               f"eval ppl {math.exp(nll):.3f}", file=sys.stderr, flush=True)
-        results[arm] = {"train_s": round(secs, 1), "eval_ppl": math.exp(nll), "curve": curve | {args.steps: round(math.exp(nll), 3)}}
+        results[arm] = {
+            "train_s": round(secs, 1),
+            "eval_ppl": math.exp(nll),
+            "curve": curve | {args.steps: round(math.exp(nll), 3)},
+        }
         models[arm] = model
 
     gated = models["gated"]
@@ -318,31 +358,38 @@ def main() -> None:
     full = latency({"original": original, "exported": pruned}, lat_ids, args.reps)
     prefill = latency({"original": original, "exported": pruned}, lat_ids, args.reps, logits_to_keep=1)
 
-    print(json.dumps({
-        "benchmark": "gates_export",
-        "compared": "LoRA+FineGates exported (pruned, merged) vs LoRA-only on the same base, steps, batches",
-        "gated_loss": (f"{1 - args.distill:g} * CE + {args.distill:g} * KD from the trained LoRA arm (T={args.kd_temp:g})"
-                       if args.distill > 0 else "CE"),
-        "base": "tiny-random-llama" if args.tiny else args.base,
-        "removed_fraction": round(report["removed_fraction"], 4),
-        "ppl_base": round(results["base"]["eval_ppl"], 4),
-        "ppl_oneshot_pruned_untrained": {k: round(v, 3) for k, v in oneshot.items()},
-        "ppl_lora": round(results["lora"]["eval_ppl"], 4),
-        "ppl_gated": round(results["gated"]["eval_ppl"], 4),
-        "ppl_exported": round(math.exp(exp_nll), 4),
-        "export_max_abs_logit_diff": export_diff,
-        "ppl_increase_rel": round(results["gated"]["eval_ppl"] / results["lora"]["eval_ppl"] - 1, 4),
-        "speedup": round(full["original"] / full["exported"], 3),
-        "speedup_last_token_logits": round(prefill["original"] / prefill["exported"], 3),
-        "latency_s": {"full_logits": full, "last_token_logits": prefill},
-        "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
-        "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},
-        "eval_ppl_by_step": {k: v["curve"] for k, v in results.items() if "curve" in v},
-        "settings": {k: v for k, v in vars(args).items()} | {"lora_blocks": top, "threads": torch.get_num_threads(),
-                                                            "latency_batch": list(lat_ids.shape)},
-        "total_s": round(time.perf_counter() - t_start, 1),
-        "loadavg_start_end": [load_start, [round(x, 2) for x in os.getloadavg()]],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "gates_export",
+                "compared": "LoRA+FineGates exported (pruned, merged) vs LoRA-only on the same base, steps, batches",
+                "gated_loss": (
+                    f"{1 - args.distill:g} * CE + {args.distill:g} * KD from the trained LoRA arm (T={args.kd_temp:g})"
+                    if args.distill > 0
+                    else "CE"
+                ),
+                "base": "tiny-random-llama" if args.tiny else args.base,
+                "removed_fraction": round(report["removed_fraction"], 4),
+                "ppl_base": round(results["base"]["eval_ppl"], 4),
+                "ppl_oneshot_pruned_untrained": {k: round(v, 3) for k, v in oneshot.items()},
+                "ppl_lora": round(results["lora"]["eval_ppl"], 4),
+                "ppl_gated": round(results["gated"]["eval_ppl"], 4),
+                "ppl_exported": round(math.exp(exp_nll), 4),
+                "export_max_abs_logit_diff": export_diff,
+                "ppl_increase_rel": round(results["gated"]["eval_ppl"] / results["lora"]["eval_ppl"] - 1, 4),
+                "speedup": round(full["original"] / full["exported"], 3),
+                "speedup_last_token_logits": round(prefill["original"] / prefill["exported"], 3),
+                "latency_s": {"full_logits": full, "last_token_logits": prefill},
+                "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
+                "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},
+                "eval_ppl_by_step": {k: v["curve"] for k, v in results.items() if "curve" in v},
+                "settings": {k: v for k, v in vars(args).items()}
+                | {"lora_blocks": top, "threads": torch.get_num_threads(), "latency_batch": list(lat_ids.shape)},
+                "total_s": round(time.perf_counter() - t_start, 1),
+                "loadavg_start_end": [load_start, [round(x, 2) for x in os.getloadavg()]],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

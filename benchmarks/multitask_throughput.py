@@ -139,7 +139,11 @@ def run_flock(args, data: torch.Tensor, out: Path, slots: int, prefix: bool) -> 
         cache = compute_prefix(model, flat, split, batch_size=16).view(T, N, L, -1)  # (T, N, L, H)
         clock.lap("prefix_s")
     B = args.batch
-    tid = torch.arange(T, device=args.device).repeat_interleave(B) if slots > 1 else torch.zeros(T * B, dtype=torch.long, device=args.device)
+    tid = (
+        torch.arange(T, device=args.device).repeat_interleave(B)
+        if slots > 1
+        else torch.zeros(T * B, dtype=torch.long, device=args.device)
+    )
     w = torch.full((T * B,), 1.0 / (T * B), device=args.device)
     losses = []
     for s in range(args.steps):
@@ -248,7 +252,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (GPU default: by name)")
     ap.add_argument("--arms", default="flock,flock_noprefix,peft_sequential,single_adapter")
-    ap.add_argument("--repeats", type=int, default=1, help="run the arms this many times, interleaved; keep each arm's fastest")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="run the arms this many times, interleaved; keep each arm's fastest"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.targets = args.targets.split(",")
@@ -299,7 +305,8 @@ def main() -> None:
     T, B, S = args.tasks, args.batch, args.steps
     does = {
         "flock": f"1 base load; inject {T} slots; 1 AdamW; "
-                 + (f"frozen lower blocks run once for the {T}x{args.seqs_per_task} sequences (prefix cache); " if cached else "")
+                 + (f"frozen lower blocks run once for the {T}x{args.seqs_per_task} sequences (prefix cache); "
+                    if cached else "")
                  + f"{S} train_step calls on mixed batches of {T}x{B} rows; save {T} PEFT adapters",
         "flock_noprefix": f"as flock but every step runs the full forward (no prefix cache): {S} train_step calls "
                           f"of {T}x{B} rows",
@@ -329,13 +336,17 @@ def main() -> None:
         if arm in rows and "peft_sequential" in rows:
             report[key] = round(rows[arm]["tokens_per_s"] / rows["peft_sequential"]["tokens_per_s"], 3)
             # Without loading/saving: what remains for long trainings where loads are amortised.
-            report["train_only_" + key] = round(rows[arm]["train_tokens_per_s"] / rows["peft_sequential"]["train_tokens_per_s"], 3)
+            report["train_only_" + key] = round(
+                rows[arm]["train_tokens_per_s"] / rows["peft_sequential"]["train_tokens_per_s"], 3
+            )
     # The adapter-routing overhead, like for like: both arms run the full forward every step.
     like = "flock_noprefix" if "flock_noprefix" in rows else "flock"
     if like in rows and "single_adapter" in rows:
         report["per_token_cost_vs_single_adapter"] = round(per_tok(like) / per_tok("single_adapter"), 3)
         report["per_token_cost_vs_single_adapter_arm"] = like
-        report["step_cost_vs_single_adapter"] = round(rows[like]["step_s_median"] / rows["single_adapter"]["step_s_median"], 3)
+        report["step_cost_vs_single_adapter"] = round(
+            rows[like]["step_s_median"] / rows["single_adapter"]["step_s_median"], 3
+        )
     if "flock" in rows and "single_core" in rows:
         report["per_token_cost_vs_single_core"] = round(per_tok("flock") / per_tok("single_core"), 3)
     print(json.dumps(report, indent=1))

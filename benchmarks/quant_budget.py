@@ -109,18 +109,22 @@ def run_config(args, bits: float | None, data: dict, table: dict | None) -> dict
         nominal = sum(packed_nbytes(tuple(w.shape), "nf", whole, args.block_size) for w in mats.values())
         # b whole bits: the NF format's own size; fractional b: b plus the same per-weight overhead
         budget_bits = 8.0 * (nominal + 1) / numel + (bits - whole)
-        alloc = allocate(mats, budget_bits, (("nf", 2), ("nf", 3), ("nf", 4), ("nf", 8)), block_size=args.block_size, table=table)
+        alloc = allocate(
+            mats, budget_bits, (("nf", 2), ("nf", 3), ("nf", 4), ("nf", 8)), block_size=args.block_size, table=table
+        )
         report = quantize_model(model, PROJ, bits=alloc, layers=top, iters=args.lq_iters, block_size=args.block_size,
                                 cache_weight=True)  # same numbers, no per-step dequantisation on 2 CPU cores
         counts: dict[str, int] = {}
         for r in alloc.rows:
             counts[f"nf{r.bits}"] = counts.get(f"nf{r.bits}", 0) + 1
-        out = {"bits": int(bits) if float(bits).is_integer() else bits, "budget_bits_per_weight": budget_bits, "budget_bytes": alloc.budget_bytes,
-               "stored_bytes": report.stored_bytes, "fp32_bytes": 4 * report.numel,
+        out = {"bits": int(bits) if float(bits).is_integer() else bits, "budget_bits_per_weight": budget_bits,
+               "budget_bytes": alloc.budget_bytes, "stored_bytes": report.stored_bytes, "fp32_bytes": 4 * report.numel,
                "recon_rel_error": report.recon_rel_error,
                "recon_rel_error_q_only": math.sqrt(sum((r["rel_error_q_only"] ** 2) * r["norm2"] for r in report.rows)
                                                    / sum(r["norm2"] for r in report.rows)),
-               "uniform_choice_total_error_ratio": (alloc.uniform["total_error"] / alloc.total_error) if alloc.uniform else None,
+               "uniform_choice_total_error_ratio": (
+                   (alloc.uniform["total_error"] / alloc.total_error) if alloc.uniform else None
+               ),
                "matrices_per_width": counts, "quantize_s": round(time.time() - t0, 1)}
         table = alloc.table
     set_trainable(model, shared=True, task=False)
@@ -132,7 +136,8 @@ def run_config(args, bits: float | None, data: dict, table: dict | None) -> dict
     t0 = time.time()
     for _ in range(args.steps):
         rows = torch.randint(0, len(train), (args.batch,), generator=gen)
-        b = Batch(train[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1.0 / args.batch), pre[rows], split)
+        b = Batch(train[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1.0 / args.batch),
+                  pre[rows], split)
         train_step(model, b, opt, params)
     out["train_s"] = round(time.time() - t0, 1)
     nll = evaluate(model, {0: data["eval"]}, batch_size=8, prefixes={0: data["eval_prefix"]}, split=split)[0]
@@ -144,7 +149,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="random tiny llama instead of SmolLM2-135M")
     ap.add_argument("--bits", type=float, nargs="+", default=[4, 3, 2, 8, 3.5],
-                    help="budgets in bits per weight, run in this order (the time box may cut the last); fractional ones mix widths")
+                    help="budgets in bits per weight, run in this order (the time box may cut the last); "
+                         "fractional ones mix widths")
     ap.add_argument("--top", type=int, default=2, help="adapted and quantised top blocks")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)
@@ -184,13 +190,15 @@ def main() -> None:
         "benchmark": "quant_budget",
         "model": "tiny-random-llama" if args.tiny else "smollm2-135m",
         "compared": "LoRA perplexity after identical training on an fp32 base vs LQ-quantised bases at bit budgets",
-        "quantised": f"all 7 linear projections of the top {args.top} of {n_blocks} blocks (where the LoRA adapters sit); "
-                     "lower blocks, embeddings and head stay fp32",
-        "quantizer": "NF 2/3/4/8-bit per matrix chosen by the MILP allocator; LQ (Q + rank-r L1 L2^T, adapters start from it)",
+        "quantised": f"all 7 linear projections of the top {args.top} of {n_blocks} blocks "
+                     "(where the LoRA adapters sit); lower blocks, embeddings and head stay fp32",
+        "quantizer": "NF 2/3/4/8-bit per matrix chosen by the MILP allocator; "
+                     "LQ (Q + rank-r L1 L2^T, adapters start from it)",
         "setup": {"rank": args.rank, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                   "train_seqs": len(train), "eval_seqs": len(evals), "block_size": args.block_size,
                   "lq_iters": args.lq_iters, "seed": args.seed, "threads": torch.get_num_threads(),
-                  "note": "dequantised weights cached after the first forward (cache_weight=True): same numbers, less CPU"},
+                  "note": "dequantised weights cached after the first forward (cache_weight=True): "
+                          "same numbers, less CPU"},
         "base_ppl": math.exp(base_nll),
         "fp32_lora_ppl": fp32["lora_ppl"],
         "fp32_train_s": fp32["train_s"],

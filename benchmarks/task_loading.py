@@ -40,7 +40,9 @@ def _vocab() -> list[str]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    text = " ".join((root / f).read_text(encoding="utf-8") for f in ("json/decoder.py", "logging/__init__.py", "email/message.py"))
+    text = " ".join(
+        (root / f).read_text(encoding="utf-8") for f in ("json/decoder.py", "logging/__init__.py", "email/message.py")
+    )
     return sorted(set(re.findall(r"\b[a-z]{3,12}\b", text)))
 
 
@@ -82,8 +84,13 @@ def time_format(path: Path, fmt: str, seq_len: int) -> tuple[float, list]:
 
     tok = load_tokenizer("smollm2-135m")  # not timed: loaded once per job anyway
     fields = {"example_format": fmt}
-    spec = TaskSetSpec(name="customers", source={"kind": "files", "path": str(path), **fields}, task_field="customer_id",
-                       eval_split={"field": "split", "value": "test"}, min_examples=10)
+    spec = TaskSetSpec(
+        name="customers",
+        source={"kind": "files", "path": str(path), **fields},
+        task_field="customer_id",
+        eval_split={"field": "split", "value": "test"},
+        min_examples=10,
+    )
     t = time.perf_counter()
     data = build_task_data([], tok, seq_len, seed=0, task_sets=[spec])
     return time.perf_counter() - t, data
@@ -108,14 +115,22 @@ def main() -> None:
         gen_s = time.perf_counter() - t
         seconds, data = time_format(path, a.format, a.seq_len)
         out = {
-            "tasks": len(data), "rows": a.rows, "seconds": round(seconds, 2),
-            "format": a.format, "seq_len": a.seq_len, "target_s": TARGET_S, "ratio_to_target": round(seconds / TARGET_S, 3),
+            "tasks": len(data),
+            "rows": a.rows,
+            "seconds": round(seconds, 2),
+            "format": a.format,
+            "seq_len": a.seq_len,
+            "target_s": TARGET_S,
+            "ratio_to_target": round(seconds / TARGET_S, 3),
             "train_examples": int(sum(d.train_examples for d in data)),
             "eval_examples": int(sum(d.eval_examples for d in data)),
             "truncated": int(sum(d.stats["truncated"] for d in data)),
             "scored_train_tokens": int(sum(d.train_tokens for d in data)),
-            "table_generation_s": round(gen_s, 2), "cpus": os.cpu_count(),
-            "compared": f"build_task_data on one task set (1 table -> {len(data)} tasks) against the {TARGET_S:.0f} s target",
+            "table_generation_s": round(gen_s, 2),
+            "cpus": os.cpu_count(),
+            "compared": (
+                f"build_task_data on one task set (1 table -> {len(data)} tasks) against the {TARGET_S:.0f} s target"
+            ),
         }
         if a.compare:
             other = "prompt_completion" if a.format == "messages" else "messages"

@@ -61,7 +61,8 @@ class TaskRouter:
 
 def linear_dims(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of nn.Linear or HF's GPT-2 Conv1D."""
-    if isinstance(base, nn.Linear) or getattr(base, "is_quantized_linear", False):  # models.quant.linear.QuantizedLinear
+    # is_quantized_linear: models.quant.linear.QuantizedLinear
+    if isinstance(base, nn.Linear) or getattr(base, "is_quantized_linear", False):
         return base.in_features, base.out_features, False
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers.pytorch_utils
         w = base.weight  # (in, out)
@@ -206,7 +207,9 @@ class MultiTaskLoraLinear(nn.Module):
         return y + z.reshape(*shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tasks={self.num_tasks}, ranks={sorted(set(self.ranks))}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, tasks={self.num_tasks}, ranks={sorted(set(self.ranks))}"
+        )
 
 
 # --------------------------------------------------------------------------- free functions
@@ -262,7 +265,13 @@ def inject(
             continue
         chosen.append(name)
     if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        leaves = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+            }
+        )
         raise LoraTargetError(
             f"target_modules {list(target_modules)} match no layer"
             + (f" in layers {list(layers)}" if layers is not None else "")

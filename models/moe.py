@@ -386,29 +386,42 @@ def load_moe(base_model: nn.Module, directory: str | Path) -> list[str]:
     directory = Path(directory)
     cfg_path, w_path = directory / MOE_CONFIG_NAME, directory / MOE_WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise MoEConfigError(f"{directory} holds no saved MoE ({MOE_CONFIG_NAME} + {MOE_WEIGHTS_NAME}): run save_moe first")
+        raise MoEConfigError(
+            f"{directory} holds no saved MoE ({MOE_CONFIG_NAME} + {MOE_WEIGHTS_NAME}): run save_moe first"
+        )
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("format") != _FORMAT:
         raise MoEConfigError(f"{cfg_path} is not a loraflock MoE config (format {cfg.get('format')!r})")
     if cfg["model_class"] != type(base_model).__name__:
         raise MoEConfigError(
-            f"the MoE in {directory} was trained on a {cfg['model_class']}, not a {type(base_model).__name__}: load it onto the same base"
+            f"the MoE in {directory} was trained on a {cfg['model_class']}, not a {type(base_model).__name__}: "
+            "load it onto the same base"
         )
     blob = w_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != cfg["weights_sha256"]:
         raise MoEConfigError(f"{w_path} does not match {cfg_path} (interrupted save?): save again")
     names = convert_to_moe(
-        base_model, cfg["num_experts"], cfg["top_k"], cfg["bottleneck"], cfg["scale"], cfg["layers"], cfg.get("dispatch", "sparse")
+        base_model,
+        cfg["num_experts"],
+        cfg["top_k"],
+        cfg["bottleneck"],
+        cfg["scale"],
+        cfg["layers"],
+        cfg.get("dispatch", "sparse"),
     )
     state = load_file(str(w_path))
     want = {f"{n}.{p}" for n in names for p in ("expert_router.weight", "down", "up")}
     if set(state) != want:
-        raise MoEConfigError(f"{w_path} holds {sorted(set(state) ^ want)[:4]} ... that do not fit this model's MoE blocks")
+        raise MoEConfigError(
+            f"{w_path} holds {sorted(set(state) ^ want)[:4]} ... that do not fit this model's MoE blocks"
+        )
     params = dict(base_model.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
             target = params[key]
             if target.shape != value.shape:
-                raise MoEConfigError(f"{key}: saved shape {tuple(value.shape)} != model's {tuple(target.shape)}: use the same base")
+                raise MoEConfigError(
+                    f"{key}: saved shape {tuple(value.shape)} != model's {tuple(target.shape)}: use the same base"
+                )
             target.copy_(value)
     return names

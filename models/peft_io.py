@@ -20,7 +20,19 @@ from safetensors.torch import load_file, save
 from models.files import atomic_dir
 from models.lora import MultiTaskLoraLinear, lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state", "peft_layers", "theta_state", "read_adapter", "write_adapter_dir", "module_of_key", "AdapterFormatError", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "adapter_state",
+    "peft_layers",
+    "theta_state",
+    "read_adapter",
+    "write_adapter_dir",
+    "module_of_key",
+    "AdapterFormatError",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -127,7 +139,9 @@ def write_adapter_dir(
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
-        (tmp / WEIGHTS_NAME).write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
+        (tmp / WEIGHTS_NAME).write_bytes(
+            save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+        )
     return Path(directory)
 
 

@@ -195,7 +195,9 @@ class HierarchicalPrior:
         for g, names in out.items():
             for n in names:
                 if n in seen:
-                    raise PriorSettingError(f"module {n!r} is in prior groups {seen[n]!r} and {g!r}: make the patterns disjoint")
+                    raise PriorSettingError(
+                        f"module {n!r} is in prior groups {seen[n]!r} and {g!r}: make the patterns disjoint"
+                    )
                 seen[n] = g
         missing = [n for n in layers if n not in seen]
         if missing:
@@ -426,7 +428,9 @@ class HierarchicalPrior:
         if list(s["task_sizes"]) != self.task_sizes:
             raise PriorSettingError(f"prior state task_sizes {s['task_sizes']} differ from {self.task_sizes}")
         if s["mode"] not in _MODES or s["estimate"] not in _ESTIMATES:
-            raise PriorSettingError(f"prior state has mode {s['mode']!r} / estimate {s['estimate']!r}: not a valid setting")
+            raise PriorSettingError(
+                f"prior state has mode {s['mode']!r} / estimate {s['estimate']!r}: not a valid setting"
+            )
         self.mode, self.a, self.b, self.estimate = s["mode"], float(s["a"]), float(s["b"]), s["estimate"]
         self.tau_init, self.tau_max = float(s["tau_init"]), float(s["tau_max"])
         self.update_every = int(s["update_every"])

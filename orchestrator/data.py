@@ -43,13 +43,18 @@ def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
         task_sets=() if tasks else spec.task_sets, chat_template=spec.chat_template,
     )
     shown = data if len(data) <= 20 else data[:20]
-    sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in shown) + (f", ... ({len(data)} tasks)" if len(data) > 20 else "")
+    sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in shown) + (
+        f", ... ({len(data)} tasks)" if len(data) > 20 else ""
+    )
     say(f"data ready in {time.perf_counter() - t:.1f}s (train/eval rows of {spec.train.seq_len} tokens: {sizes})")
     cut = [d for d in data if d.stats.get("truncated") or d.stats.get("dropped") or d.stats.get("empty")]
     if cut:
         total = {k: sum(d.stats[k] for d in cut) for k in ("truncated", "dropped", "empty")}
         worst = ", ".join(f"{d.name} {d.stats['truncated']}/{d.stats['dropped']}/{d.stats['empty']}"
                           for d in sorted(cut, key=lambda d: -(d.stats["truncated"] + d.stats["dropped"]))[:5])
-        say(f"  examples longer than {spec.train.seq_len} tokens: {total['truncated']} truncated, {total['dropped']} dropped; "
-            f"{total['empty']} rows with an empty completion skipped ({len(cut)} tasks; most: {worst})")
+        say(
+            f"  examples longer than {spec.train.seq_len} tokens: {total['truncated']} truncated, "
+            f"{total['dropped']} dropped; "
+            f"{total['empty']} rows with an empty completion skipped ({len(cut)} tasks; most: {worst})"
+        )
     return data

@@ -58,7 +58,9 @@ def _claim_output(out: Path, spec: JobSpec) -> dict:
         state_file = out / "state.json"
         return json.loads(state_file.read_text()) if state_file.is_file() else {}
     if any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise OutputDirError(f"{out} is not empty and was not written by loraflock: choose an empty or new --out directory")
+        raise OutputDirError(
+            f"{out} is not empty and was not written by loraflock: choose an empty or new --out directory"
+        )
     atomic_write_json(marker, {"name": spec.name, "fingerprint": fp, "spec": spec.model_dump(mode="json")})
     return {}
 
@@ -128,8 +130,11 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
     if target:
         _probe(target)  # an unreachable cluster fails before anything is written
     t0 = time.perf_counter()
-    say(f"job {spec.name!r}: {len(spec.tasks)} tasks" + (f" + {len(spec.task_sets)} task sets" if spec.task_sets else "")
-        + f", output {out}")
+    say(
+        f"job {spec.name!r}: {len(spec.tasks)} tasks"
+        + (f" + {len(spec.task_sets)} task sets" if spec.task_sets else "")
+        + f", output {out}"
+    )
     data = build_job_data(spec)  # bad data files fail here, before Ray starts
     new_task = None
     if spec.recycle.enabled and spec.recycle.new_task is not None:

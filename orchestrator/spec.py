@@ -274,7 +274,9 @@ class JobSpec(Strict):
     @classmethod
     def _template_ok(cls, v: str | None) -> str | None:
         if v is not None and v != "chatml" and "{{" not in v and "{%" not in v:
-            raise ValueError(f"chat_template {v[:40]!r} is neither `chatml` nor a jinja template ({{% ... %}} / {{{{ ... }}}})")
+            raise ValueError(
+                f"chat_template {v[:40]!r} is neither `chatml` nor a jinja template ({{% ... %}} / {{{{ ... }}}})"
+            )
         return v
 
     @model_validator(mode="after")
@@ -283,7 +285,9 @@ class JobSpec(Strict):
             raise ValueError("the job has no task: list at least one entry under tasks: or task_sets:")
         sets = [s.name for s in self.task_sets]
         if len(set(sets)) < len(sets):
-            raise ValueError(f"task set names must be unique; repeated: {sorted({n for n in sets if sets.count(n) > 1})}")
+            raise ValueError(
+                f"task set names must be unique; repeated: {sorted({n for n in sets if sets.count(n) > 1})}"
+            )
         names = [t.name for t in self.tasks]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

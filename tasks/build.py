@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     from tasks.examples import Examples
     from tasks.task_data import TaskData
 
-__all__ = ["BuildContext", "build_instruct_task", "build_text_task", "fields_of", "instruct_task_data", "text_task_data"]
+__all__ = [
+    "BuildContext",
+    "build_instruct_task",
+    "build_text_task",
+    "fields_of",
+    "instruct_task_data",
+    "text_task_data",
+]
 
 
 @dataclass
@@ -39,7 +46,9 @@ class BuildContext:
     tok_fp: str
 
     @classmethod
-    def make(cls, tokenizer: PreTrainedTokenizerBase | str, seq_len: int, seed: int, chat_template: str | None) -> BuildContext:
+    def make(
+        cls, tokenizer: PreTrainedTokenizerBase | str, seq_len: int, seed: int, chat_template: str | None
+    ) -> BuildContext:
         from tasks.packing import tokenizer_fingerprint
         from tasks.tokenizer import TokenizerError, load_tokenizer
 
@@ -107,8 +116,16 @@ def text_task_data(
         rows, mask = rows[keep], (None if mask is None else mask[keep])
         sides[side] = (rows, mask, {"documents": int(len(idx)), "examples": int(len(rows)), "padded": mask is not None,
                                     "tokens": _scored(rows, mask)})
-    stats = {"format": "text", "examples": int(len(train_idx) + len(eval_idx)), "truncated": 0, "dropped": 0, "empty": 0,
-             "train": sides["train"][2], "eval": sides["eval"][2], **(extra or {})}
+    stats = {
+        "format": "text",
+        "examples": int(len(train_idx) + len(eval_idx)),
+        "truncated": 0,
+        "dropped": 0,
+        "empty": 0,
+        "train": sides["train"][2],
+        "eval": sides["eval"][2],
+        **(extra or {}),
+    }
     (rows, mask, _), (ev_rows, ev_mask, _) = sides["train"], sides["eval"]
     return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats)
 
@@ -122,11 +139,15 @@ def instruct_task_data(
     from tasks.rows import example_rows
 
     sides = {}
-    for side, e, pos, cap in (("train", ex, train_pos, opts.max_train_sequences), ("eval", ev_ex, eval_pos, opts.max_eval_sequences)):
+    for side, e, pos, cap in (
+        ("train", ex, train_pos, opts.max_train_sequences),
+        ("eval", ev_ex, eval_pos, opts.max_eval_sequences),
+    ):
         rows, mask, counts = example_rows(e, pos, ctx.seq_len, ctx.pad, opts.truncation, name, where)
         if counts["examples"] == 0:
             raise TaskDataError(
-                f"task {name!r}: none of its {len(pos)} {side} examples in {where!r} fits a row of {ctx.seq_len} tokens "
+                f"task {name!r}: none of its {len(pos)} {side} examples in {where!r} "
+                f"fits a row of {ctx.seq_len} tokens "
                 f"(truncation: {opts.truncation}); raise train.seq_len or set truncation: left"
             )
         keep = cap_indices(len(rows), cap, ctx.seed, f"{name}:{side}")
@@ -135,9 +156,17 @@ def instruct_task_data(
         sides[side] = (rows, mask, counts)
     tr, ev = sides["train"][2], sides["eval"][2]
     empty = ex.empty + (ev_ex.empty if ev_ex is not ex else 0)
-    stats = {"format": ex.format, "examples": tr["examples"] + ev["examples"], "truncated": tr["truncated"] + ev["truncated"],
-             "dropped": tr["dropped"] + ev["dropped"], "empty": int(empty), "train_on_prompt": bool(opts.train_on_prompt),
-             "train": tr, "eval": ev, **(extra or {})}
+    stats = {
+        "format": ex.format,
+        "examples": tr["examples"] + ev["examples"],
+        "truncated": tr["truncated"] + ev["truncated"],
+        "dropped": tr["dropped"] + ev["dropped"],
+        "empty": int(empty),
+        "train_on_prompt": bool(opts.train_on_prompt),
+        "train": tr,
+        "eval": ev,
+        **(extra or {}),
+    }
     (rows, mask, _), (ev_rows, ev_mask, _) = sides["train"], sides["eval"]
     return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats)
 

@@ -36,7 +36,15 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHATML", "ROLES", "Examples", "encode_examples", "resolve_chat_template"]
+__all__ = [
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "CHATML",
+    "ROLES",
+    "Examples",
+    "encode_examples",
+    "resolve_chat_template",
+]
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -99,7 +107,8 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | No
         template = template.get("default")
     if not template:
         raise TaskDataError(
-            f"task {task!r}: {where!r} is read as example_format messages, rendered with the tokenizer's chat template, but tokenizer "
+            f"task {task!r}: {where!r} is read as example_format messages, "
+            "rendered with the tokenizer's chat template, but tokenizer "
             f"{tokenizer.name_or_path!r} has none; set `chat_template: chatml` (or a jinja template string) at the top "
             "level of the job"
         )
@@ -116,7 +125,9 @@ def _strings(ds: Dataset, col: str | None) -> list[str]:
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)["input_ids"]
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True
+    )["input_ids"]
 
 
 def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -127,7 +138,9 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _pairs(prompts: list[str], completions: list[str], tokenizer, train_on_prompt: bool, target: str, fmt: str) -> Examples:
+def _pairs(
+    prompts: list[str], completions: list[str], tokenizer, train_on_prompt: bool, target: str, fmt: str
+) -> Examples:
     keep = np.flatnonzero(np.array([bool(c) for c in completions], dtype=bool))
     eos = _eos(tokenizer)
     p_ids = _tokenize(tokenizer, [prompts[i] for i in keep])
@@ -180,13 +193,15 @@ def _conversations(ds: Dataset, f: ExampleFields, task: str, where: str, row_ids
             if role not in ROLES:
                 raise TaskDataError(
                     f"task {task!r}: row {row} of {where!r}, field {f.messages_field!r}: unknown role {role!r}; roles "
-                    f"must be {list(ROLES)}: map the data's names with source.role_map (e.g. {{human: user, gpt: assistant}})"
+                    f"must be {list(ROLES)}: map the data's names with source.role_map "
+                    "(e.g. {human: user, gpt: assistant})"
                 )
             content = turn.get(f.content_field) or ""
             if not isinstance(content, str):
                 raise TaskDataError(
                     f"task {task!r}: row {row} of {where!r}, field {f.messages_field!r}: a {role} turn's "
-                    f"{f.content_field!r} holds {type(content).__name__}, not text; give each turn's content as a string"
+                    f"{f.content_field!r} holds {type(content).__name__}, not text; "
+                    "give each turn's content as a string"
                 )
             conv.append({"role": role, "content": content})
         if not any(t["role"] == "assistant" for t in conv):
@@ -209,7 +224,9 @@ def _render(tokenizer, conv: list[dict], template: str, row: int, task: str, whe
         ) from None
 
 
-def _assistant_spans(tokenizer, conv: list[dict], template: str, full: str, row: int, task: str, where: str) -> list[tuple[int, int]]:
+def _assistant_spans(
+    tokenizer, conv: list[dict], template: str, full: str, row: int, task: str, where: str
+) -> list[tuple[int, int]]:
     """Character spans [start, end) of every assistant turn in the rendered ``full`` text."""
     spans, cursor = [], 0
     for i, turn in enumerate(conv):
@@ -224,7 +241,8 @@ def _assistant_spans(tokenizer, conv: list[dict], template: str, full: str, row:
             if start < 0:
                 raise TaskDataError(
                     f"task {task!r}: row {row} of {where!r}: the chat template does not render assistant turn {i} "
-                    "verbatim, so its tokens cannot be found; use a template that keeps the reply text (`chat_template:`)"
+                    "verbatim, so its tokens cannot be found; "
+                    "use a template that keeps the reply text (`chat_template:`)"
                 )
             end = start + len(turn["content"])
         spans.append((start, end))
@@ -359,14 +377,21 @@ def encode_examples(
     if row_ids is None:
         row_ids = np.arange(len(ds))
     if fmt == "prompt_completion":
-        require_columns(ds, {"prompt_field": fields.prompt_field, "completion_field": fields.completion_field}, task, where)
+        require_columns(
+            ds, {"prompt_field": fields.prompt_field, "completion_field": fields.completion_field}, task, where
+        )
         return _pairs(_strings(ds, fields.prompt_field), _strings(ds, fields.completion_field), tokenizer,
                       train_on_prompt, fields.completion_field, fmt)
     if fmt == "alpaca":
-        require_columns(ds, {"instruction_field": fields.instruction_field, "output_field": fields.output_field}, task, where)
+        require_columns(
+            ds, {"instruction_field": fields.instruction_field, "output_field": fields.output_field}, task, where
+        )
         if fields.input_field in ds.column_names:
             require_columns(ds, {"input_field": fields.input_field}, task, where)
-        prompts = [_alpaca_prompt(i, x) for i, x in zip(_strings(ds, fields.instruction_field), _strings(ds, fields.input_field))]
+        prompts = [
+            _alpaca_prompt(i, x)
+            for i, x in zip(_strings(ds, fields.instruction_field), _strings(ds, fields.input_field))
+        ]
         return _pairs(prompts, _strings(ds, fields.output_field), tokenizer, train_on_prompt, fields.output_field, fmt)
     if fmt == "messages":
         require_columns(ds, {"messages_field": fields.messages_field}, task, where, strings=False)

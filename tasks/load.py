@@ -58,7 +58,9 @@ def build_task_data(
     if dup:
         raise TaskDataError(f"task names must be unique; repeated: {dup}")
     ctx = BuildContext.make(tokenizer, seq_len, seed, chat_template)
-    out = TaskDataList(build_text_task(s, ctx) if example_format_of(s.source) == "text" else build_instruct_task(s, ctx) for s in tasks)
+    out = TaskDataList(
+        build_text_task(s, ctx) if example_format_of(s.source) == "text" else build_instruct_task(s, ctx) for s in tasks
+    )
     if task_sets:
         expanded, report = expand_with(ctx, task_sets, taken=set(names))
         out.extend(expanded)

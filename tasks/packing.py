@@ -43,7 +43,10 @@ def _doc_order(docs: Dataset, seed: int) -> np.ndarray:
     """Document indices in seeded-hash order (stable under adding documents if keys are paths)."""
     if "doc_key" in docs.column_names:
         keys = docs.with_format("arrow")[:]["doc_key"].to_pylist()
-        h = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") for k in keys], dtype=np.uint64)
+        h = np.array(
+            [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") for k in keys],
+            dtype=np.uint64,
+        )
     else:
         h = splitmix64(np.arange(len(docs), dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64))[0])
     return np.lexsort((np.arange(len(h)), h))  # ties (duplicate keys) by index
@@ -78,7 +81,9 @@ def tokenize_documents(docs: Dataset, tokenizer: PreTrainedTokenizerBase, finger
         fingerprint: identifies (documents, tokenizer) for datasets' cache; computed if None.
     """
     if fingerprint is None:
-        fingerprint = hashlib.sha256(f"{docs._fingerprint}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:32]
+        fingerprint = hashlib.sha256(
+            f"{docs._fingerprint}:{tokenizer_fingerprint(tokenizer)}".encode()
+        ).hexdigest()[:32]
 
     def encode(batch: dict) -> dict:
         enc = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, split_special_tokens=True)
@@ -119,7 +124,9 @@ def pack_rows(tokens: Dataset, indices: np.ndarray, seq_len: int, eos_id: int) -
     return stream[: rows * seq_len].reshape(rows, seq_len)
 
 
-def pack_or_pad(tokens: Dataset, indices: np.ndarray, seq_len: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+def pack_or_pad(
+    tokens: Dataset, indices: np.ndarray, seq_len: int, eos_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`pack_rows`, except that a stream shorter than one row becomes one padded row.
 
     Returns:

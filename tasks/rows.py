@@ -85,7 +85,8 @@ def example_rows(
             need = length - int(ex.keep_from[p]) + 1
             raise TaskDataError(
                 f"task {task!r}: row {int(ex.rows[p])} of {where!r}: its {ex.target_field!r} needs {need - 1} tokens, "
-                f"so no prompt token is left in a row of {seq_len} after truncating from the left (the example would be "
+                f"so no prompt token is left in a row of {seq_len} after truncating from the left "
+                "(the example would be "
                 f"empty of context); raise train.seq_len to at least {need}, set truncation: drop, or shorten that "
                 f"{ex.target_field!r}"
             )

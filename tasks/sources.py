@@ -23,7 +23,15 @@ from datasets import Dataset
 from tasks.errors import TaskDataError
 from tasks.spec import BuiltinSource, DataSource, FilesSource, HubSource
 
-__all__ = ["infer_format", "load_table", "load_documents", "source_where", "require_columns", "text_documents", "expand_paths"]
+__all__ = [
+    "infer_format",
+    "load_table",
+    "load_documents",
+    "source_where",
+    "require_columns",
+    "text_documents",
+    "expand_paths",
+]
 
 # spec format -> datasets builder
 _BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
@@ -117,7 +125,9 @@ def _load_files(src: FilesSource, task: str) -> Dataset:
                 table[col].validate(full=True)
             except pa.ArrowInvalid:
                 _require_utf8(files, task)
-                raise TaskDataError(f"task {task!r}: column {col!r} of {files} is not valid UTF-8; re-encode the data") from None
+                raise TaskDataError(
+                    f"task {task!r}: column {col!r} of {files} is not valid UTF-8; re-encode the data"
+                ) from None
     return ds
 
 
@@ -152,7 +162,11 @@ def source_where(source: DataSource) -> str:
         return source.path if isinstance(source.path, str) else ", ".join(source.path)
     if isinstance(source, HubSource):
         return source.name
-    return f"builtin {source.suite}" + (f" {source.subset}" if source.subset else "") + (f" {source.package}" if source.package else "")
+    return (
+        f"builtin {source.suite}"
+        + (f" {source.subset}" if source.subset else "")
+        + (f" {source.package}" if source.package else "")
+    )
 
 
 def require_columns(ds: Dataset, wanted: dict[str, str], task: str, where: str, strings: bool = True) -> None:

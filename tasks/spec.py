@@ -138,8 +138,11 @@ class ExampleFields(Strict):
     def _fields_match_format(self) -> ExampleFields:
         own = set(_FORMAT_FIELDS[self.example_format])
         stray = sorted(
-            f for fmt, names in _FORMAT_FIELDS.items() if fmt != self.example_format
-            for f in names if f not in own and getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)
+            f
+            for fmt, names in _FORMAT_FIELDS.items()
+            if fmt != self.example_format
+            for f in names
+            if f not in own and getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)
         )
         if stray:
             raise ValueError(
@@ -150,7 +153,11 @@ class ExampleFields(Strict):
 
     def field_names(self) -> dict[str, str]:
         """Role of each column of this format -> the column name, e.g. ``{"prompt": "question"}``."""
-        return {f.removesuffix("_field"): getattr(self, f) for f in _FORMAT_FIELDS[self.example_format] if f.endswith("_field")}
+        return {
+            f.removesuffix("_field"): getattr(self, f)
+            for f in _FORMAT_FIELDS[self.example_format]
+            if f.endswith("_field")
+        }
 
 
 class FilesSource(ExampleFields):

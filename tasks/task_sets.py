@@ -18,6 +18,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,8 +148,9 @@ def _load(ts: TaskSetSpec) -> tuple[Dataset, np.ndarray, list, str, str, int]:
     if len(values) < 2:
         what = f"a single value {values[0]!r}" if values else f"no value (all {len(codes)} rows are null or empty)"
         raise TaskDataError(
-            f"task set {ts.name!r}: column {ts.task_field!r} (task_field) of {where!r} has {what}, so it splits nothing; "
-            f"use a plain `tasks:` entry, or set task_field to the column naming each row's task (columns: {ds.column_names})"
+            f"task set {ts.name!r}: column {ts.task_field!r} (task_field) of {where!r} has {what}, "
+            "so it splits nothing; use a plain `tasks:` entry, or set task_field to the column naming each row's task "
+            f"(columns: {ds.column_names})"
         )
     return ds, codes, values, ts.task_field, where, null_rows
 
@@ -164,7 +166,11 @@ def plan_task_set(ts: TaskSetSpec, seed: int = 0, taken: set[str] = frozenset())
     ds, codes, values, fld, where, null_rows = _load(ts)
     counts = np.bincount(codes[codes >= 0], minlength=len(values))
     groups = [g for g in range(len(values)) if counts[g] >= ts.min_examples]
-    skipped = {str(values[g]): f"{int(counts[g])} rows < min_examples {ts.min_examples}" for g in range(len(values)) if counts[g] < ts.min_examples}
+    skipped = {
+        str(values[g]): f"{int(counts[g])} rows < min_examples {ts.min_examples}"
+        for g in range(len(values))
+        if counts[g] < ts.min_examples
+    }
     if not groups:
         raise TaskDataError(
             f"task set {ts.name!r}: no {fld} of {where!r} has min_examples {ts.min_examples} rows (the largest has "
@@ -192,7 +198,8 @@ def plan_task_set(ts: TaskSetSpec, seed: int = 0, taken: set[str] = frozenset())
             )
         if name in taken:
             raise TaskDataError(
-                f"task set {ts.name!r}: {fld} value {value!r} gives task name {name!r}, which another task already has; "
+                f"task set {ts.name!r}: {fld} value {value!r} gives task name {name!r}, "
+                "which another task already has; "
                 "set name_prefix on the set (e.g. name_prefix: cust-) or rename that task"
             )
         seen[name.lower()], names[g] = g, name
@@ -200,12 +207,17 @@ def plan_task_set(ts: TaskSetSpec, seed: int = 0, taken: set[str] = frozenset())
     if ts.eval_split is not None:
         if ts.eval_split.field not in ds.column_names:
             raise TaskDataError(
-                f"task set {ts.name!r}: {where!r} has no column {ts.eval_split.field!r} (eval_split.field); its columns "
+                f"task set {ts.name!r}: {where!r} has no column {ts.eval_split.field!r} (eval_split.field); "
+                "its columns "
                 f"are {ds.column_names}: set eval_split.field to one of them"
             )
         want = str(ts.eval_split.value)
-        eval_rows = np.array([str(v) == want for v in ds.with_format("arrow")[:][ts.eval_split.field].to_pylist()], dtype=bool)
-    return TaskSetPlan(ts, ds, codes, values, counts, [int(g) for g in groups], names, skipped, fld, where, null_rows, eval_rows)
+        eval_rows = np.array(
+            [str(v) == want for v in ds.with_format("arrow")[:][ts.eval_split.field].to_pylist()], dtype=bool
+        )
+    return TaskSetPlan(
+        ts, ds, codes, values, counts, [int(g) for g in groups], names, skipped, fld, where, null_rows, eval_rows
+    )
 
 
 def describe_task_sets(task_sets: Sequence[TaskSetSpec], seed: int = 0, taken: set[str] = frozenset()) -> list[dict]:
@@ -278,7 +290,7 @@ def _expand_one(plan: TaskSetPlan, ctx: BuildContext) -> list[TaskData]:
         if text:  # whole documents, by characters, as for a text task
             frac = lambda p=pos: hold_out(docs.select(ex_rows[p]), ts.eval_fraction, ctx.seed)  # noqa: E731
         else:
-            frac = lambda n=len(pos), nm=name: hold_out_examples(n, ts.eval_fraction, ctx.seed, nm)  # noqa: E731
+            frac = partial(hold_out_examples, len(pos), ts.eval_fraction, ctx.seed, name)
         split = _split(plan, table_rows, frac)
         if split[0] is None:
             plan.skipped[str(plan.values[g])] = split[1]
@@ -296,7 +308,9 @@ def _expand_one(plan: TaskSetPlan, ctx: BuildContext) -> list[TaskData]:
     return out
 
 
-def expand_with(ctx: BuildContext, task_sets: Sequence[TaskSetSpec], taken: set[str] = frozenset()) -> tuple[list[TaskData], dict]:
+def expand_with(
+    ctx: BuildContext, task_sets: Sequence[TaskSetSpec], taken: set[str] = frozenset()
+) -> tuple[list[TaskData], dict]:
     """:func:`expand_task_sets` with a prepared :class:`tasks.build.BuildContext`."""
     out, report, taken = [], {}, set(taken)
     for ts in task_sets:
@@ -328,7 +342,8 @@ def expand_task_sets(
         ``{"field", "tasks": {original value: task name}, "skipped": {value: reason}, "null_rows"}``).
 
     Example:
-        >>> data, report = expand_task_sets([TaskSetSpec(name="c", source={...}, task_field="customer_id")], "bytes", 64)
+        >>> sets = [TaskSetSpec(name="c", source={...}, task_field="customer_id")]
+        >>> data, report = expand_task_sets(sets, "bytes", 64)
         >>> report["c"]["tasks"]
         {'ACME Corp.': 'ACME_Corp.', ...}
     """

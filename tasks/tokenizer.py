@@ -32,7 +32,9 @@ class TokenizerError(BaseModelError):
 
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map of the 256 bytes onto printable characters (ByteLevel's alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -238,7 +238,9 @@ def test_no_private_names_imported_from_other_modules():
 
 @pytest.mark.parametrize("package", RAY_FREE)
 def test_models_and_tasks_never_import_ray_in_their_source(package):
-    bad = [f"{m}:{imp.line}" for m in MODULES if m.split(".")[0] == package for imp in _imports(m) if imp.target == "ray"]
+    bad = [
+        f"{m}:{imp.line}" for m in MODULES if m.split(".")[0] == package for imp in _imports(m) if imp.target == "ray"
+    ]
     assert not bad, f"only orchestrator/ imports ray: {bad}"
 
 

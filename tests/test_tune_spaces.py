@@ -28,7 +28,8 @@ def test_distributions_map_to_the_right_tune_objects():
     t = to_tune(space)
     assert isinstance(t["rank"], Categorical) and t["rank"].categories == [4, 8]
     assert t["bits"] == {"grid_search": [4, 16]}
-    assert isinstance(t["target_sparsity"], Float) and (t["target_sparsity"].lower, t["target_sparsity"].upper) == (0.0, 0.5)
+    assert isinstance(t["target_sparsity"], Float)
+    assert (t["target_sparsity"].lower, t["target_sparsity"].upper) == (0.0, 0.5)
     assert type(t["target_sparsity"].get_sampler()).__name__ == "_Uniform"
     assert type(t["lr"].get_sampler()).__name__ == "_LogUniform" and t["lr"].lower == 1e-4
     assert t["tau"] == 100.0

@@ -163,9 +163,13 @@ def _dimension(src: str, name: str, body: Any) -> Dimension:
     kinds = [k for k in body if k != "zero"]
     unknown = [k for k in kinds if k not in DISTRIBUTIONS]
     if unknown:
-        raise SpaceError(f"{src}: dimensions.{name}: unknown distribution {unknown[0]!r}; use one of {list(DISTRIBUTIONS)}")
+        raise SpaceError(
+            f"{src}: dimensions.{name}: unknown distribution {unknown[0]!r}; use one of {list(DISTRIBUTIONS)}"
+        )
     if len(kinds) != 1:
-        raise SpaceError(f"{src}: dimensions.{name} needs exactly one distribution of {list(DISTRIBUTIONS)}, got {kinds}")
+        raise SpaceError(
+            f"{src}: dimensions.{name} needs exactly one distribution of {list(DISTRIBUTIONS)}, got {kinds}"
+        )
     kind = kinds[0]
     raw = body[kind]
     zero = body.get("zero", 0.0)
@@ -282,7 +286,8 @@ def to_optuna(space: SearchSpace):
     :class:`SpaceError` says to use ``choice``.
 
     Example:
-        >>> OptunaSearch(space=to_optuna(load_space("default")), metric=["macro_ppl", "model_bytes"], mode=["min", "min"])
+        >>> OptunaSearch(space=to_optuna(load_space("default")), metric=["macro_ppl", "model_bytes"],
+        ...              mode=["min", "min"])
     """
     grid = [n for n, d in space.dimensions.items() if d.kind == "grid"]
     if grid:

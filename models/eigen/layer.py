@@ -56,7 +56,8 @@ def gram_schmidt_extend(basis: torch.Tensor, k_extra: int, generator: torch.Gene
     d, k = basis.shape
     if k_extra < 0 or k + k_extra > d:
         raise SubspaceError(
-            f"k_extra={k_extra}: with K={k} directions a {d}-dimensional space holds at most {d - k} more; lower k_extra"
+            f"k_extra={k_extra}: with K={k} directions a {d}-dimensional space holds at most {d - k} more; "
+            "lower k_extra"
         )
     cols = [c for c in basis.double().T]
     for _ in range(k_extra):
@@ -83,7 +84,8 @@ class EigenLoraLinear(nn.Module):
         dropout: dropout on the adapter input.
 
     Example:
-        >>> layer = EigenLoraLinear(nn.Linear(16, 8), torch.eye(16)[:, :3], torch.eye(8)[:, :3], 2, 4, 8.0, TaskRouter())
+        >>> layer = EigenLoraLinear(nn.Linear(16, 8), torch.eye(16)[:, :3], torch.eye(8)[:, :3], 2, 4, 8.0,
+        ...                         TaskRouter())
         >>> layer.router.single = 1; y = layer(torch.randn(2, 5, 16))
     """
 
@@ -102,11 +104,14 @@ class EigenLoraLinear(nn.Module):
         in_f, out_f, fan_in_fan_out = linear_dims(base)
         if basis_A.shape[0] != in_f or basis_B.shape[0] != out_f or basis_A.shape[1] != basis_B.shape[1]:
             raise SubspaceError(
-                f"subspace bases A {tuple(basis_A.shape)} / B {tuple(basis_B.shape)} do not fit a {in_f}->{out_f} layer: "
+                f"subspace bases A {tuple(basis_A.shape)} / B {tuple(basis_B.shape)} "
+                f"do not fit a {in_f}->{out_f} layer: "
                 "the subspace was built on a different base model"
             )
         if int(rank) < 1 or num_tasks < 1:
-            raise SubspaceError(f"eigen adapters need rank >= 1 and num_tasks >= 1 (got rank={rank}, num_tasks={num_tasks})")
+            raise SubspaceError(
+                f"eigen adapters need rank >= 1 and num_tasks >= 1 (got rank={rank}, num_tasks={num_tasks})"
+            )
         k = basis_A.shape[1]
         dev = next(base.parameters()).device
         self.base_layer = base
@@ -205,7 +210,9 @@ def inject_eigen(
                 "load the base model its adapters were trained on"
             ) from None
         if isinstance(module, (MultiTaskLoraLinear, EigenLoraLinear)):
-            raise SubspaceError(f"module {name!r} already carries an adapter layer: inject eigen adapters into a bare base model")
+            raise SubspaceError(
+                f"module {name!r} already carries an adapter layer: inject eigen adapters into a bare base model"
+            )
     for name, basis in subspace.modules.items():
         v_a = gram_schmidt_extend(basis.basis_A, k_extra, gen)
         v_b = gram_schmidt_extend(basis.basis_B, k_extra, gen)
@@ -246,7 +253,9 @@ def eigen_adapter_state(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
     if not layers:
         raise SubspaceError("model has no eigen layers: call inject_eigen() first")
     if not 0 <= task < next(iter(layers.values())).num_tasks:
-        raise SubspaceError(f"task {task} out of range: the eigen layers hold {next(iter(layers.values())).num_tasks} slots")
+        raise SubspaceError(
+            f"task {task} out of range: the eigen layers hold {next(iter(layers.values())).num_tasks} slots"
+        )
     out = {}
     for name, layer in layers.items():
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.task_A(task).detach().contiguous().cpu()

@@ -120,7 +120,9 @@ class Subspace:
         return list(self.coefficients)
 
     # ------------------------------------------------------------------ coefficients
-    def project(self, adapter: AdapterPairs, scale: float | Mapping[str, float] = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def project(
+        self, adapter: AdapterPairs, scale: float | Mapping[str, float] = 1.0
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Coefficients (alpha_A, alpha_B), each (K, r), of one adapter {module: (A, B)}."""
         out = {}
         for name, basis in self.modules.items():
@@ -170,7 +172,9 @@ class Subspace:
     # ---------------------------------------------------------------------- storage
     def storage_bytes(self) -> int:
         """Bytes of the subspace (means + bases) plus every task's coefficients (float32)."""
-        n = sum(b.mean_A.numel() + b.mean_B.numel() + b.basis_A.numel() + b.basis_B.numel() for b in self.modules.values())
+        n = sum(
+            b.mean_A.numel() + b.mean_B.numel() + b.basis_A.numel() + b.basis_B.numel() for b in self.modules.values()
+        )
         n += sum(a.numel() + b.numel() for coeffs in self.coefficients.values() for a, b in coeffs.values())
         return 4 * n
 
@@ -190,7 +194,10 @@ class Subspace:
         return self.storage_bytes() / full if full else float("nan")
 
     def summary(self) -> dict:
-        """The figures the report needs: ``recycle.{k, explained_variance, storage_ratio, reconstruction_rel_error}``."""
+        """The figures the report needs.
+
+        ``recycle.{k, explained_variance, storage_ratio, reconstruction_rel_error}``.
+        """
         ks = {n: b.k for n, b in self.modules.items()}
         ev = {n: b.explained_variance for n, b in self.modules.items()}
         errors = dict(self.rel_error)
@@ -221,7 +228,9 @@ class Subspace:
         config = {
             "format_version": _FORMAT_VERSION,
             "tasks": self.tasks,
-            "modules": {n: {"k": b.k, "variance_A": b.variance_A, "variance_B": b.variance_B} for n, b in self.modules.items()},
+            "modules": {
+                n: {"k": b.k, "variance_A": b.variance_A, "variance_B": b.variance_B} for n, b in self.modules.items()
+            },
             "scales": self.scales,
             "rel_error": self.rel_error,
             "summary": {k: v for k, v in self.summary().items() if not k.endswith("_per_module")},
@@ -251,7 +260,9 @@ class Subspace:
         try:
             modules = {
                 n: ModuleBasis(
-                    *(tensors[f"basis/{n}/{p}"] for p in ("mean_B", "basis_B", "mean_A", "basis_A")), m["variance_B"], m["variance_A"]
+                    *(tensors[f"basis/{n}/{p}"] for p in ("mean_B", "basis_B", "mean_A", "basis_A")),
+                    m["variance_B"],
+                    m["variance_A"],
                 )
                 for n, m in cfg["modules"].items()
             }
@@ -260,12 +271,18 @@ class Subspace:
                 for i, t in enumerate(cfg["tasks"])
             }
         except KeyError as e:
-            raise SubspaceError(f"{d}: {SUBSPACE_WEIGHTS} lacks tensor {e}; the directory is damaged, rebuild it") from None
-        return cls(modules, coefficients, {t: dict(s) for t, s in cfg["scales"].items()}, dict(cfg.get("rel_error", {})))
+            raise SubspaceError(
+                f"{d}: {SUBSPACE_WEIGHTS} lacks tensor {e}; the directory is damaged, rebuild it"
+            ) from None
+        return cls(
+            modules, coefficients, {t: dict(s) for t, s in cfg["scales"].items()}, dict(cfg.get("rel_error", {}))
+        )
 
 
 # ---------------------------------------------------------------------------- building
-def _principal(x: torch.Tensor, k: int | None, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, list[float], int]:
+def _principal(
+    x: torch.Tensor, k: int | None, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor, list[float], int]:
     """Column mean, all principal directions (sign-fixed), variance ratios, K for the threshold."""
     mean = x.mean(dim=1)
     u, s, _ = torch.linalg.svd(x - mean[:, None], full_matrices=False)  # u (d, min(d, R))
@@ -310,7 +327,9 @@ def build_subspace(
         >>> sub = build_subspace({"a": {"q": (A1, B1)}, "b": {"q": (A2, B2)}}, k=4)
     """
     if (k is None) == (explained_variance is None):
-        raise SubspaceError("give exactly one of k (a fixed number of directions) or explained_variance (a fraction in (0, 1])")
+        raise SubspaceError(
+            "give exactly one of k (a fixed number of directions) or explained_variance (a fraction in (0, 1])"
+        )
     if k is not None and int(k) < 1:
         raise SubspaceError(f"k={k}: use k >= 1")
     if explained_variance is not None and not 0.0 < float(explained_variance) <= 1.0:
@@ -319,7 +338,9 @@ def build_subspace(
         raise SubspaceError("no adapters given: recycling needs at least one task adapter")
     tasks = list(adapters)
     module_names = list(adapters[tasks[0]])
-    _check_compatible({t: {n: (tuple(a.shape), tuple(b.shape)) for n, (a, b) in ad.items()} for t, ad in adapters.items()})
+    _check_compatible(
+        {t: {n: (tuple(a.shape), tuple(b.shape)) for n, (a, b) in ad.items()} for t, ad in adapters.items()}
+    )
 
     def scale_of(t: str, n: str) -> float:
         s = 1.0 if scales is None or t not in scales else scales[t]
@@ -333,7 +354,12 @@ def build_subspace(
         mean_a, u_a, var_a, need_a = _principal(x_a, k, explained_variance)
         kk = min(max(need_b, need_a), u_b.shape[1], u_a.shape[1])
         modules[name] = ModuleBasis(
-            mean_b.float(), u_b[:, :kk].float().contiguous(), mean_a.float(), u_a[:, :kk].float().contiguous(), var_b, var_a
+            mean_b.float(),
+            u_b[:, :kk].float().contiguous(),
+            mean_a.float(),
+            u_a[:, :kk].float().contiguous(),
+            var_b,
+            var_a,
         )
     sub = Subspace(modules, {}, {})
     for t in tasks:
@@ -376,17 +402,22 @@ def _check_compatible(
             )
         for name, (a_shape, b_shape) in shapes[t].items():
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-                raise SubspaceError(f"{where[t]} module {name!r}: A {a_shape} and B {b_shape} are not a LoRA pair (r, n) / (m, r)")
+                raise SubspaceError(
+                    f"{where[t]} module {name!r}: A {a_shape} and B {b_shape} are not a LoRA pair (r, n) / (m, r)"
+                )
             ra, rb = ref[name]
             if a_shape[1] != ra[1] or b_shape[0] != rb[0]:
                 raise SubspaceError(
-                    f"{where[t]} module {name!r} maps {a_shape[1]}->{b_shape[0]} but {where[ref_task]} maps {ra[1]}->{rb[0]}: "
+                    f"{where[t]} module {name!r} maps {a_shape[1]}->{b_shape[0]} "
+                    f"but {where[ref_task]} maps {ra[1]}->{rb[0]}: "
                     "recycled adapters must come from the same base model"
                 )
 
 
 # ------------------------------------------------------------------------- PEFT files
-def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) -> tuple[Loaded, dict[str, dict[str, float]]]:
+def load_peft_adapters(
+    dirs: Sequence[str | Path] | Mapping[str, str | Path],
+) -> tuple[Loaded, dict[str, dict[str, float]]]:
     """Read PEFT LoRA adapter directories for recycling.
 
     Args:
@@ -401,7 +432,9 @@ def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) ->
     """
     named = dict(dirs) if isinstance(dirs, Mapping) else {Path(d).name: d for d in dirs}
     if not isinstance(dirs, Mapping) and len(named) != len(dirs):
-        raise SubspaceError(f"two adapter directories share a name: {[str(d) for d in dirs]}; pass a task -> directory mapping")
+        raise SubspaceError(
+            f"two adapter directories share a name: {[str(d) for d in dirs]}; pass a task -> directory mapping"
+        )
     if not named:
         raise SubspaceError("no adapter directories given: recycling needs at least one")
     adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -412,7 +445,9 @@ def load_peft_adapters(dirs: Sequence[str | Path] | Mapping[str, str | Path]) ->
         except AdapterFormatError as e:
             raise SubspaceError(str(e)) from None
         if cfg.get("use_dora"):
-            raise SubspaceError(f"{d}: DoRA adapters carry magnitude vectors and cannot be recycled; use plain LoRA adapters")
+            raise SubspaceError(
+                f"{d}: DoRA adapters carry magnitude vectors and cannot be recycled; use plain LoRA adapters"
+            )
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             hit = module_of_key(key)

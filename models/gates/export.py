@@ -239,7 +239,7 @@ def pruned_shapes(model: nn.Module) -> dict[str, list[int]]:
 def _uniform_width(model: nn.Module) -> int | None:
     """The MLP width shared by every block, or None when blocks differ."""
     widths = set()
-    for mlp, producers, consumer, _, _ in _mlp_groups(model):
+    for mlp, _producers, consumer, _, _ in _mlp_groups(model):
         widths.add(int(linear_weight(_base_of(_unwrap(getattr(mlp, consumer)))).shape[1]))
     return widths.pop() if len(widths) == 1 else None
 
@@ -304,7 +304,9 @@ def load_pruned(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-        raise GateExportError(f"{directory}: weights do not match the pruned shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise GateExportError(
+            f"{directory}: weights do not match the pruned shapes (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     for p in model.parameters():
         p.requires_grad_(False)

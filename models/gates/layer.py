@@ -159,7 +159,9 @@ class GatedLinear(nn.Module):
         for side in ("rows", "cols"):
             theta = getattr(self, f"theta_{side}")
             hard = getattr(self, f"hard_{side}")
-            out.append(None if theta is None else hard.clone() if hard is not None else _hard_sigmoid(torch.tanh(theta)))
+            out.append(
+                None if theta is None else hard.clone() if hard is not None else _hard_sigmoid(torch.tanh(theta))
+            )
         return out[0], out[1]
 
     def open_probability(self) -> torch.Tensor:
@@ -192,7 +194,9 @@ class GatedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         sides = "+".join(s for s, p in (("rows", self.theta_rows), ("cols", self.theta_cols)) if p is not None)
-        return f"in={self.in_features}, out={self.out_features}, scope={self.scope}, tasks={self.num_tasks}, gates={sides}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, scope={self.scope}, tasks={self.num_tasks}, gates={sides}"
+        )
 
 
 # --------------------------------------------------------------------------- free functions

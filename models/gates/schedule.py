@@ -44,7 +44,17 @@ from torch.nn.utils import parametrize
 from models.gates.layer import GateConfigError, GatedLinear, gate_layers, sparsity_penalty
 from models.lora import MultiTaskLoraLinear, linear_weight
 
-__all__ = ["GateSchedule", "GateController", "importance_scores", "init_from_importance", "harden", "closed_count", "pin_theta", "clear_hard", "open_all"]
+__all__ = [
+    "GateSchedule",
+    "GateController",
+    "importance_scores",
+    "init_from_importance",
+    "harden",
+    "closed_count",
+    "pin_theta",
+    "clear_hard",
+    "open_all",
+]
 
 _THETA_CLOSED = -3.0  # tanh(-3) + 0.5 < 0: closed with a wide margin
 

@@ -151,7 +151,9 @@ def allocate(
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if not matrices:
-        raise BudgetError("no quantisable matrices: check target_modules / layers (the model has no matching linear layer)")
+        raise BudgetError(
+            "no quantisable matrices: check target_modules / layers (the model has no matching linear layer)"
+        )
     if not choices:
         raise BudgetError("choices is empty: give (quantizer, bits) pairs such as (('nf', 4), ('nf', 8))")
     names = list(matrices)
@@ -172,7 +174,10 @@ def allocate(
     one_hot = np.kron(np.eye(m), np.ones((1, c)))  # (M, M*C)
     res = milp(
         c=(err / scale).reshape(-1),
-        constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(nbytes.reshape(1, -1).astype(float), -np.inf, budget)],
+        constraints=[
+            LinearConstraint(one_hot, 1, 1),
+            LinearConstraint(nbytes.reshape(1, -1).astype(float), -np.inf, budget),
+        ],
         integrality=np.ones(m * c),
         bounds=Bounds(0, 1),
     )
@@ -191,4 +196,10 @@ def allocate(
         uniform = {"quantizer": choices[j][0], "bits": int(choices[j][1]), "bytes": int(nbytes[:, j].sum()),
                    "total_error": float(err[:, j].sum())}
     total = float(sum(err[i, j] for i, j in enumerate(pick)))
-    return Allocation(budget, rows, total, uniform, table={"errors": err, "bytes": nbytes, "norm2": norm2, "choices": list(choices), "names": names})
+    return Allocation(
+        budget,
+        rows,
+        total,
+        uniform,
+        table={"errors": err, "bytes": nbytes, "norm2": norm2, "choices": list(choices), "names": names},
+    )

@@ -51,7 +51,9 @@ class QuantizedLinear(nn.Module):
         self._cached: torch.Tensor | None = None
 
     @classmethod
-    def skeleton(cls, shape: tuple[int, int], method: str, bits: int, block_size: int = 64, bias: bool = False) -> QuantizedLinear:
+    def skeleton(
+        cls, shape: tuple[int, int], method: str, bits: int, block_size: int = 64, bias: bool = False
+    ) -> QuantizedLinear:
         """A layer of this format whose tensors live on ``meta`` (no memory), to be pointed at stored arrays.
 
         ``orchestrator.base.store`` builds workers' models this way: the codes, scales,

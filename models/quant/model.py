@@ -57,7 +57,9 @@ def _linear_weight(module: nn.Module) -> torch.Tensor | None:
         return None
 
 
-def _targets(model: nn.Module, target_modules: str | Sequence[str], layers: Sequence[int] | None) -> dict[str, nn.Module]:
+def _targets(
+    model: nn.Module, target_modules: str | Sequence[str], layers: Sequence[int] | None
+) -> dict[str, nn.Module]:
     """Logical name -> module to quantise (a MultiTaskLoraLinear or a plain linear)."""
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [target_modules]
@@ -132,7 +134,9 @@ def _choice_of(name: str, bits: int | Mapping | object, quantizer: str) -> tuple
         return quantizer, bits
     table = bits.choices if hasattr(bits, "choices") else bits  # an Allocation or a plain dict
     if name not in table:
-        raise QuantTargetError(f"the bit allocation has no entry for {name}: allocate over the same target_modules/layers")
+        raise QuantTargetError(
+            f"the bit allocation has no entry for {name}: allocate over the same target_modules/layers"
+        )
     q, b = table[name]
     return str(q), int(b)
 
@@ -183,7 +187,9 @@ def quantize_model(
         r = 0
         if wrapped:
             if len(set(module.ranks)) > 1 and rank != 0:
-                raise QuantTargetError(f"{name}: LQ init needs one LoRA rank for all tasks (got {module.ranks}); pass rank=0")
+                raise QuantTargetError(
+                    f"{name}: LQ init needs one LoRA rank for all tasks (got {module.ranks}); pass rank=0"
+                )
             r = min(module.ranks) if rank is None else min(rank, min(module.ranks))
         fis = None if fisher is None else fisher.get(name)
         dec, row = _decompose(name, w, method, b, r, iters, fis, block_size)

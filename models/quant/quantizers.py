@@ -126,7 +126,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if pad:
         packed = torch.cat([packed, packed.new_zeros(pad)])
     word_dtype = torch.int32 if bits * 8 <= 31 else torch.int64  # 8 codes = one 3*8 or 6*8-bit word
-    words = (packed.view(-1, bits).to(word_dtype) << (torch.arange(bits, device=dev, dtype=word_dtype) * 8)).sum(dim=1, dtype=word_dtype)
+    words = (packed.view(-1, bits).to(word_dtype) << (torch.arange(bits, device=dev, dtype=word_dtype) * 8)).sum(
+        dim=1, dtype=word_dtype
+    )
     shifts = torch.arange(8, device=dev, dtype=word_dtype) * bits
     return ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count].long()
 

@@ -158,7 +158,9 @@ def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> 
     if data.train_prefix is not None:
         pre = torch.stack([data.train_prefix[s][r] for s, r in zip(slots, rows)])
     scored = data.train_scored(slots, rows)
-    return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored).to(device)
+    return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored).to(
+        device
+    )
 
 
 def train_method(
@@ -295,8 +297,13 @@ def train_method(
         hooks.before_eval()
     slot_of = {g: s for s, g in enumerate(data.owned)}
     nll = _evaluate_owned(model, data, cfg, failed)
-    out: MethodResult = {"eval_nll": nll, "curve": curve, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-                         "failed": {slot_of[g]: why for g, why in failed.items() if g in slot_of}}
+    out: MethodResult = {
+        "eval_nll": nll,
+        "curve": curve,
+        "seconds": seconds,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "failed": {slot_of[g]: why for g, why in failed.items() if g in slot_of},
+    }
     if cfg.eval_every:
         out["eval_curve"] = eval_curve
     if use_prior:
@@ -338,7 +345,9 @@ def _sync_failures(local: set[int], n_tasks: int) -> set[int]:
 
 
 @torch.no_grad()
-def _stop_tasks(model, opt, data: FlockData, sampler: BatchSampler, tasks: set[int], failed: dict, step: int, log) -> None:
+def _stop_tasks(
+    model, opt, data: FlockData, sampler: BatchSampler, tasks: set[int], failed: dict, step: int, log
+) -> None:
     """Stop training ``tasks`` whose loss diverged; every other task trains on unharmed.
 
     Their offsets (and Adam moments) are zeroed so the prior and the shared Theta never see

@@ -153,7 +153,9 @@ def row_nll_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     if batch.scored is not None:
         nxt = nxt.masked_fill(~batch.scored[:, 1:], -100)
     target = F.pad(nxt, (0, 1), value=-100)  # (N, L): the target of position t is token t + 1
-    nll = F.cross_entropy(logits.reshape(n * length, -1).float(), target.reshape(-1), reduction="none", ignore_index=-100)
+    nll = F.cross_entropy(
+        logits.reshape(n * length, -1).float(), target.reshape(-1), reduction="none", ignore_index=-100
+    )
     count = (target != -100).sum(dim=1)
     return nll.view(n, length).sum(dim=1), count
 

@@ -38,7 +38,18 @@ from models.quant.quantizers import ALLOWED_BITS, packed_nbytes
 from orchestrator.errors import SpecError
 from orchestrator.spec import JobSpec
 
-__all__ = ["quant_layers", "check_quant", "build_quant_base", "write_quant_base", "load_quant_base", "render_quant_md", "describe_quant", "adapter_note", "NOTE_FILE", "QUANT_DIR"]
+__all__ = [
+    "quant_layers",
+    "check_quant",
+    "build_quant_base",
+    "write_quant_base",
+    "load_quant_base",
+    "render_quant_md",
+    "describe_quant",
+    "adapter_note",
+    "NOTE_FILE",
+    "QUANT_DIR",
+]
 
 NOTE_FILE = "loraflock_quantized_base.json"  # next to adapter_config.json of every delivered adapter
 QUANT_DIR = "quant_base"  # the packed base, in the job's output directory
@@ -89,7 +100,8 @@ def check_quant(spec: JobSpec, model: nn.Module) -> dict[str, Any] | None:
         raise SpecError(
             f"base.bit_budget = {b.bit_budget:g} is below the smallest encoding of the {len(mats)} quantised matrices: "
             f"{smallest} bytes = {min_bits:.4f} bits per weight ({b.quant.quantizer} at 2 bits, fp16 scales per "
-            f"{bs} weights, codebooks and headers included); raise base.bit_budget to at least {need:g} or use base.bits: 2"
+            f"{bs} weights, codebooks and headers included); raise base.bit_budget to at least {need:g} "
+            "or use base.bits: 2"
         )
     return {"matrices": len(mats), "numel": numel, "min_bits_per_weight": min_bits}
 
@@ -101,12 +113,17 @@ def describe_quant(spec: JobSpec) -> str:
     b = spec.base
     info = check_quant(spec, meta_model(load_config(b.name, b.gguf_file, b.random_init)))
     setting = f"bit_budget {b.bit_budget:g}" if b.bit_budget is not None else f"bits {b.bits}"
-    return (f"  quantised base: {setting} ({b.quant.quantizer}, LQ rank {spec.lq_rank()}) over {info['matrices']} matrices, "
-            f"{info['numel']:,} weights; the smallest encoding is {info['min_bits_per_weight']:.3f} bits/weight")
+    return (
+        f"  quantised base: {setting} ({b.quant.quantizer}, LQ rank {spec.lq_rank()}) "
+        f"over {info['matrices']} matrices, "
+        f"{info['numel']:,} weights; the smallest encoding is {info['min_bits_per_weight']:.3f} bits/weight"
+    )
 
 
 @torch.no_grad()
-def build_quant_base(model: nn.Module, spec: JobSpec) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def build_quant_base(
+    model: nn.Module, spec: JobSpec
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Quantise ``model`` (no LoRA yet) as the job asks; return (report section, LQ factors).
 
     The LQ low-rank part is computed for the matrices that will get LoRA (``lora.target_modules``
@@ -137,15 +154,28 @@ def build_quant_base(model: nn.Module, spec: JobSpec) -> tuple[dict[str, Any], d
     numel, stored = report.numel, report.stored_bytes
     section: dict[str, Any] = {
         "mode": "bit_budget" if alloc is not None else "bits",
-        "bits": b.bits, "bit_budget": b.bit_budget, "quantizer": q.quantizer, "lq_rank": spec.lq_rank(),
-        "lq_iters": q.lq_iters, "block_size": q.block_size, "layers": layers if layers is not None else "all",
-        "matrices_count": len(rows), "numel": numel,
-        "stored_bytes": stored, "bf16_bytes": 2 * numel, "fp32_bytes": 4 * numel,
-        "bits_per_weight": 8 * stored / max(numel, 1), "bf16_over_stored": 2 * numel / max(stored, 1),
+        "bits": b.bits,
+        "bit_budget": b.bit_budget,
+        "quantizer": q.quantizer,
+        "lq_rank": spec.lq_rank(),
+        "lq_iters": q.lq_iters,
+        "block_size": q.block_size,
+        "layers": layers if layers is not None else "all",
+        "matrices_count": len(rows),
+        "numel": numel,
+        "stored_bytes": stored,
+        "bf16_bytes": 2 * numel,
+        "fp32_bytes": 4 * numel,
+        "bits_per_weight": 8 * stored / max(numel, 1),
+        "bf16_over_stored": 2 * numel / max(stored, 1),
         "recon_rel_error": report.recon_rel_error,
-        "recon_rel_error_q_only": math.sqrt(sum(r["rel_error_q_only"] ** 2 * r["norm2"] for r in rows) / max(norm2, 1e-30)),
+        "recon_rel_error_q_only": math.sqrt(
+            sum(r["rel_error_q_only"] ** 2 * r["norm2"] for r in rows) / max(norm2, 1e-30)
+        ),
         "widths": widths,
-        "matrices": [{k: r[k] for k in ("name", "quantizer", "bits", "rank", "bytes", "numel", "rel_error")} for r in rows],
+        "matrices": [
+            {k: r[k] for k in ("name", "quantizer", "bits", "rank", "bytes", "numel", "rel_error")} for r in rows
+        ],
         "seconds": time.perf_counter() - t0,
     }
     if alloc is not None:
@@ -218,11 +248,17 @@ def render_quant_md(section: dict[str, Any], max_rows: int = 40) -> list[str]:
     if s["mode"] == "bit_budget":
         u = s.get("uniform_alternative")
         if u:
-            lines += [f"One width for every matrix within the same budget ({u['quantizer']}{u['bits']}) would give a total "
-                      f"squared error {u['total_error'] / max(s['allocator_total_error'], 1e-30):.2f}x the allocation's.", ""]
+            lines += [
+                f"One width for every matrix within the same budget ({u['quantizer']}{u['bits']}) would give a total "
+                f"squared error {u['total_error'] / max(s['allocator_total_error'], 1e-30):.2f}x the allocation's.",
+                "",
+            ]
         rows = s["matrices"]
         lines += ["| matrix | quantizer | bits | bytes | rel. error |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['name']} | {r['quantizer']} | {r['bits']} | {r['bytes']:,} | {r['rel_error']:.4f} |" for r in rows[:max_rows]]
+        lines += [
+            f"| {r['name']} | {r['quantizer']} | {r['bits']} | {r['bytes']:,} | {r['rel_error']:.4f} |"
+            for r in rows[:max_rows]
+        ]
         if len(rows) > max_rows:
             lines.append(f"| ... {len(rows) - max_rows} more in report.json `base.quant.matrices` | | | | |")
         lines.append("")
@@ -240,7 +276,8 @@ def load_quant_base(model: nn.Module, directory: str | Path) -> list[str]:
 
     Example:
         >>> model = load_base(...); load_quant_base(model, "runs/job/quant_base")
-        >>> inject(model, targets, num_tasks=1, rank=8, alpha=16, layers=[29]); load_adapter(model, 0, "runs/job/adapters/json")
+        >>> inject(model, targets, num_tasks=1, rank=8, alpha=16, layers=[29])
+        >>> load_adapter(model, 0, "runs/job/adapters/json")
     """
     from safetensors.torch import load_file
 

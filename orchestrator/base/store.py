@@ -121,8 +121,13 @@ def base_arrays(
         for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
     }
     if modules or factors:
-        lq = {n: {"L1": l1.detach().float().cpu().contiguous().numpy(), "L2": l2.detach().float().cpu().contiguous().numpy()}
-              for n, (l1, l2) in (factors or {}).items()}
+        lq = {
+            n: {
+                "L1": l1.detach().float().cpu().contiguous().numpy(),
+                "L2": l2.detach().float().cpu().contiguous().numpy(),
+            }
+            for n, (l1, l2) in (factors or {}).items()
+        }
         out["quant"] = {"modules": modules, "lq": lq, "summary": summary}
     return out
 
@@ -162,8 +167,13 @@ def model_from_arrays(state: dict[str, dict[str, Any]], config: Any) -> nn.Modul
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise BaseStoreError(f"the stored quantised base has a layer {name!r} this model lacks: load it with the config it was put with") from None
-        layer = QuantizedLinear.skeleton(tuple(fmt["shape"]), fmt["method"], fmt["bits"], fmt["block_size"], fmt["bias"])
+            raise BaseStoreError(
+                f"the stored quantised base has a layer {name!r} this model lacks: "
+                "load it with the config it was put with"
+            ) from None
+        layer = QuantizedLinear.skeleton(
+            tuple(fmt["shape"]), fmt["method"], fmt["bits"], fmt["block_size"], fmt["bias"]
+        )
         model.set_submodule(name, layer)
     meta = dict(model.named_parameters(remove_duplicate=False))
     meta_buffers = dict(model.named_buffers(remove_duplicate=False))

@@ -48,7 +48,9 @@ def adapt_from_cli(subspace: str, task_file: str, out: str | None, job: str | No
 
     sub = Path(subspace)
     if not (sub / "subspace.json").is_file():
-        raise SpecError(f"{sub}: not a subspace directory (no subspace.json); point --subspace at <run>/recycle/subspace")
+        raise SpecError(
+            f"{sub}: not a subspace directory (no subspace.json); point --subspace at <run>/recycle/subspace"
+        )
     spec, run = _job_for(sub, job)
     if spec.base.quantized:  # the run's adapters hold the LQ part of a quantised base; adapt loads the plain base
         raise SpecError(f"{run}: this run trained on a quantised base (base.bits/base.bit_budget); adapting a new "

@@ -98,7 +98,9 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
 
     s = subparsers.add_parser("submit", help="validate a job locally, then submit it to a Ray cluster")
     s.add_argument("job", help="job YAML file")
-    s.add_argument("--out", help="output directory on the cluster: a shared path or URI (default /tmp/loraflock-runs/<name>)")
+    s.add_argument(
+        "--out", help="output directory on the cluster: a shared path or URI (default /tmp/loraflock-runs/<name>)"
+    )
     s.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
     s.add_argument("--working-dir", help="ship this local directory as the job's code (default: the image's install)")
     _cluster_args(s)
@@ -128,7 +130,9 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
     targets = dp.add_subparsers(dest="target", required=True, metavar="TARGET")
     kr = targets.add_parser("kuberay", help="a KubeRay RayJob (+ ConfigMap) for kubectl apply -f -")
     kr.add_argument("job", help="job YAML file")
-    kr.add_argument("--image", default=DEFAULT_IMAGE, help=f"image built from deploy/Dockerfile (default {DEFAULT_IMAGE})")
+    kr.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"image built from deploy/Dockerfile (default {DEFAULT_IMAGE})"
+    )
     kr.add_argument("--out", help="output directory in the pods (default /outputs/<job name>, on the PVC)")
     kr.add_argument("--max-workers", type=int, help="autoscaling ceiling (default ray.num_workers of the job)")
     kr.set_defaults(func=_cmd_deploy_kuberay)

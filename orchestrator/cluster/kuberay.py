@@ -149,7 +149,8 @@ def render_rayjob(
     header = (
         f"# ConfigMap + KubeRay RayJob for loraflock job {spec.name!r}.\n"
         f"# Apply: loraflock deploy kuberay JOB.yaml --image IMG | kubectl apply -f -\n"
-        f"# Needs: KubeRay >= 1.5.1, Secret {TOKEN_SECRET} (key auth_token), PVC {OUTPUTS_CLAIM}; see deploy/README.md\n"
+        f"# Needs: KubeRay >= 1.5.1, Secret {TOKEN_SECRET} (key auth_token), PVC {OUTPUTS_CLAIM}; "
+        "see deploy/README.md\n"
     )
     docs = rayjob_documents(spec, image, out, max_workers)
     return header + yaml.dump_all(docs, Dumper=_BlockStrDumper, sort_keys=False)

@@ -162,7 +162,9 @@ def _merge_method(methods: dict[str, MethodRecord], name: str, r: MethodRecord) 
     """Fold one worker's record of a method into the merged one (tasks are disjoint across workers)."""
     tgt = methods.get(name)
     if tgt is None:  # the first worker's record, without its per-task figures
-        tgt = methods[name] = cast(MethodRecord, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}})
+        tgt = methods[name] = cast(
+            MethodRecord, {k: v for k, v in r.items() if k not in ("eval_nll", "failed")} | {"eval_nll": {}}
+        )
         if "eval_curve" in r:
             tgt["eval_curve"] = [[step, {}] for step, _ in r["eval_curve"]]
     tgt["eval_nll"].update(r["eval_nll"])

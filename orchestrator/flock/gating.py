@@ -73,8 +73,12 @@ def gate_hooks(model, spec: JobSpec, world: int) -> TrainHooks:
                          g.harden_at, g.allocation, align=g.align)
     shared = g.scope == "shared"
     ctrl = GateController(model, sched, penalty_scale=1.0 / world if shared else 1.0)
-    return TrainHooks(extra_loss=ctrl.penalty, on_step=ctrl.on_step, before_eval=ctrl.finish,
-                      extra_params=ExtraParams(gate_params(model), lr=g.gate_lr or sched.auto_gate_lr(), local=not shared))
+    return TrainHooks(
+        extra_loss=ctrl.penalty,
+        on_step=ctrl.on_step,
+        before_eval=ctrl.finish,
+        extra_params=ExtraParams(gate_params(model), lr=g.gate_lr or sched.auto_gate_lr(), local=not shared),
+    )
 
 
 def gate_results(model, names: list[str], owned: list[int]) -> GateResults:

@@ -122,8 +122,14 @@ def flock_worker(config: dict) -> None:
                      gate_rows=gates.sides != "cols", gate_cols=gates.sides != "rows")
     ad = {id(p) for p in adapter_params(model)}
     init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
-    say(f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}"
-        + (f"; base quantised to {quant['bits_per_weight']:.2f} bits/weight ({quant['matrices_count']} matrices)" if quant else ""))
+    say(
+        f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}"
+        + (
+            f"; base quantised to {quant['bits_per_weight']:.2f} bits/weight ({quant['matrices_count']} matrices)"
+            if quant
+            else ""
+        )
+    )
 
     # Object-store arrays are read-only views; token ids are small, so take private copies.
     train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
@@ -144,13 +150,19 @@ def flock_worker(config: dict) -> None:
         for s in train:
             tp[s] = compute_prefix(model, train[s], split)
             ep[s] = compute_prefix(model, evals[s], split)
-            say(f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, {time.perf_counter() - t1:.0f}s")
+            say(
+                f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, "
+                f"{time.perf_counter() - t1:.0f}s"
+            )
         say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
     data = FlockData(sizes, owned, train, evals, tp, ep, split, train_mask, eval_mask)
     if gates is not None:
         t1 = time.perf_counter()
         init_state |= gate_init_state(model, data, spec, ctx.get_world_size())
-        say(f"gates on {len(init_state) - len(ad)} gate vectors, initialised ({gates.init}) in {time.perf_counter() - t1:.1f}s")
+        say(
+            f"gates on {len(init_state) - len(ad)} gate vectors, initialised ({gates.init}) "
+            f"in {time.perf_counter() - t1:.1f}s"
+        )
 
     results = cast(WorkerResults, {})  # filled below (or resumed from the checkpoint)
     kept = Path(tempfile.mkdtemp(prefix="loraflock-adapters-"))  # the flock's adapters, once trained
@@ -192,7 +204,9 @@ def flock_worker(config: dict) -> None:
                            on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
         shutil.rmtree(partial, ignore_errors=True)
         gate_res = gate_results(model, names, owned) if gates is not None else None
-        results["methods"][mname] = _method_record(kind, tau, out, [names[g] for g in owned], prior is not None, gate_res)
+        results["methods"][mname] = _method_record(
+            kind, tau, out, [names[g] for g in owned], prior is not None, gate_res
+        )
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
             for s, g in enumerate(owned):
                 save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
@@ -218,7 +232,9 @@ def flock_worker(config: dict) -> None:
         results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, say, device)
         if rank == 0:
             save_moe(model, kept / "pesc" / "moe")
-            save_adapter(model, 0, kept / "pesc" / "attention_lora", config["base_model_name"], state=theta_state(model))
+            save_adapter(
+                model, 0, kept / "pesc" / "attention_lora", config["base_model_name"], state=theta_state(model)
+            )
             _note_quant(quant, kept / "pesc" / "attention_lora")
         _report(rank, results, kept, "pesc")
 

@@ -21,7 +21,9 @@ from orchestrator.spec import JobSpec
 __all__ = ["merge_pesc", "run_pesc"]
 
 
-def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device) -> PescPart:
+def run_pesc(
+    model, data: FlockData, spec: JobSpec, init_state: dict, names: list[str], owned: list[int], say, device
+) -> PescPart:
     """PESC on the same workers, base and cached prefix as the flock (the top blocks only).
 
     The FFN of every adapted block becomes ``E`` adapter experts with a top-k router; the
@@ -47,7 +49,10 @@ def run_pesc(model, data: FlockData, spec: JobSpec, init_state: dict, names: lis
     params = moe_params(model) + [q for l in attention for q in (l.lora_A_shared, l.lora_B_shared)]
     cfg = method_config(tr, "pesc", "pesc", sync_every=spec.flock.sync_every)
     coef = p.balance_coef
-    say(f"PESC: {len(converted)} FFN blocks -> {p.num_experts} experts (top-{p.top_k}), LoRA on {len(attention)} attention projections")
+    say(
+        f"PESC: {len(converted)} FFN blocks -> {p.num_experts} experts (top-{p.top_k}), "
+        f"LoRA on {len(attention)} attention projections"
+    )
     t0 = time.perf_counter()
     hooks = TrainHooks(extra_loss=(lambda: coef * balance_loss(model)) if coef > 0 else None,
                        before_eval=lambda: reset_load(model))  # expert load of the eval pass

@@ -92,8 +92,13 @@ def adapt_new_task(
     data = FlockData([len(train_ids)], [0], {0: train_ids}, {0: eval_ids}, tp, ep, split,
                      None if train_mask is None else {0: train_mask.to(device)},
                      None if eval_mask is None else {0: eval_mask.to(device)})
-    log(f"[adapt {name}] {len(train_ids)} train / {len(eval_ids)} eval sequences, prefix cached in {time.perf_counter() - t0:.1f}s")
-    base_nll = evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split, masks=data.eval_mask) if split else None
+    log(
+        f"[adapt {name}] {len(train_ids)} train / {len(eval_ids)} eval sequences, "
+        f"prefix cached in {time.perf_counter() - t0:.1f}s"
+    )
+    base_nll = (
+        evaluate(model, data.eval, tr.eval_batch_size, data.eval_prefix, split, masks=data.eval_mask) if split else None
+    )
 
     cfg = method_config(tr, f"adapt {name}: coefficients", "coeff", steps=steps or tr.steps, lr=lr or tr.lr,
                         weight_decay=0.0, temperature=1.0)

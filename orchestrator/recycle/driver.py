@@ -49,16 +49,21 @@ def run_recycle(
         picked = {**picked, "checkpoint": str(out / picked["checkpoint"])}
         say(f"recycle: the picked search trial {picked['trial_id']} ({picked.get('bits', 16)}-bit base, "
              f"sparsity {picked.get('sparsity', 0.0):.2f}, rank {picked.get('rank')})")
-        dirs: dict[str, Path] = export_picked_adapters(spec, picked, picked["checkpoint"], out / "search" / "pick" / "adapters",
-                                                       base_model_name)
+        dirs: dict[str, Path] = export_picked_adapters(
+            spec, picked, picked["checkpoint"], out / "search" / "pick" / "adapters", base_model_name
+        )
     else:
-        dirs = {t: out / "adapters" / t for t in (task_names if task_names is not None else [t.name for t in spec.tasks])}
+        dirs = {
+            t: out / "adapters" / t for t in (task_names if task_names is not None else [t.name for t in spec.tasks])
+        }
     for src in rc.sources:
         p = Path(src)
         dirs[p.name if p.name not in dirs else f"{p.parent.name}-{p.name}"] = p
     missing = [str(d) for d in dirs.values() if not d.is_dir()]
     if missing:
-        raise StageError(f"recycle: adapter directories not found: {missing[:3]}; run the flock first or fix recycle.sources")
+        raise StageError(
+            f"recycle: adapter directories not found: {missing[:3]}; run the flock first or fix recycle.sources"
+        )
     adapters, scales = load_peft_adapters(dirs)
     sub = build_subspace(adapters, k=rc.k, explained_variance=None if rc.k else rc.explained_variance, scales=scales)
     sub.save(out / "recycle" / "subspace")
@@ -87,9 +92,22 @@ def run_recycle(
         cpus = max(1.0, float(int(ray.cluster_resources().get("CPU", 1.0))))
         task = ray.remote(adapt_new_task).options(num_cpus=cpus, num_gpus=1 if spec.ray.use_gpu else 0)
         ref = task.remote(
-            spec, str(out / "recycle" / "subspace"), new_task_data.name, new_task_data.train_ids, new_task_data.eval_ids,
-            str(out / "recycle" / "new_task"), base_model_name, rc.steps, rc.lr, rc.k_extra, True, print,
-            "cuda" if spec.ray.use_gpu else "cpu", picked, new_task_data.train_mask, new_task_data.eval_mask,
+            spec,
+            str(out / "recycle" / "subspace"),
+            new_task_data.name,
+            new_task_data.train_ids,
+            new_task_data.eval_ids,
+            str(out / "recycle" / "new_task"),
+            base_model_name,
+            rc.steps,
+            rc.lr,
+            rc.k_extra,
+            True,
+            print,
+            "cuda" if spec.ray.use_gpu else "cpu",
+            picked,
+            new_task_data.train_mask,
+            new_task_data.eval_mask,
         )
         section["new_task"] = ray.get(ref)
         nt = section["new_task"]

@@ -25,16 +25,24 @@ def _save(fig, path: Path) -> None:
 
 
 def _per_task(out: Path, fl: dict) -> str:
-    tasks = sorted((t for t in fl["tasks"] if fl["tasks"][t]["eval_ppl"] is not None), key=lambda t: fl["tasks"][t]["train_examples"])
+    tasks = sorted(
+        (t for t in fl["tasks"] if fl["tasks"][t]["eval_ppl"] is not None),
+        key=lambda t: fl["tasks"][t]["train_examples"],
+    )
     sizes = [fl["tasks"][t]["train_examples"] for t in tasks]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    series = [("base", [fl["tasks"][t]["base_ppl"] for t in tasks]), ("hierarchical", [fl["tasks"][t]["eval_ppl"] for t in tasks])]
+    series = [
+        ("base", [fl["tasks"][t]["base_ppl"] for t in tasks]),
+        ("hierarchical", [fl["tasks"][t]["eval_ppl"] for t in tasks]),
+    ]
     for b, v in fl.get("baselines", {}).items():
         series.append((b, [v["tasks"][t]["eval_ppl"] or float("nan") for t in tasks]))
     for name, ys in series:
         ax.plot(sizes, ys, marker="o", label=name, color=_COLORS.get(name), linestyle="--" if name == "base" else "-")
     for x, t in zip(sizes, tasks):
-        ax.annotate(t, (x, series[0][1][tasks.index(t)]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.annotate(
+            t, (x, series[0][1][tasks.index(t)]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training sequences of the task (log)")
     ax.set_ylabel("eval perplexity")
@@ -85,11 +93,17 @@ def _expert_load(out: Path, pe: dict) -> str:
     layers = list(pe["expert_load"])
     grid = np.array([pe["expert_load"][k] for k in layers])
     tasks = list(pe["task_expert_load"])
-    per_task = np.array([np.mean([pe["task_expert_load"][t][k] for k in layers], axis=0) for t in tasks]) if tasks else None
-    fig, axes = plt.subplots(1, 2 if per_task is not None else 1, figsize=(11, 0.45 * max(len(layers), len(tasks)) + 2.2), squeeze=False)
-    for ax, data, rows, title in ((axes[0, 0], grid, [k.split(".")[-2] if "." in k else k for k in layers], "share of tokens per expert, by layer"),) + (
-        ((axes[0, 1], per_task, tasks, "share of tokens per expert, by task (mean over layers)"),) if per_task is not None else ()
-    ):
+    per_task = (
+        np.array([np.mean([pe["task_expert_load"][t][k] for k in layers], axis=0) for t in tasks]) if tasks else None
+    )
+    fig, axes = plt.subplots(
+        1, 2 if per_task is not None else 1, figsize=(11, 0.45 * max(len(layers), len(tasks)) + 2.2), squeeze=False
+    )
+    by_layer = [k.split(".")[-2] if "." in k else k for k in layers]
+    panels = [(axes[0, 0], grid, by_layer, "share of tokens per expert, by layer")]
+    if per_task is not None:
+        panels.append((axes[0, 1], per_task, tasks, "share of tokens per expert, by task (mean over layers)"))
+    for ax, data, rows, title in panels:
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_xticks(range(data.shape[1]))

@@ -49,8 +49,15 @@ def _table(rows: list[dict], hparams: list[str]) -> list[str]:
     head = ["trial", "status", *hparams, "macro ppl", "MB", "sparsity", "front"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda x: (x.get("macro_ppl") is None, x.get("macro_ppl") or 0.0)):
-        cells = [str(r["trial_id"]), r["status"], *(_fmt(r.get(h)) for h in hparams),
-                 _fmt(r.get("macro_ppl")), _mb(r.get("model_bytes")), _fmt(r.get("sparsity")), _fmt(r.get("pareto", False))]
+        cells = [
+            str(r["trial_id"]),
+            r["status"],
+            *(_fmt(r.get(h)) for h in hparams),
+            _fmt(r.get("macro_ppl")),
+            _mb(r.get("model_bytes")),
+            _fmt(r.get("sparsity")),
+            _fmt(r.get("pareto", False)),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -68,9 +75,11 @@ def render_search_md(section: dict) -> list[str]:
     lines = [
         "## Compression search",
         "",
-        f"{len(trials)} trials over `{Path(str(section.get('space', '?'))).name}` ({section.get('algorithm', 'random')} "
+        f"{len(trials)} trials over `{Path(str(section.get('space', '?'))).name}` "
+        f"({section.get('algorithm', 'random')} "
         f"search, {section.get('steps', '?')} steps per trial): {done} finished, {stopped} stopped early by "
-        "successive halving on both objectives (a trial stops only when trials at least as small beat it). Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
+        "successive halving on both objectives (a trial stops only when trials at least as small beat it). "
+        "Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
         "pruned rows/columns removed, every task's adapter). Sparsity = the fraction of the gated matrices' "
         "base weights removed: a trial closes `target_sparsity` of each matrix's row gates and of its column "
         "gates, which removes about 1 - (1 - target)^2 of its weights (0.4 -> 0.64). The front holds the "
@@ -87,9 +96,12 @@ def render_search_md(section: dict) -> list[str]:
     if p:
         rule = ", ".join(f"{k} = {_fmt(v)}" for k, v in p["rule"].items() if k != "on_miss")
         verdict = "meets it" if p.get("met", True) else "the closest point: none of the front meets it"
-        lines += [f"**Picked point** (search.pick: {rule}; {verdict}; the recycle stage recycles it): trial {p['trial_id']}, "
-                  f"{p.get('bits', 16)}-bit base, sparsity {_fmt(p.get('sparsity'))}, rank {p.get('rank')}, "
-                  f"tau {_fmt(p.get('tau'))}: macro ppl {p['macro_ppl']:.3f}, {_mb(p['model_bytes'])} MB.", ""]
+        lines += [
+            f"**Picked point** (search.pick: {rule}; {verdict}; the recycle stage recycles it): trial {p['trial_id']}, "
+            f"{p.get('bits', 16)}-bit base, sparsity {_fmt(p.get('sparsity'))}, rank {p.get('rank')}, "
+            f"tau {_fmt(p.get('tau'))}: macro ppl {p['macro_ppl']:.3f}, {_mb(p['model_bytes'])} MB.",
+            "",
+        ]
     lines += ["### All trials", "", *_table(trials, hparams), ""]
     return lines
 
@@ -100,7 +112,9 @@ def plot_pareto(out: str | Path, section: dict) -> str:
     Returns:
         ``"plots/pareto.png"`` (relative to ``out``).
     """
-    trials = [r for r in section.get("trials", []) if r.get("macro_ppl") is not None and r.get("model_bytes") is not None]
+    trials = [
+        r for r in section.get("trials", []) if r.get("macro_ppl") is not None and r.get("model_bytes") is not None
+    ]
     front = sorted(section.get("pareto", []), key=lambda r: r["model_bytes"])
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for status, marker, color in (("done", "o", "#9e9e9e"), ("stopped", "x", "#c7c7c7"), ("error", "s", "#d62728")):

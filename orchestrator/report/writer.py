@@ -15,7 +15,9 @@ __all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
 
 
 
-def _tasks_block(nll: dict[str, float], sizes: dict[str, int], base: dict[str, float], failed: dict | None = None) -> dict:
+def _tasks_block(
+    nll: dict[str, float], sizes: dict[str, int], base: dict[str, float], failed: dict | None = None
+) -> dict:
     out = {}
     for t in sizes:
         row = {"train_examples": sizes[t], "base_ppl": perplexity(base[t])}
@@ -48,7 +50,10 @@ def flock_section(res: FlockResults, tau: Any, tau_sweep: list[float] | None = N
     for b in ("independent", "unified"):
         if b in methods:
             m = methods[b]
-            sec["baselines"][b] = {"macro_ppl": macro_perplexity(m["eval_nll"]), "tasks": _tasks_block(m["eval_nll"], sizes, base, m.get("failed"))}
+            sec["baselines"][b] = {
+                "macro_ppl": macro_perplexity(m["eval_nll"]),
+                "tasks": _tasks_block(m["eval_nll"], sizes, base, m.get("failed")),
+            }
     if tau_sweep:
         by_tau = {float(m["tau"]): m for k, m in methods.items()
                   if m["kind"] != "unified" and isinstance(m.get("tau"), (int, float))}
@@ -62,8 +67,13 @@ def flock_section(res: FlockResults, tau: Any, tau_sweep: list[float] | None = N
     sec["curves"] = {k: m["curve"] for k, m in methods.items()}
     evals = {k: m["eval_curve"] for k, m in methods.items() if "eval_curve" in m}
     if evals:  # train.eval_every > 0: held-out perplexity during training
-        sec["eval_curves"] = {k: [{"step": step, "macro_ppl": macro_perplexity(nll), "tasks": {t: perplexity(v) for t, v in nll.items()}}
-                                  for step, nll in c] for k, c in evals.items()}
+        sec["eval_curves"] = {
+            k: [
+                {"step": step, "macro_ppl": macro_perplexity(nll), "tasks": {t: perplexity(v) for t, v in nll.items()}}
+                for step, nll in c
+            ]
+            for k, c in evals.items()
+        }
     return sec
 
 
@@ -113,8 +123,12 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     """A report a person would rather look at than read: headline, tables, plots."""
     job = report["job"]
     lines = [f"# loraflock report: {job['name']}", ""]
-    lines.append(f"Base model `{job['base']}`, {len(job['tasks'])} tasks, LoRA r={job['rank']} on {', '.join(job['target_modules'])}"
-                 + (f" (top {job['top_layers']} blocks)" if job.get("top_layers") else "") + f", {job['steps']} steps.")
+    lines.append(
+        f"Base model `{job['base']}`, {len(job['tasks'])} tasks, "
+        f"LoRA r={job['rank']} on {', '.join(job['target_modules'])}"
+        + (f" (top {job['top_layers']} blocks)" if job.get("top_layers") else "")
+        + f", {job['steps']} steps."
+    )
     lines.append("")
     fl = report.get("flock")
     quant = (report.get("base") or {}).get("quant")
@@ -122,14 +136,21 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         base, main = fl["base_macro_ppl"], fl["macro_ppl"]
         gain = (base - main) / base * 100
         lines += ["## Flock", ""]
-        lines.append(f"Macro perplexity (mean of per-task perplexities): base **{_fmt(base)}** -> flock **{_fmt(main)}** ({gain:+.1f}% better)"
-                     + f", tau = {_tau_text(fl['tau'])}.")
+        lines.append(
+            f"Macro perplexity (mean of per-task perplexities): base **{_fmt(base)}** -> flock **{_fmt(main)}** "
+            f"({gain:+.1f}% better)"
+            + f", tau = {_tau_text(fl['tau'])}."
+        )
         bl = fl.get("baselines", {})
         if bl:
             parts = [f"{k} {_fmt(v['macro_ppl'])}" for k, v in bl.items()]
             best = min([("hierarchical", main)] + [(k, v["macro_ppl"]) for k, v in bl.items()], key=lambda kv: kv[1])
             lines.append(f"Baselines on the same seed and batches: {', '.join(parts)}. Best: **{best[0]}**.")
-        lines += ["", "| task | train seqs | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl), "|---|---:|---:|---:|" + "---:|" * len(bl)]
+        lines += [
+            "",
+            "| task | train seqs | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl),
+            "|---|---:|---:|---:|" + "---:|" * len(bl),
+        ]
         for t, r in sorted(fl["tasks"].items(), key=lambda kv: kv[1]["train_examples"]):
             row = f"| {t} | {r['train_examples']} | {_fmt(r['base_ppl'])} | {_fmt(r['eval_ppl'])} |"
             for k in bl:
@@ -137,7 +158,10 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             lines.append(row)
         for t, why in fl.get("failed", {}).items():
             lines.append(f"\n**{t}** was stopped: {why}.")
-        lines.append(f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |" + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values()))
+        lines.append(
+            f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |"
+            + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values())
+        )
         lines.append("")
         if fl.get("tau_sweep"):
             lines += ["### tau sweep (BoRA Table 1 on this suite)", "", "| tau | macro ppl |", "|---:|---:|"]
@@ -179,23 +203,36 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
                       f"{_fmt(pk.get('sparsity'))} of the adapted weights pruned, rank {pk.get('rank')}, "
                       f"{(pk.get('model_bytes') or 0) / 1e6:.1f} MB): its task adapters make the subspace and the "
                       "new task trains on its compressed base.", ""]
-        lines.append(f"{len(rc['adapters'])} adapters -> K = {rc['k']} principal directions per module "
-                     f"(explained variance {rc['explained_variance']:.3f}); stored as subspace + coefficients they take "
-                     f"**{rc['storage_ratio']:.1f}x** less space, with a mean relative reconstruction error of "
-                     f"{rc['reconstruction_rel_error']:.3f} on delta W.")
+        lines.append(
+            f"{len(rc['adapters'])} adapters -> K = {rc['k']} principal directions per module "
+            f"(explained variance {rc['explained_variance']:.3f}); stored as subspace + coefficients they take "
+            f"**{rc['storage_ratio']:.1f}x** less space, with a mean relative reconstruction error of "
+            f"{rc['reconstruction_rel_error']:.3f} on delta W."
+        )
         nt = rc.get("new_task")
         if nt:
-            lines += ["", f"New task `{nt['task']}` (held out of the flock, {nt['train_examples']} training sequences), same steps:", "",
-                      "| adapter | trainable params | eval ppl |", "|---|---:|---:|",
-                      f"| {'compressed base' if pk else 'base'} | 0 | {_fmt(nt['base_ppl'])} |",
-                      f"| coefficients on the subspace | {nt['coeff_params']:,} | {_fmt(nt['coeff_ppl'])} |",
-                      f"| full LoRA r={pk['rank'] if pk else job['rank']} | {nt['lora_params']:,} | {_fmt(nt['lora_ppl'])} |", ""]
+            lines += [
+                "",
+                f"New task `{nt['task']}` (held out of the flock, {nt['train_examples']} training sequences), "
+                "same steps:",
+                "",
+                "| adapter | trainable params | eval ppl |",
+                "|---|---:|---:|",
+                f"| {'compressed base' if pk else 'base'} | 0 | {_fmt(nt['base_ppl'])} |",
+                f"| coefficients on the subspace | {nt['coeff_params']:,} | {_fmt(nt['coeff_ppl'])} |",
+                f"| full LoRA r={pk['rank'] if pk else job['rank']} | {nt['lora_params']:,} | {_fmt(nt['lora_ppl'])} |",
+                "",
+            ]
             if nt.get("lora_ppl") is not None and nt["lora_ppl"] >= nt["base_ppl"]:
-                lines.append(f"The full LoRA did not improve on the base in these steps (it overfits {nt['train_examples']} "
-                             f"sequences); the coefficients, with **{nt['param_ratio']:.0f}x** fewer trainable parameters, did.")
+                lines.append(
+                    f"The full LoRA did not improve on the base in these steps (it overfits {nt['train_examples']} "
+                    f"sequences); the coefficients, with **{nt['param_ratio']:.0f}x** fewer trainable parameters, did."
+                )
             elif nt.get("gain_fraction") == nt.get("gain_fraction"):  # not NaN
-                lines.append(f"The coefficients reach **{nt['gain_fraction'] * 100:.0f}%** of the full LoRA's perplexity gain "
-                             f"with **{nt['param_ratio']:.0f}x** fewer trainable parameters.")
+                lines.append(
+                    f"The coefficients reach **{nt['gain_fraction'] * 100:.0f}%** of the full LoRA's perplexity gain "
+                    f"with **{nt['param_ratio']:.0f}x** fewer trainable parameters."
+                )
         lines.append("")
     if report.get("data"):
         from orchestrator.report.data import render_data_md
@@ -203,12 +240,24 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         lines += render_data_md(report["data"])
     t = report.get("timing", {})
     if t:
-        lines += ["## Timing", "", "| stage | seconds |", "|---|---:|"] + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()] + [""]
-    lines += ["## Files", "", "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)"
-              + (" trained on the quantised base in `quant_base/` (packed safetensors + `quant.json`)" if quant else ""),
-              *(["- `export/`: the gate-pruned model and PEFT adapters for it (see README, FineGates)"]
-                if (job.get("gates") or {}).get("export") else []),
-              "- `report.json`: every figure above, machine-readable", ""]
+        lines += (
+            ["## Timing", "", "| stage | seconds |", "|---|---:|"]
+            + [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in t.items()]
+            + [""]
+        )
+    lines += [
+        "## Files",
+        "",
+        "- `adapters/<task>/`: PEFT LoRA adapters (`PeftModel.from_pretrained(base, dir)`)"
+        + (" trained on the quantised base in `quant_base/` (packed safetensors + `quant.json`)" if quant else ""),
+        *(
+            ["- `export/`: the gate-pruned model and PEFT adapters for it (see README, FineGates)"]
+            if (job.get("gates") or {}).get("export")
+            else []
+        ),
+        "- `report.json`: every figure above, machine-readable",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -216,10 +265,16 @@ def _gates_md(g: dict, settings: dict | None) -> list[str]:
     """The FineGates table: what the gates removed, per layer."""
     s = settings or {}
     lines = ["### FineGates: base weights pruned while the adapters trained", ""]
-    lines.append(f"Target sparsity {s.get('target_sparsity', float('nan')):.2f} ({s.get('scope', 'shared')} scope); "
-                 f"**{g['removed_fraction'] * 100:.1f}%** of the gated layers' base weights removed"
-                 + (f"; every method trained with the same gates ({', '.join(f'{k} {v * 100:.1f}%' for k, v in g['methods'].items())})."
-                    if len(g.get("methods", {})) > 1 else "."))
+    lines.append(
+        f"Target sparsity {s.get('target_sparsity', float('nan')):.2f} ({s.get('scope', 'shared')} scope); "
+        f"**{g['removed_fraction'] * 100:.1f}%** of the gated layers' base weights removed"
+        + (
+            "; every method trained with the same gates "
+            f"({', '.join(f'{k} {v * 100:.1f}%' for k, v in g['methods'].items())})."
+            if len(g.get("methods", {})) > 1
+            else "."
+        )
+    )
     lines += ["", "| gated layer | rows kept | cols kept | removed |", "|---|---:|---:|---:|"]
     for name, r in g["layers"].items():
         lines.append(f"| {name} | {r['rows_kept']} | {r['cols_kept']} | {r['removed_fraction'] * 100:.1f}% |")
@@ -233,8 +288,10 @@ def _u_shape(sweep: list[dict]) -> str:
     best = min(sweep, key=lambda r: r["macro_ppl"])
     ends = (sweep[0]["tau"], sweep[-1]["tau"])
     if len(sweep) >= 3 and best["tau"] not in ends:
-        return (f"The sweep shows BoRA's U-shape: tau = {best['tau']:g} ({_fmt(best['macro_ppl'])}) beats both "
-                f"tau = {ends[0]:g} ({_fmt(sweep[0]['macro_ppl'])}) and tau = {ends[1]:g} ({_fmt(sweep[-1]['macro_ppl'])}).")
+        return (
+            f"The sweep shows BoRA's U-shape: tau = {best['tau']:g} ({_fmt(best['macro_ppl'])}) beats both "
+            f"tau = {ends[0]:g} ({_fmt(sweep[0]['macro_ppl'])}) and tau = {ends[1]:g} ({_fmt(sweep[-1]['macro_ppl'])})."
+        )
     return (f"No U-shape on this run: the best tau is at the end of the grid (tau = {best['tau']:g}, "
             f"{_fmt(best['macro_ppl'])}); widen the grid or train longer.")
 

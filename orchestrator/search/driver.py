@@ -68,7 +68,9 @@ def _optuna_search(seed: int, space):
         import optuna  # noqa: F401
     except ImportError:
         raise StageError("search.algorithm 'optuna' needs optuna: pip install 'loraflock[optuna]'") from None
-    return FinalOnlyOptunaSearch(space=to_optuna(space), metric=["macro_ppl", "model_bytes"], mode=["min", "min"], seed=seed)
+    return FinalOnlyOptunaSearch(
+        space=to_optuna(space), metric=["macro_ppl", "model_bytes"], mode=["min", "min"], seed=seed
+    )
 
 
 def _search_alg(search: SearchSpec, concurrent: int, space):
@@ -200,13 +202,18 @@ def run_search(
     threads = max(1, min(search.cpus_per_trial * concurrent, int(node_cpus)))
     payload_task = ray.remote(num_cpus=threads, num_gpus=0)(build_payload)
     job = trial_job(spec)
-    payload = ray.get(payload_task.remote(
-        job, names, [int(d.train_examples) for d in data],
-        [np.ascontiguousarray(d.train_ids.numpy()) for d in data], [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
-        threads,
-        [None if d.train_mask is None else d.train_mask.numpy() for d in data],
-        [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
-    ))
+    payload = ray.get(
+        payload_task.remote(
+            job,
+            names,
+            [int(d.train_examples) for d in data],
+            [np.ascontiguousarray(d.train_ids.numpy()) for d in data],
+            [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
+            threads,
+            [None if d.train_mask is None else d.train_mask.numpy() for d in data],
+            [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
+        )
+    )
     resources = {"cpu": search.cpus_per_trial, **({"gpu": 1} if spec.ray.use_gpu else {})}
     pack = None
     if search.packing:  # trial packing: see orchestrator/search/packed_trial.py

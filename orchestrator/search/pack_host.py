@@ -94,7 +94,9 @@ class PackHost:
         device: torch device.
     """
 
-    def __init__(self, payload: dict, capacity: int, max_rank: int, device: str = "cpu", setting: dict | None = None) -> None:
+    def __init__(
+        self, payload: dict, capacity: int, max_rank: int, device: str = "cpu", setting: dict | None = None
+    ) -> None:
         self.spec = JobSpec.model_validate(payload["spec"])
         spec = self.spec
         self.setting = dict(setting or {"bits": 16})
@@ -115,8 +117,15 @@ class PackHost:
         if quantised:  # exactly build_trial_model's quantisation, once for every trial of this setting
             from models.quant.model import quantize_model
 
-            q = quantize_model(self.model, "all-linear", bits=int(self.setting["bits"]), layers=layers,
-                               quantizer=str(self.setting["quantizer"]), iters=int(self.setting["lq_iters"]), cache_weight=True)
+            q = quantize_model(
+                self.model,
+                "all-linear",
+                bits=int(self.setting["bits"]),
+                layers=layers,
+                quantizer=str(self.setting["quantizer"]),
+                iters=int(self.setting["lq_iters"]),
+                cache_weight=True,
+            )
             self.quant = {k: v for k, v in q.as_dict().items() if k != "matrices"}
             from models.lora import lora_layers
 
@@ -136,9 +145,17 @@ class PackHost:
         split = int(payload["split"])
         pre = "train_prefix" in payload
         t = lambda arrays: {s: torch.from_numpy(np.array(a)).to(device) for s, a in enumerate(arrays)}  # noqa: E731
-        self.data = FlockData(list(payload["sizes"]), list(range(self.num_tasks)), t(payload["train"]), t(payload["eval"]),
-                              t(payload["train_prefix"]) if pre else None, t(payload["eval_prefix"]) if pre else None, split,
-                              mask_tensors(payload.get("train_mask"), device), mask_tensors(payload.get("eval_mask"), device))
+        self.data = FlockData(
+            list(payload["sizes"]),
+            list(range(self.num_tasks)),
+            t(payload["train"]),
+            t(payload["eval"]),
+            t(payload["train_prefix"]) if pre else None,
+            t(payload["eval_prefix"]) if pre else None,
+            split,
+            mask_tensors(payload.get("train_mask"), device),
+            mask_tensors(payload.get("eval_mask"), device),
+        )
         self.total_size = float(sum(self.data.sizes))
         self.leases: dict[str, _Lease] = {}
         self.free = list(range(self.capacity))
@@ -162,7 +179,9 @@ class PackHost:
             The lease id.
         """
         if not self.accepts(config):
-            raise ValueError(f"trial config {config} does not fit this host's base {self.setting} (max rank {self.max_rank})")
+            raise ValueError(
+                f"trial config {config} does not fit this host's base {self.setting} (max rank {self.max_rank})"
+            )
         if not self.free:
             raise RuntimeError(f"all {self.capacity} slot groups are leased: raise the host capacity")
         spec, tr = self.spec, self.spec.train
@@ -191,10 +210,23 @@ class PackHost:
                     view.copy_(init[key])
                     views[key] = view
         trained = [n for n in views if kind == "hierarchical" or not n.endswith("_shared")]
-        opt = torch.optim.AdamW([views[n] for n in trained], lr=float(config.get("lr", tr.lr)), weight_decay=tr.weight_decay)
+        opt = torch.optim.AdamW(
+            [views[n] for n in trained], lr=float(config.get("lr", tr.lr)), weight_decay=tr.weight_decay
+        )
         lid = uuid.uuid4().hex[:12]
-        self.leases[lid] = _Lease(g, slots, rank, tau, float(config.get("lr", tr.lr)), kind,
-                                  BatchSampler(self.data.sizes, tr.batch_size, seed, tr.temperature), views, index, trained, opt)
+        self.leases[lid] = _Lease(
+            g,
+            slots,
+            rank,
+            tau,
+            float(config.get("lr", tr.lr)),
+            kind,
+            BatchSampler(self.data.sizes, tr.batch_size, seed, tr.temperature),
+            views,
+            index,
+            trained,
+            opt,
+        )
         return lid
 
     def release(self, lid: str) -> None:
@@ -280,8 +312,13 @@ class PackHost:
         """``search_trial.deployed_bytes`` of the unpacked trial (unquantised, ungated: shapes only)."""
         lease = self.leases[lid]
         adapters = sum(2 * lease.rank * (l.in_features + l.out_features) * self.num_tasks for l in self.layers.values())
-        return {"model_bytes": int(self.base_bytes + self.compressed_bytes + adapters), "base_bytes": int(self.base_bytes),
-                "compressed_bytes": int(self.compressed_bytes), "adapter_bytes": int(adapters), "mask_bytes": 0}
+        return {
+            "model_bytes": int(self.base_bytes + self.compressed_bytes + adapters),
+            "base_bytes": int(self.base_bytes),
+            "compressed_bytes": int(self.compressed_bytes),
+            "adapter_bytes": int(adapters),
+            "mask_bytes": 0,
+        }
 
 
 class PackHostActor:
@@ -320,7 +357,9 @@ class PackHostActor:
             if not self.host.free:  # a trial killed without releasing: reclaim its group
                 now = time.monotonic()
                 with self.cv:
-                    idle = [x for x in self.host.leases if x not in self.want and now - self.seen.get(x, now) > self.idle_s]
+                    idle = [
+                        x for x in self.host.leases if x not in self.want and now - self.seen.get(x, now) > self.idle_s
+                    ]
                 for x in idle:
                     self.host.release(x)
             lid = self.host.lease(config, seed, {k: torch.as_tensor(v) for k, v in (state or {}).items()})
@@ -401,4 +440,9 @@ class PackHostActor:
 
     def stats(self) -> dict:
         """Fused steps run and mean trials per fused step (how much packing happened)."""
-        return {"fused_steps": self.fused_steps, "trial_steps": self.fused_rows, "step_s": self.step_s, "eval_s": self.eval_s}
+        return {
+            "fused_steps": self.fused_steps,
+            "trial_steps": self.fused_rows,
+            "step_s": self.step_s,
+            "eval_s": self.eval_s,
+        }

@@ -118,11 +118,27 @@ def _host(pack: dict, setting: dict):
     from orchestrator.search.pack_host import PackHostActor
 
     cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node), 1)
-    return ray.remote(PackHostActor).options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, num_gpus=pack["gpu"],
-        max_concurrency=4 * int(pack["capacity"]) + 8, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(pack["payload"], int(pack["capacity"]), int(pack["max_rank"]), max(1, int(cpus)),
-             "cuda" if pack["gpu"] else "cpu", setting)
+    return (
+        ray.remote(PackHostActor)
+        .options(
+            name=name,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+            num_gpus=pack["gpu"],
+            max_concurrency=4 * int(pack["capacity"]) + 8,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        )
+        .remote(
+            pack["payload"],
+            int(pack["capacity"]),
+            int(pack["max_rank"]),
+            max(1, int(cpus)),
+            "cuda" if pack["gpu"] else "cpu",
+            setting,
+        )
+    )
 
 
 def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:

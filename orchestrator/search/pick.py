@@ -31,7 +31,14 @@ from models.peft_io import write_adapter_dir
 from orchestrator.errors import StageError
 from orchestrator.spec import JobSpec
 
-__all__ = ["picked_config", "load_picked_model", "fold_picked", "picked_base", "export_picked_adapters", "restrict_lora"]
+__all__ = [
+    "picked_config",
+    "load_picked_model",
+    "fold_picked",
+    "picked_base",
+    "export_picked_adapters",
+    "restrict_lora",
+]
 
 _HPARAMS = ("rank", "target_sparsity", "bits", "quantizer", "tau", "lr")
 _PREFIX = "base_model.model."
@@ -60,7 +67,9 @@ def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, devic
     if not path.is_file():
         raise StageError(f"search.picked: {path} not found: re-run the search stage (delete its entry in state.json)")
     config = picked_config(picked)
-    model, _ = build_trial_model(spec, config, len(task_names(spec, picked)), str(picked["quantizer"]), int(picked["lq_iters"]), device)
+    model, _ = build_trial_model(
+        spec, config, len(task_names(spec, picked)), str(picked["quantizer"]), int(picked["lq_iters"]), device
+    )
     gate_lr = picked.get("gate_lr")  # only for checkpoints that stored gate logits scaled by gate_lr / lr
     state = trial_state(path, float(gate_lr) / float(config.get("lr", spec.train.lr)) if gate_lr else 1.0, device)
     params = dict(model.named_parameters())
@@ -75,7 +84,9 @@ def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, devic
 
 
 @torch.no_grad()
-def fold_picked(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[int, dict[str, torch.Tensor]], dict]:
+def fold_picked(
+    model: nn.Module,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[int, dict[str, torch.Tensor]], dict]:
     """Fold gates into the base and the adapters, in place (see the module docstring).
 
     Every adapted module (gated or not) becomes a frozen ``nn.Linear`` holding ``W'``.
@@ -141,7 +152,9 @@ def export_picked_adapters(
     _, adapters, meta = fold_picked(model)
     dirs = {}
     for t, name in enumerate(task_names(spec, picked)):
-        dirs[name] = write_adapter_dir(Path(out_dir) / name, adapters[t], meta["ranks"], meta["alphas"], base_model_name)
+        dirs[name] = write_adapter_dir(
+            Path(out_dir) / name, adapters[t], meta["ranks"], meta["alphas"], base_model_name
+        )
     return dirs
 
 

@@ -68,7 +68,9 @@ class ParetoASHA(FIFOScheduler):
             raise ValueError("ParetoASHA needs 0 < grace_period <= max_t and reduction_factor > 1")
         self._time_attr, self._metrics = time_attr, tuple(metrics)
         self._rf = float(reduction_factor)
-        self._rungs: list[tuple[float, dict[str, dict]]] = [(m, {}) for m in rungs(grace_period, reduction_factor, max_t)]
+        self._rungs: list[tuple[float, dict[str, dict]]] = [
+            (m, {}) for m in rungs(grace_period, reduction_factor, max_t)
+        ]
         self._num_stopped = 0
 
     def set_search_properties(self, metric, mode, **spec) -> bool:

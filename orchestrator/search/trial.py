@@ -84,8 +84,14 @@ META_FILE = "trial.json"  # steps done and the last metrics
 
 @torch.no_grad()
 def build_payload(
-    spec_dict: dict, names: list[str], sizes: list[int], train: list[np.ndarray], evals: list[np.ndarray], threads: int = 1,
-    train_mask: list[np.ndarray | None] | None = None, eval_mask: list[np.ndarray | None] | None = None,
+    spec_dict: dict,
+    names: list[str],
+    sizes: list[int],
+    train: list[np.ndarray],
+    evals: list[np.ndarray],
+    threads: int = 1,
+    train_mask: list[np.ndarray | None] | None = None,
+    eval_mask: list[np.ndarray | None] | None = None,
 ) -> dict:
     """Everything every trial shares, computed once: token ids, scored-token masks and the frozen-prefix cache.
 
@@ -147,8 +153,15 @@ def build_trial_model(
     info: dict = {"layers": layers, "quant": None, "gated": []}
     bits = int(config.get("bits", 16))
     if bits < 16:
-        q = quantize_model(model, "all-linear", bits=bits, layers=layers, quantizer=str(config.get("quantizer", quantizer)),
-                           iters=lq_iters, cache_weight=True)  # frozen weights: the cache is exact
+        q = quantize_model(
+            model,
+            "all-linear",
+            bits=bits,
+            layers=layers,
+            quantizer=str(config.get("quantizer", quantizer)),
+            iters=lq_iters,
+            cache_weight=True,  # frozen weights: the cache is exact
+        )
         info["quant"] = {k: v for k, v in q.as_dict().items() if k != "matrices"}
     if float(config.get("target_sparsity", 0.0)) > 0:
         info["gated"] = inject_gates(model, spec.lora.target_modules, layers=layers, scope="shared")
@@ -339,7 +352,9 @@ def run_trial(
         if done == 0:  # a resumed trial has its trained gates in init_state already
             calib = {s: x[: tr.batch_size] for s, x in data.train.items()}
             calib_pre = {s: x[: tr.batch_size] for s, x in data.train_prefix.items()} if pre else None
-            init_from_importance(model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split)))
+            init_from_importance(
+                model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split))
+            )
             init_state.update(_trained_state(model, gates))
         ctrl = GateController(model, GateSchedule(steps, target, lam))
         hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
@@ -349,13 +364,21 @@ def run_trial(
         size = deployed_bytes(model)
         # the size once the gates reach their target: the scheduler's size at early rungs
         goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
-        return TrialMetrics(**{
-            "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
-            "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
-            "bits": int(config.get("bits", 16)), **size, "target_bytes": goal,
-            "rung_bytes": min(size["model_bytes"], goal), "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
-            "seconds": time.perf_counter() - t0,
-        })
+        return TrialMetrics(
+            **{
+                "step": step,
+                "macro_ppl": macro_perplexity(nll),
+                "final": final,
+                "eval": "full" if final else "subset",
+                "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
+                "bits": int(config.get("bits", 16)),
+                **size,
+                "target_bytes": goal,
+                "rung_bytes": min(size["model_bytes"], goal),
+                "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
 
     def report(metrics: TrialMetrics) -> None:
         on_report(metrics, _trained_state(model, params + gates))

@@ -129,5 +129,8 @@ class BaseSpec(Strict):
                     f"raise base.bit_budget to {floor:g} or more (or use a larger base.quant.block_size)"
                 )
         if self.quant != QuantSpec() and not self.quantized:  # by value: model_dump() round trips carry the defaults
-            raise ValueError("base.quant has no effect without base.bits (2, 3, 4 or 8) or base.bit_budget: set one, or drop base.quant")
+            raise ValueError(
+                "base.quant has no effect without base.bits (2, 3, 4 or 8) or base.bit_budget: "
+                "set one, or drop base.quant"
+            )
         return self

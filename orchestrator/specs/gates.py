@@ -86,9 +86,13 @@ class GatesSpec(Strict):
         if self.enabled and self.target_sparsity <= 0:
             raise ValueError("gates.target_sparsity must be > 0 when gates are enabled (e.g. 0.3)")
         if self.sigma_final > self.sigma:
-            raise ValueError(f"gates.sigma_final ({self.sigma_final}) must be <= gates.sigma ({self.sigma}): the noise anneals down")
+            raise ValueError(
+                f"gates.sigma_final ({self.sigma_final}) must be <= gates.sigma ({self.sigma}): the noise anneals down"
+            )
         if self.harden_at <= self.warmup and self.harden_at < 1.0:
-            raise ValueError(f"gates.harden_at ({self.harden_at}) must come after the warm-up (gates.warmup = {self.warmup})")
+            raise ValueError(
+                f"gates.harden_at ({self.harden_at}) must come after the warm-up (gates.warmup = {self.warmup})"
+            )
         if self.align > 1 and self.allocation != "layer":
             raise ValueError(f"gates.align ({self.align}) needs gates.allocation: layer (global allocation gives "
                              "layers different widths): set allocation: layer, or align: 1")

@@ -91,7 +91,9 @@ def instruct_table(subset: str, package: str | None = None) -> Dataset:
     """
     from datasets import Dataset
 
-    cols: dict[str, list] = {k: [] for k in ("package", "prompt", "completion", "instruction", "input", "output", "messages")}
+    cols: dict[str, list] = {
+        k: [] for k in ("package", "prompt", "completion", "instruction", "input", "output", "messages")
+    }
     for pkg in [package] if package else list(STDLIB_PACKAGES):
         instruction = INSTRUCTIONS[subset].format(package=pkg)
         for doc, answer in instruct_rows(subset, pkg):
@@ -101,7 +103,9 @@ def instruct_table(subset: str, package: str | None = None) -> Dataset:
             cols["instruction"].append(instruction)
             cols["input"].append(doc)
             cols["output"].append(answer)
-            cols["messages"].append([{"role": "user", "content": f"{instruction}\n\n{doc}"}, {"role": "assistant", "content": answer}])
+            cols["messages"].append(
+                [{"role": "user", "content": f"{instruction}\n\n{doc}"}, {"role": "assistant", "content": answer}]
+            )
     return Dataset.from_dict(cols)
 
 
@@ -115,7 +119,13 @@ def instruct_task_sets(min_examples: int = 2, eval_fraction: float = 0.2) -> lis
     from tasks.spec import TaskSetSpec
 
     return [
-        TaskSetSpec(name=f"stdlib-{subset}", source={"kind": "builtin", "suite": "stdlib-instruct", "subset": subset},
-                    task_field="package", name_prefix=f"{subset}-", min_examples=min_examples, eval_fraction=eval_fraction)
+        TaskSetSpec(
+            name=f"stdlib-{subset}",
+            source={"kind": "builtin", "suite": "stdlib-instruct", "subset": subset},
+            task_field="package",
+            name_prefix=f"{subset}-",
+            min_examples=min_examples,
+            eval_fraction=eval_fraction,
+        )
         for subset in INSTRUCT_SUBSETS
     ]

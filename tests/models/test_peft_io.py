@@ -44,7 +44,9 @@ def test_peft_adapter_loads_into_a_slot(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = load_base(random_init=TINY_LLAMA, seed=0)
-    pm = get_peft_model(base, LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm = get_peft_model(
+        base, LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.save_pretrained(tmp_path / "peft")
     x = torch.randint(0, 300, (2, 7))
     with torch.no_grad():

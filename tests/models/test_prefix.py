@@ -9,7 +9,9 @@ from models.lora import inject, lora_layers, task_ids
 from models.prefix import compute_prefix, use_prefix
 
 
-@pytest.mark.parametrize("model_name,targets", [("tiny_llama", ["q_proj", "down_proj"]), ("tiny_gpt2", ["c_attn", "c_fc"])])
+@pytest.mark.parametrize(
+    "model_name,targets", [("tiny_llama", ["q_proj", "down_proj"]), ("tiny_gpt2", ["c_attn", "c_fc"])]
+)
 def test_prefix_cache_is_exact(model_name, targets, request):
     model = request.getfixturevalue(model_name)
     inject(model, targets, num_tasks=2, rank=4, alpha=8.0, layers=[1])

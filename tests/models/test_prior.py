@@ -64,7 +64,9 @@ def test_penalty_matches_loop_and_vanishes_at_tau_zero(model):
     assert ref > 0
     torch.testing.assert_close(prior.penalty().double(), ref, rtol=1e-5, atol=0)
     glob = HierarchicalPrior(model, SIZES, groups="global", tau=30.0)
-    torch.testing.assert_close(glob.penalty().double(), reference_penalty(model, {"g": 30.0}, range(5), SIZES), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        glob.penalty().double(), reference_penalty(model, {"g": 30.0}, range(5), SIZES), rtol=1e-5, atol=0
+    )
     assert float(HierarchicalPrior(model, SIZES, tau=0.0).penalty()) == 0.0
 
 
@@ -85,7 +87,9 @@ def test_owned_tasks_split_sums_to_whole(model):
     w0 = HierarchicalPrior(model, SIZES, tau=100.0, owned_tasks=[0, 3])
     w1 = HierarchicalPrior(model, SIZES, tau=100.0, owned_tasks=[4, 1, 2])
     torch.testing.assert_close(w0.penalty() + w1.penalty(), whole.penalty())
-    torch.testing.assert_close(w0.penalty().double(), reference_penalty(model, {"g": 100.0}, [0, 3], SIZES), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        w0.penalty().double(), reference_penalty(model, {"g": 100.0}, [0, 3], SIZES), rtol=1e-5, atol=0
+    )
     s0, s1, sw = w0.sufficient_stats(), w1.sufficient_stats(), whole.sufficient_stats()
     for g in sw:
         assert math.isclose(s0[g][0] + s1[g][0], sw[g][0], rel_tol=1e-5)

@@ -53,7 +53,8 @@ def test_outputs_follow_the_contract(tiny_run):
     assert sorted(fl["tasks"]) == sorted(tasks)
     for t in tasks:
         row = fl["tasks"][t]
-        assert row["train_examples"] > 0 and row["eval_ppl"] == pytest.approx(torch.tensor(row["eval_loss"]).exp().item(), rel=1e-6)
+        assert row["train_examples"] > 0
+        assert row["eval_ppl"] == pytest.approx(torch.tensor(row["eval_loss"]).exp().item(), rel=1e-6)
         for b in ("independent", "unified"):
             assert t in fl["baselines"][b]["tasks"]
     assert fl["macro_ppl"] < fl["base_macro_ppl"]  # the adapters learned something
@@ -96,7 +97,9 @@ def test_peft_reproduces_the_reported_eval_loss(tiny_run):
 
     out, _ = tiny_run
     spec = load_job(TINY)
-    data = {d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)}
+    data = {
+        d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)
+    }
     rep = json.loads((out / "report.json").read_text())
     base = load_base(random_init=spec.base.random_init, seed=spec.train.seed)
     model = PeftModel.from_pretrained(base, out / "adapters" / "http").eval()
@@ -155,8 +158,12 @@ def test_two_workers_give_the_single_process_joint_map(tiny_run, tmp_path):
 def test_adapt_cli_trains_coefficients_on_the_recycled_subspace(tiny_run, tmp_path):
     out, _ = tiny_run
     task = tmp_path / "task.yaml"
-    task.write_text("name: concurrent\nsource: {kind: builtin, package: concurrent}\nmax_train_sequences: 4\nmax_eval_sequences: 2\n")
-    r = _run(["adapt", "--subspace", str(out / "recycle" / "subspace"), str(task), "--steps", "3", "--out", str(tmp_path / "a")], timeout=200)
+    task.write_text(
+        "name: concurrent\nsource: {kind: builtin, package: concurrent}\n"
+        "max_train_sequences: 4\nmax_eval_sequences: 2\n"
+    )
+    r = _run(["adapt", "--subspace", str(out / "recycle" / "subspace"), str(task), "--steps", "3",
+              "--out", str(tmp_path / "a")], timeout=200)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout[r.stdout.index("{"):])
     assert res["task"] == "concurrent" and res["coeff_params"] < res["lora_params"]

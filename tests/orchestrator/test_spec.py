@@ -115,7 +115,12 @@ def test_cli_main_stays_callable_after_the_cli_has_run(capsys):
 
 
 def test_cli_missing_file_no_traceback():
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", "/nonexistent.yaml"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "validate", "/nonexistent.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "no such job file" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -41,7 +41,9 @@ def _letters_in(ids: torch.Tensor) -> set[str]:
 
 def test_split_is_document_disjoint_and_rows_are_exact(tmp_path):
     texts = _letter_docs()
-    spec = TaskSpec(name="letters", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", texts)}, eval_fraction=0.25)
+    spec = TaskSpec(
+        name="letters", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", texts)}, eval_fraction=0.25
+    )
     (data,) = build_task_data([spec], bytes_tokenizer(), seq_len=16, seed=0)
     assert isinstance(data, TaskData) and data.name == "letters"
     assert data.train_ids.dtype == torch.long and data.train_ids.shape == (data.train_examples, 16)
@@ -60,7 +62,9 @@ def test_split_is_document_disjoint_and_rows_are_exact(tmp_path):
 
 
 def test_same_seed_same_data_other_seed_other_split(tmp_path):
-    spec = TaskSpec(name="t", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", _letter_docs())}, eval_fraction=0.25)
+    spec = TaskSpec(
+        name="t", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", _letter_docs())}, eval_fraction=0.25
+    )
     a, b = build_task_data([spec], "bytes", 16, seed=5)[0], build_task_data([spec], "bytes", 16, seed=5)[0]
     assert torch.equal(a.train_ids, b.train_ids) and torch.equal(a.eval_ids, b.eval_ids)
     c = build_task_data([spec], "bytes", 16, seed=6)[0]
@@ -88,7 +92,10 @@ def test_eval_source_and_caps(tmp_path):
 
 def test_several_tasks_keep_their_order_and_own_data(tmp_path):
     specs = [
-        TaskSpec(name=f"t{i}", source={"kind": "files", "path": _jsonl(tmp_path / f"{i}.jsonl", [LETTERS[i] * 300, LETTERS[i] * 200])})
+        TaskSpec(
+            name=f"t{i}",
+            source={"kind": "files", "path": _jsonl(tmp_path / f"{i}.jsonl", [LETTERS[i] * 300, LETTERS[i] * 200])},
+        )
         for i in range(3)
     ]
     data = build_task_data(specs, bytes_tokenizer(), seq_len=32)
@@ -107,7 +114,11 @@ def _build_error(tmp_path, texts, seq_len=16, **spec_kwargs) -> str:
 
 def test_short_training_text_becomes_one_padded_row(tmp_path):
     """A side shorter than one row is padded, not refused; only its real tokens are scored."""
-    spec = TaskSpec(name="small", source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", ["tiny", "x" * 100])}, eval_fraction=0.9)
+    spec = TaskSpec(
+        name="small",
+        source={"kind": "files", "path": _jsonl(tmp_path / "d.jsonl", ["tiny", "x" * 100])},
+        eval_fraction=0.9,
+    )
     (data,) = build_task_data([spec], bytes_tokenizer(), seq_len=16)
     assert data.train_examples == 1 and data.train_ids.shape == (1, 16)
     # "tiny" + EOS, then EOS padding (the bytes tokenizer has no pad token)

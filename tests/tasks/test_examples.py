@@ -78,7 +78,9 @@ def _chat(*turns):
 
 
 def test_messages_score_every_assistant_turn_only():
-    conv = _chat(("system", "Be brief."), ("user", "France?"), ("assistant", "Paris"), ("user", "Italy?"), ("assistant", "Rome"))
+    conv = _chat(
+        ("system", "Be brief."), ("user", "France?"), ("assistant", "Paris"), ("user", "Italy?"), ("assistant", "Rome")
+    )
     ex = encode_examples(Dataset.from_dict({"messages": [conv]}), ExampleFields(example_format="messages"),
                          bytes_tokenizer(), chat_template=TINY_TEMPLATE)
     ids, scored = ex.ids[0], ex.scored[0]
@@ -119,8 +121,11 @@ def _jsonl(path, rows) -> str:
 def test_task_data_rows_and_masks_for_messages(tmp_path):
     """End to end: one example per row, right-padded with EOS (no pad token), pads never scored."""
     rows = [{"messages": _chat(("user", f"q{i}"), ("assistant", f"a{i}"))} for i in range(10)]
-    spec = TaskSpec(name="chat", source={"kind": "files", "path": _jsonl(tmp_path / "c.jsonl", rows), "example_format": "messages"},
-                    eval_fraction=0.2)
+    spec = TaskSpec(
+        name="chat",
+        source={"kind": "files", "path": _jsonl(tmp_path / "c.jsonl", rows), "example_format": "messages"},
+        eval_fraction=0.2,
+    )
     (d,) = build_task_data([spec], bytes_tokenizer(), seq_len=32, chat_template=TINY_TEMPLATE)
     assert d.train_examples == 8 and d.eval_examples == 2 and d.train_ids.shape == (8, 32)
     assert d.train_mask.dtype == d.eval_mask.dtype and str(d.train_mask.dtype) == "torch.bool"
@@ -160,7 +165,10 @@ def test_eval_source_and_caps_count_examples(tmp_path):
 
 
 def test_builtin_instruct_source():
-    spec = TaskSpec(name="json-sub", source={"kind": "builtin", "suite": "stdlib-instruct", "subset": "submodule", "package": "json"})
+    spec = TaskSpec(
+        name="json-sub",
+        source={"kind": "builtin", "suite": "stdlib-instruct", "subset": "submodule", "package": "json"},
+    )
     (d,) = build_task_data([spec], bytes_tokenizer(), seq_len=512)
     assert d.stats["format"] == "prompt_completion" and d.train_examples + d.eval_examples == d.stats["examples"]
     labels = {_text(ids[mask]) for ids, mask in zip(d.train_ids.numpy(), d.train_mask.numpy())}
@@ -178,7 +186,9 @@ def _error(ds, fields, **kw) -> str:
 
 
 def test_missing_field_lists_columns():
-    msg = _error(Dataset.from_dict({"question": ["q"], "reply": ["r"]}), ExampleFields(example_format="prompt_completion"))
+    msg = _error(
+        Dataset.from_dict({"question": ["q"], "reply": ["r"]}), ExampleFields(example_format="prompt_completion")
+    )
     assert "no column 'prompt'" in msg and "['question', 'reply']" in msg and "source.prompt_field" in msg
 
 
@@ -194,7 +204,9 @@ def test_messages_missing_turn_key():
 
 
 def test_messages_unknown_role():
-    ds = Dataset.from_dict({"messages": [_chat(("user", "a"), ("assistant", "b")), _chat(("human", "a"), ("assistant", "b"))]})
+    ds = Dataset.from_dict(
+        {"messages": [_chat(("user", "a"), ("assistant", "b")), _chat(("human", "a"), ("assistant", "b"))]}
+    )
     msg = _error(ds, ExampleFields(example_format="messages"), chat_template="chatml")
     assert "row 1" in msg and "unknown role 'human'" in msg and "'messages'" in msg and "role_map" in msg
 
@@ -212,14 +224,19 @@ def test_tokenizer_without_chat_template():
 
 
 def test_template_that_rejects_a_conversation():
-    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first turn must be user') }}{% endif %}" + TINY_TEMPLATE
+    strict = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first turn must be user') }}{% endif %}"
+        + TINY_TEMPLATE
+    )
     ds = Dataset.from_dict({"messages": [_chat(("assistant", "b"), ("user", "a"), ("assistant", "c"))]})
     msg = _error(ds, ExampleFields(example_format="messages"), chat_template=strict)
     assert "first turn must be user" in msg and "row 0" in msg
 
 
 def test_non_text_prompt_column():
-    msg = _error(Dataset.from_dict({"prompt": [1], "completion": ["x"]}), ExampleFields(example_format="prompt_completion"))
+    msg = _error(
+        Dataset.from_dict({"prompt": [1], "completion": ["x"]}), ExampleFields(example_format="prompt_completion")
+    )
     assert "not text" in msg and "source.prompt_field" in msg
 
 
@@ -230,7 +247,9 @@ def test_no_usable_example_is_an_error(tmp_path):
         build_task_data([spec], bytes_tokenizer(), seq_len=16)
 
 
-@pytest.mark.parametrize("template", [TINY_TEMPLATE, TINY_TEMPLATE.replace("m['content']", "m['content'] | trim"), "chatml"])
+@pytest.mark.parametrize(
+    "template", [TINY_TEMPLATE, TINY_TEMPLATE.replace("m['content']", "m['content'] | trim"), "chatml"]
+)
 def test_one_render_per_shape_matches_rendering_every_row(template, monkeypatch):
     """The per-role-sequence fast path gives exactly the texts and masks of rendering each row."""
     from tasks import examples

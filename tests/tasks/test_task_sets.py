@@ -24,7 +24,9 @@ def _table(tmp_path, sizes=SIZES, test_every: int = 0, name="chats.parquet") -> 
     for cust, n in sizes.items():
         for i in range(n):
             split = "test" if test_every and i % test_every == 0 else "train"
-            rows.append({"customer_id": cust, "prompt": f"{cust[0]}{i}?", "completion": f"{cust[0]}{i}!", "split": split})
+            rows.append(
+                {"customer_id": cust, "prompt": f"{cust[0]}{i}?", "completion": f"{cust[0]}{i}!", "split": split}
+            )
     rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]  # tasks interleaved
     path = tmp_path / name
     pd.DataFrame(rows).to_parquet(path)
@@ -53,7 +55,12 @@ def test_column_split_min_examples_and_mapping(tmp_path):
     assert report["field"] == "customer_id"
     assert report["tasks"] == {"ACME Corp.": "ACME_Corp.", "beta/eu": "beta_eu", "gamma": "gamma", "delta": "delta"}
     assert report["skipped"] == {"epsilon": "1 rows < min_examples 2"}
-    assert data[0].stats["task_set"] == {"set": "customers", "field": "customer_id", "value": "ACME Corp.", "eval": "fraction"}
+    assert data[0].stats["task_set"] == {
+        "set": "customers",
+        "field": "customer_id",
+        "value": "ACME Corp.",
+        "eval": "fraction",
+    }
 
 
 def test_max_tasks_largest_and_seeded_sample(tmp_path):
@@ -61,7 +68,8 @@ def test_max_tasks_largest_and_seeded_sample(tmp_path):
     largest = build_task_data([], bytes_tokenizer(), 16, task_sets=[_set(path, max_tasks=2)])
     assert [d.name for d in largest] == ["ACME_Corp.", "beta_eu"]
     assert "beyond max_tasks 2" in largest.task_sets["customers"]["skipped"]["gamma"]
-    picks = {tuple(d.name for d in build_task_data([], bytes_tokenizer(), 16, seed=s, task_sets=[_set(path, max_tasks=2, pick="sample")]))
+    picks = {tuple(d.name for d in build_task_data([], bytes_tokenizer(), 16, seed=s,
+                                                   task_sets=[_set(path, max_tasks=2, pick="sample")]))
              for s in range(6)}
     assert len(picks) > 1  # the seed chooses
     again = build_task_data([], bytes_tokenizer(), 16, seed=3, task_sets=[_set(path, max_tasks=2, pick="sample")])
@@ -69,7 +77,12 @@ def test_max_tasks_largest_and_seeded_sample(tmp_path):
 
 
 def test_eval_split_by_column_value(tmp_path):
-    data = build_task_data([], bytes_tokenizer(), 16, task_sets=[_set(_table(tmp_path, test_every=3), eval_split={"field": "split", "value": "test"})])
+    data = build_task_data(
+        [],
+        bytes_tokenizer(),
+        16,
+        task_sets=[_set(_table(tmp_path, test_every=3), eval_split={"field": "split", "value": "test"})],
+    )
     acme = data[0]
     assert acme.eval_examples == 4 and acme.train_examples == 8  # rows 0, 3, 6, 9 of 12
     evals = sorted(bytes(int(t) for t in r if t != EOS).decode()[:3] for r in acme.eval_ids)
@@ -79,12 +92,24 @@ def test_eval_split_by_column_value(tmp_path):
 
 def test_eval_split_fallback_and_names_prefix(tmp_path):
     sizes = {"a": 4, "b": 3, "c": 2}
-    rows = [{"customer_id": c, "prompt": "p", "completion": "c", "split": "test" if c == "c" or (c == "a" and i == 0) else "train"}
-            for c, n in sizes.items() for i in range(n)]
+    rows = [
+        {
+            "customer_id": c,
+            "prompt": "p",
+            "completion": "c",
+            "split": "test" if c == "c" or (c == "a" and i == 0) else "train",
+        }
+        for c, n in sizes.items()
+        for i in range(n)
+    ]
     path = tmp_path / "t.parquet"
     pd.DataFrame(rows).to_parquet(path)
-    data = build_task_data([], bytes_tokenizer(), 16,
-                           task_sets=[_set(str(path), name_prefix="cust-", eval_split={"field": "split", "value": "test"})])
+    data = build_task_data(
+        [],
+        bytes_tokenizer(),
+        16,
+        task_sets=[_set(str(path), name_prefix="cust-", eval_split={"field": "split", "value": "test"})],
+    )
     assert [(d.name, d.stats["task_set"]["eval"]) for d in data] == [("cust-a", "eval_split"), ("cust-b", "fraction")]
     assert data.task_sets["customers"]["skipped"] == {"c": "every row is an eval_split row: nothing to train on"}
     assert data.task_sets["customers"]["tasks"] == {"a": "cust-a", "b": "cust-b"}
@@ -108,8 +133,11 @@ def test_one_task_per_file(tmp_path):
     for stem, n in (("acme", 6), ("beta corp", 3)):
         rows = [{"prompt": f"{stem[0]}{i}", "completion": "ok"} for i in range(n)]
         (tmp_path / "d" / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    ts = TaskSetSpec(name="files", source={"kind": "files", "path": str(tmp_path / "d" / "*.jsonl"), "example_format": "prompt_completion"},
-                     task_per_file=True)
+    ts = TaskSetSpec(
+        name="files",
+        source={"kind": "files", "path": str(tmp_path / "d" / "*.jsonl"), "example_format": "prompt_completion"},
+        task_per_file=True,
+    )
     data = build_task_data([], bytes_tokenizer(), 16, task_sets=[ts])
     assert [(d.name, d.train_examples + d.eval_examples) for d in data] == [("acme", 6), ("beta_corp", 3)]
     assert data.task_sets["files"]["tasks"] == {str(tmp_path / "d" / "acme.jsonl"): "acme",

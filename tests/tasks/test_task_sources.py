@@ -127,7 +127,9 @@ def test_non_text_column(tmp_path):
     assert "not text" in _error(FilesSource(path=_write(tmp_path, "parquet"), text_field="id"))
 
 
-@pytest.mark.parametrize("name, data", [("l.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), ("l.csv", b"text\nok\ncaf\xe9\n")])
+@pytest.mark.parametrize(
+    "name, data", [("l.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), ("l.csv", b"text\nok\ncaf\xe9\n")]
+)
 def test_not_utf8(tmp_path, name, data):
     (tmp_path / name).write_bytes(data)
     msg = _error(FilesSource(path=str(tmp_path / name)))

@@ -53,7 +53,10 @@ def test_bad_sources_are_rejected(source, message):
         TaskSpec(name="t", source=source)
 
 
-@pytest.mark.parametrize("field, value", [("eval_fraction", 0.0), ("eval_fraction", 1.0), ("max_train_sequences", 0), ("max_eval_sequences", -1)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("eval_fraction", 0.0), ("eval_fraction", 1.0), ("max_train_sequences", 0), ("max_eval_sequences", -1)],
+)
 def test_bad_numbers_are_rejected(field, value):
     with pytest.raises(ValidationError, match=field):
         TaskSpec(name="t", source=SRC, **{field: value})
@@ -65,7 +68,11 @@ def test_unknown_task_field_is_rejected():
 
 
 def test_resolve_paths(tmp_path):
-    t = TaskSpec(name="t", source={"kind": "files", "path": ["a.jsonl", "/abs/b.jsonl"]}, eval_source={"kind": "files", "path": "e.csv"})
+    t = TaskSpec(
+        name="t",
+        source={"kind": "files", "path": ["a.jsonl", "/abs/b.jsonl"]},
+        eval_source={"kind": "files", "path": "e.csv"},
+    )
     r = t.resolve_paths(tmp_path)
     assert r.source.path == [str(tmp_path / "a.jsonl"), "/abs/b.jsonl"]
     assert r.eval_source.path == str(tmp_path / "e.csv")
@@ -84,8 +91,13 @@ def test_schema_and_round_trip():
 
 def test_spec_import_is_light():
     """Validating a job must not pull in datasets / torch / transformers / ray."""
-    code = "import sys, tasks, tasks.spec; print(sorted(m for m in ('datasets', 'torch', 'transformers', 'ray') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    code = (
+        "import sys, tasks, tasks.spec; "
+        "print(sorted(m for m in ('datasets', 'torch', 'transformers', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -101,18 +113,25 @@ def test_example_formats_and_their_field_settings():
         TaskSpec(name="t", source=SRC, truncation="right")
     with pytest.raises(ValidationError, match="give both the same example_format"):
         TaskSpec(name="t", source={**SRC, "example_format": "messages"}, eval_source=SRC)
-    m = TaskSpec(name="t", source={"kind": "hub", "name": "x", "example_format": "messages", "role_map": {"gpt": "assistant"}})
+    m = TaskSpec(
+        name="t", source={"kind": "hub", "name": "x", "example_format": "messages", "role_map": {"gpt": "assistant"}}
+    )
     assert m.source.role_map == {"gpt": "assistant"}
     with pytest.raises(ValidationError, match="role_map"):
-        TaskSpec(name="t", source={"kind": "hub", "name": "x", "example_format": "messages", "role_map": {"gpt": "bot"}})
+        TaskSpec(
+            name="t", source={"kind": "hub", "name": "x", "example_format": "messages", "role_map": {"gpt": "bot"}}
+        )
 
 
 def test_builtin_suites():
     s = TaskSpec(name="t", source={"kind": "builtin", "suite": "stdlib-instruct", "subset": "signature"}).source
     assert s.format_name == "prompt_completion" and s.package is None
     assert BuiltinSource(package="json").format_name == "text"
-    for bad, msg in [({"suite": "stdlib-instruct"}, "needs a subset"), ({"suite": "stdlib-code"}, "needs a package"),
-                     ({"package": "json", "subset": "signature"}, "stdlib-instruct only"),
-                     ({"suite": "stdlib-instruct", "subset": "submodule", "example_format": "text"}, "instruction examples")]:
+    for bad, msg in [
+        ({"suite": "stdlib-instruct"}, "needs a subset"),
+        ({"suite": "stdlib-code"}, "needs a package"),
+        ({"package": "json", "subset": "signature"}, "stdlib-instruct only"),
+        ({"suite": "stdlib-instruct", "subset": "submodule", "example_format": "text"}, "instruction examples"),
+    ]:
         with pytest.raises(ValidationError, match=msg):
             BuiltinSource(**bad)

@@ -32,7 +32,10 @@ def _subspace(model, k=3, n_tasks=4, rank=4, seed=0):
         adapters[f"t{t}"] = {}
         for n in names:
             n_in, n_out, _ = linear_dims(model.get_submodule(n))
-            adapters[f"t{t}"][n] = (torch.randn(rank, n_in, generator=g) * 0.1, torch.randn(n_out, rank, generator=g) * 0.1)
+            adapters[f"t{t}"][n] = (
+                torch.randn(rank, n_in, generator=g) * 0.1,
+                torch.randn(n_out, rank, generator=g) * 0.1,
+            )
     return build_subspace(adapters, k=k)
 
 
@@ -81,7 +84,6 @@ def test_batched_forward_equals_loop_of_single_tasks(tiny_llama, k_extra):
     ids = torch.tensor([2, 0, 1, 2, 0])
     with torch.no_grad(), task_ids(tiny_llama, ids):
         batched = tiny_llama(input_ids=x).logits
-    outputs = set()
     for row in range(len(x)):
         with torch.no_grad(), task_ids(tiny_llama, int(ids[row])):
             single = tiny_llama(input_ids=x[row : row + 1]).logits
@@ -134,7 +136,9 @@ def test_shares_the_router_with_lora_layers_and_counts_parameters(tiny_llama):
     router = tiny_llama._loraflock_router
     inject_eigen(tiny_llama, sub, num_tasks=2, rank=4, alpha=8.0)
     assert tiny_llama._loraflock_router is router
-    assert all(layer.router is router for layer in [*eigen_layers(tiny_llama).values(), *lora_layers(tiny_llama).values()])
+    assert all(
+        layer.router is router for layer in [*eigen_layers(tiny_llama).values(), *lora_layers(tiny_llama).values()]
+    )
     assert all(layer.lora_A.requires_grad for layer in lora_layers(tiny_llama).values())  # untouched
     # per task: 2 K r per module vs r (m + n): q (64->64), v (64->32), down (96->64), 2 layers
     assert coeff_params(tiny_llama) == 6 * 2 * 3 * 4

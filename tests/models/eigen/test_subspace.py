@@ -25,7 +25,10 @@ def _spanning_adapters(k: int, ranks: list[int], seed: int = 0) -> dict:
     out = {}
     for t, r in enumerate(ranks):
         out[f"task{t}"] = {
-            n: ((u_a @ torch.randn(k, r, generator=g, dtype=torch.float64)).T.float(), (u_b @ torch.randn(k, r, generator=g, dtype=torch.float64)).float())
+            n: (
+                (u_a @ torch.randn(k, r, generator=g, dtype=torch.float64)).T.float(),
+                (u_b @ torch.randn(k, r, generator=g, dtype=torch.float64)).float(),
+            )
             for n, (u_b, u_a) in spans.items()
         }
     return out
@@ -56,14 +59,20 @@ def test_adapters_spanning_k_dimensions_are_reconstructed_exactly():
 def test_explained_variance_threshold_picks_the_smallest_k():
     g = torch.Generator().manual_seed(1)
     adapters = {
-        f"t{i}": {n: (torch.randn(4, nn, generator=g), torch.randn(m, 4, generator=g) * torch.tensor([3.0, 1.0, 0.3, 0.1])) for n, (m, nn) in SHAPES.items()}
+        f"t{i}": {
+            n: (torch.randn(4, nn, generator=g), torch.randn(m, 4, generator=g) * torch.tensor([3.0, 1.0, 0.3, 0.1]))
+            for n, (m, nn) in SHAPES.items()
+        }
         for i in range(5)
     }
     for thr in (0.5, 0.8, 0.95):
         sub = build_subspace(adapters, explained_variance=thr)
         for n, basis in sub.modules.items():
             ks = []
-            for side, x in (("B", torch.cat([adapters[t][n][1] for t in adapters], 1)), ("A", torch.cat([adapters[t][n][0].T for t in adapters], 1))):
+            for side, x in (
+                ("B", torch.cat([adapters[t][n][1] for t in adapters], 1)),
+                ("A", torch.cat([adapters[t][n][0].T for t in adapters], 1)),
+            ):
                 xc = (x - x.mean(1, keepdim=True)).double()
                 evals = torch.linalg.eigvalsh(xc @ xc.T).flip(0).clamp_min(0)  # reference: covariance spectrum
                 cum = torch.cumsum(evals, 0) / evals.sum()

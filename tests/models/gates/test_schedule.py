@@ -69,7 +69,6 @@ def test_controller_applies_the_schedule_then_hardens_to_exactly_the_target() ->
             assert float(ctrl.penalty()) == pytest.approx(expect, rel=1e-6) and not layer.is_hard
         else:
             assert layer.is_hard and float(ctrl.penalty()) == 0.0
-        before = [p.detach().clone() for p in gate_params(model)]
         train_step(model, batch, opt, params, extra_loss=ctrl.penalty)
         if step > 5:  # hard gates: no gradient reaches theta, the mask stays
             assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in gate_params(model))
@@ -127,7 +126,10 @@ def test_importance_is_activation_weighted_weight_norm_and_orders_the_init() -> 
     assert th.min() == pytest.approx(0.6) and th.max() == pytest.approx(8.0)
     assert torch.equal(torch.argsort(th), torch.argsort(scores["0"]["cols"]))
     rows, cols = layer.eval_gates()  # init_low >= 0.55: the model starts exactly ungated
-    assert bool((rows == 1).all() and (cols == 1).all()) and math.isclose(float(torch.tanh(torch.tensor(0.6))) + 0.5, 1.037, abs_tol=1e-3)
+    assert (
+        bool((rows == 1).all() and (cols == 1).all())
+        and math.isclose(float(torch.tanh(torch.tensor(0.6))) + 0.5, 1.037, abs_tol=1e-3)
+    )
 
 
 def test_taylor_importance_is_the_first_order_loss_change_of_closing_a_gate() -> None:

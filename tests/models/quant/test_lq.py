@@ -33,7 +33,10 @@ def ids(n=3, length=12, seed=0):
 def structured(out=96, inp=128, seed=0) -> torch.Tensor:
     """Gaussian weights plus a few strong low-rank directions (outlier features)."""
     g = torch.Generator().manual_seed(seed)
-    return 0.02 * torch.randn(out, inp, generator=g) + 0.2 * torch.randn(out, 4, generator=g) @ torch.randn(4, inp, generator=g) / 4
+    return (
+        0.02 * torch.randn(out, inp, generator=g)
+        + 0.2 * torch.randn(out, 4, generator=g) @ torch.randn(4, inp, generator=g) / 4
+    )
 
 
 @pytest.mark.parametrize("method", ["nf", "uniform", "vq"])
@@ -75,7 +78,9 @@ def test_quantized_linear_forward_is_linear_of_dequantised_weight():
     layer = QuantizedLinear(packed, lin.bias)
     x = torch.randn(2, 5, 64)
     assert torch.allclose(layer(x), F.linear(x, packed.dequantize(), lin.bias), atol=1e-6)
-    big = [t for t in list(layer.buffers()) + list(layer.parameters()) if t.is_floating_point() and t.numel() >= 64 * 48]
+    big = [
+        t for t in list(layer.buffers()) + list(layer.parameters()) if t.is_floating_point() and t.numel() >= 64 * 48
+    ]
     assert not big, "no full-precision copy of the weight may be stored"
     assert layer._cached is None and layer.nbytes == packed.nbytes
 
@@ -85,7 +90,7 @@ def test_quantize_model_all_linear_matches_dequantised_reference():
     report = quantize_model(model, "all-linear", bits=4)
     qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert len(qlayers) == 14 and isinstance(model.lm_head, nn.Linear)
-    for n, m in qlayers.items():  # reference: same weights, dequantised independently
+    for n in qlayers:  # reference: same weights, dequantised independently
         ref.get_submodule(n).weight.data.copy_(quantize(ref.get_submodule(n).weight, "nf", 4).dequantize())
     x = ids()
     assert torch.allclose(model(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-5)

@@ -135,4 +135,8 @@ def test_sizes_from_the_shape_alone_match_the_packed_tensors(method, bits):
     p = quantize(gaussian((9, 22)), method, bits, block_size=16)
     assert packed_nbytes((9, 22), method, bits, 16) == p.nbytes
     shapes = packed_shapes((9, 22), method, bits, 16)
-    assert shapes == {"codes": tuple(p.codes.shape), "scales": tuple(p.scales.shape), "codebook": tuple(p.codebook.shape)}
+    assert shapes == {
+        "codes": tuple(p.codes.shape),
+        "scales": tuple(p.scales.shape),
+        "codebook": tuple(p.codebook.shape),
+    }

@@ -23,7 +23,9 @@ def _data(owned):
     g = torch.Generator().manual_seed(0)
     train = {g_: torch.randint(0, 300, (SIZES[g_], 12), generator=g) for g_ in range(len(SIZES))}
     evals = {g_: torch.randint(0, 300, (3, 12), generator=g) for g_ in range(len(SIZES))}
-    return FlockData(SIZES, owned, {s: train[t] for s, t in enumerate(owned)}, {s: evals[t] for s, t in enumerate(owned)})
+    return FlockData(
+        SIZES, owned, {s: train[t] for s, t in enumerate(owned)}, {s: evals[t] for s, t in enumerate(owned)}
+    )
 
 
 def _model(n_slots):
@@ -69,7 +71,9 @@ def _worker(rank, world, port, sync_every, q):
     owned = [[0, 3], [1, 2]][rank] if world == 2 else [0, 1, 2, 3]
     m, init = _model(len(owned))
     prior = HierarchicalPrior(m, [SIZES[t] for t in owned], tau=50.0, total_size=sum(SIZES))
-    out = train_method(m, _data(owned), _cfg("hierarchical", steps=8, sync_every=sync_every), init, prior=prior, log=lambda s: None)
+    out = train_method(
+        m, _data(owned), _cfg("hierarchical", steps=8, sync_every=sync_every), init, prior=prior, log=lambda s: None
+    )
     q.put({owned[s]: v for s, v in out["eval_nll"].items()})
     dist.destroy_process_group()
 

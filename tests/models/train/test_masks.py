@@ -82,7 +82,7 @@ def test_prompt_logits_get_exactly_zero_gradient_unless_prompts_are_scored(tiny_
     tiny_llama.zero_grad()
     grad = _logit_grads(tiny_llama, ids, with_prompts)
     prompt_positions = predicts_scored.clone()
-    for i, (toks, prompt) in enumerate(EXAMPLES):
+    for i, (_toks, prompt) in enumerate(EXAMPLES):
         prompt_positions[i, : prompt - 1] = True  # positions predicting prompt tokens 1 .. prompt-1
     assert torch.all(grad.abs().sum(dim=-1)[prompt_positions] > 0.0)
 
@@ -91,7 +91,9 @@ def test_eval_nll_is_per_scored_token_not_per_row(tiny_llama):
     """Two rows with 1 and 5 scored tokens weigh 1:5 in the task's eval NLL (token mean)."""
     ids, scored = _padded([([5, 6, 7, 8, 9, 10, 11], 6), ([12, 13, 14, 15, 16, 17, 18], 2)], 8)
     with torch.no_grad():
-        total, count = row_nll_sum(tiny_llama, Batch(ids, torch.zeros(2, dtype=torch.long), torch.ones(2), scored=scored))
+        total, count = row_nll_sum(
+            tiny_llama, Batch(ids, torch.zeros(2, dtype=torch.long), torch.ones(2), scored=scored)
+        )
     expect = float(total.sum() / count.sum())
     got = evaluate(tiny_llama, {0: ids}, batch_size=1, masks={0: scored})[0]
     assert got == pytest.approx(expect, rel=1e-6)

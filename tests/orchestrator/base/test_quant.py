@@ -37,16 +37,23 @@ def _job(base: dict | None = None, **changes) -> dict:
     return d
 
 
-@pytest.mark.parametrize("base, lora, needles", [
-    ({"bits": 5}, None, ["base.bits: bits=5 is not supported", "use 2, 3, 4 or 8", "base.bit_budget"]),
-    ({"bits": 4, "bit_budget": 3.5}, None, ["give base.bits (4) or base.bit_budget (3.5), not both"]),
-    ({"bit_budget": 1.5}, None, ["bit_budget=1.5 is below the smallest encoding", "raise base.bit_budget to 2.25"]),
-    ({"bit_budget": 0}, None, ["base.bit_budget: bit_budget=0 must be"]),
-    ({"quant": {"quantizer": "vq"}}, None, ["base.quant has no effect without base.bits"]),
-    ({"bits": 4, "quant": {"block_size": 63}}, None, ["block_size must be even"]),
-    ({"bits": 4}, {"rank": 4, "ranks": {"json": 8}, "target_modules": ["q_proj"]}, ["base.quant.lq_rank 4 needs one LoRA rank", "lq_rank: 0"]),
-    ({"bits": 4, "quant": {"lq_rank": 8}}, None, ["base.quant.lq_rank 8 exceeds lora.rank 4"]),
-])
+@pytest.mark.parametrize(
+    "base, lora, needles",
+    [
+        ({"bits": 5}, None, ["base.bits: bits=5 is not supported", "use 2, 3, 4 or 8", "base.bit_budget"]),
+        ({"bits": 4, "bit_budget": 3.5}, None, ["give base.bits (4) or base.bit_budget (3.5), not both"]),
+        ({"bit_budget": 1.5}, None, ["bit_budget=1.5 is below the smallest encoding", "raise base.bit_budget to 2.25"]),
+        ({"bit_budget": 0}, None, ["base.bit_budget: bit_budget=0 must be"]),
+        ({"quant": {"quantizer": "vq"}}, None, ["base.quant has no effect without base.bits"]),
+        ({"bits": 4, "quant": {"block_size": 63}}, None, ["block_size must be even"]),
+        (
+            {"bits": 4},
+            {"rank": 4, "ranks": {"json": 8}, "target_modules": ["q_proj"]},
+            ["base.quant.lq_rank 4 needs one LoRA rank", "lq_rank: 0"],
+        ),
+        ({"bits": 4, "quant": {"lq_rank": 8}}, None, ["base.quant.lq_rank 8 exceeds lora.rank 4"]),
+    ],
+)
 def test_spec_errors_name_the_setting_and_the_fix(base, lora, needles):
     d = _job(base)
     if lora:
@@ -60,7 +67,9 @@ def test_spec_errors_name_the_setting_and_the_fix(base, lora, needles):
 def test_unquantised_settings_and_mixed_ranks_with_plain_quantisation_are_accepted():
     assert not parse_job(_job({"bits": 16})).base.quantized
     assert not parse_job(_job()).base.quantized
-    spec = parse_job(_job({"bits": 3, "quant": {"lq_rank": 0}}, lora={"rank": 4, "ranks": {"json": 8}, "target_modules": ["q_proj"]}))
+    spec = parse_job(
+        _job({"bits": 3, "quant": {"lq_rank": 0}}, lora={"rank": 4, "ranks": {"json": 8}, "target_modules": ["q_proj"]})
+    )
     assert spec.base.quantized and spec.lq_rank() == 0
 
 
@@ -98,7 +107,10 @@ def test_quantise_then_inject_equals_inject_then_quantise():
     inject(b, ["q_proj", "v_proj"], num_tasks=2, rank=4, alpha=8, layers=[1])
     rep = quantize_model(b, "all-linear", bits=3, layers=[1], iters=2)
     assert sorted(factors) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]  # LoRA'd only
-    assert section["stored_bytes"] == rep.stored_bytes and section["recon_rel_error"] == pytest.approx(rep.recon_rel_error)
+    assert (
+        section["stored_bytes"] == rep.stored_bytes
+        and section["recon_rel_error"] == pytest.approx(rep.recon_rel_error)
+    )
     with torch.no_grad(), task_ids(a, 1), task_ids(b, 1):
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
     # the LQ part helps: Q + L1 L2^T is closer to W than Q alone
@@ -123,7 +135,9 @@ def _eval_loss_on_delivered_base(out: Path, spec, task: str) -> float:
     from tasks import build_task_data
     from tasks.tokenizer import load_tokenizer
 
-    data = {d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)}
+    data = {
+        d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)
+    }
     model = load_base(random_init=spec.base.random_init, seed=spec.train.seed)
     load_quant_base(model, out / "quant_base")
     n = spec.base.random_init["num_hidden_layers"]
@@ -191,13 +205,21 @@ def test_bits_4_job_without_shared_store_runs_end_to_end(tmp_path):
 
     rep = _check_outputs(out, load_job(p), matrices=14)
     q = rep["base"]["quant"]
-    assert q["mode"] == "bits" and q["widths"] == {"nf4": 14} and q["layers"] == "all" and 4.25 < q["bits_per_weight"] < 4.5
+    assert (
+        q["mode"] == "bits"
+        and q["widths"] == {"nf4": 14}
+        and q["layers"] == "all"
+        and 4.25 < q["bits_per_weight"] < 4.5
+    )
     assert "unified" in rep["flock"]["baselines"]
     assert rep["pesc"]["macro_ppl"] > 0 and (out / "pesc" / "attention_lora" / NOTE_FILE).is_file()
 
 
 def test_recycle_new_task_on_a_quantised_base_is_refused_with_the_fix():
-    d = _job({"bits": 4}, recycle={"enabled": True, "new_task": {"name": "logging", "source": {"kind": "builtin", "package": "logging"}}})
+    d = _job(
+        {"bits": 4},
+        recycle={"enabled": True, "new_task": {"name": "logging", "source": {"kind": "builtin", "package": "logging"}}},
+    )
     with pytest.raises(SpecError, match="drop recycle.new_task"):
         parse_job(d)
     d["recycle"].pop("new_task")

@@ -172,7 +172,9 @@ def test_quantised_base_is_stored_packed_and_workers_map_it_read_only(local_ray)
     assert sum(m.nbytes for m in layers.values()) == summary["stored_bytes"]
     in_store, total = object_store_bytes(worker)
     assert in_store == total  # every byte of the worker's base, packed codes included, is the store's
-    fp32_weights = sum(p.numel() for n, p in worker.named_parameters() if ".layers.1." in n and n.endswith("proj.weight"))
+    fp32_weights = sum(
+        p.numel() for n, p in worker.named_parameters() if ".layers.1." in n and n.endswith("proj.weight")
+    )
     assert fp32_weights == 0  # no dequantised copy of a quantised matrix is kept
     stored_factors = lq_factors(state)
     assert sorted(stored_factors) == sorted(factors)

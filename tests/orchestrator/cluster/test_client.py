@@ -224,7 +224,9 @@ def test_cli_parses_and_reports_user_errors(no_ray_token, capsys, monkeypatch):
     assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
     assert main(["deploy", "kuberay", str(TINY), "--image", "reg/lf:1"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert docs[1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "reg/lf:1"
+    assert (
+        docs[1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "reg/lf:1"
+    )
 
 
 def _write(path: Path, text: str) -> Path:

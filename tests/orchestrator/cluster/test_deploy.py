@@ -108,7 +108,9 @@ def test_cluster_launcher_config():
     assert cfg["head_node_type"] in types
     workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
     assert workers and all(0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"] for t in workers)
-    assert all("RAY_AUTH_MODE=token" in " ".join(cfg[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+    assert all(
+        "RAY_AUTH_MODE=token" in " ".join(cfg[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands")
+    )
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
 

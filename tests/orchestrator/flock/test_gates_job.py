@@ -101,9 +101,13 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
     cfg = json.loads((out / "export" / "model" / "config.json").read_text())
     assert cfg["intermediate_size"] == 96
     spec = load_job(JOB)
-    data = {d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)}
+    data = {
+        d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)
+    }
     for task in ("json", "http"):
-        model = PeftModel.from_pretrained(load_pruned(out / "export" / "model"), out / "export" / "adapters" / task).eval()
+        model = PeftModel.from_pretrained(
+            load_pruned(out / "export" / "model"), out / "export" / "adapters" / task
+        ).eval()
         assert _nll(model, data[task].eval_ids) == pytest.approx(rep["flock"]["tasks"][task]["eval_loss"], rel=1e-4)
 
 
@@ -166,7 +170,9 @@ def test_export_of_top_blocks_only_keeps_per_block_widths(tmp_path) -> None:
     export_gated(model, tmp_path, ["a"], [0], 0, "shared")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["intermediate_size"] == 128
     plain = load_pruned(tmp_path / "model")
-    assert plain.model.layers[0].mlp.down_proj.in_features == 128 and plain.model.layers[1].mlp.down_proj.in_features == 64
+    assert (
+        plain.model.layers[0].mlp.down_proj.in_features == 128 and plain.model.layers[1].mlp.down_proj.in_features == 64
+    )
     with torch.no_grad():
         out = PeftModel.from_pretrained(plain, tmp_path / "adapters" / "a").eval()(input_ids=ids).logits
     assert torch.allclose(out, ref, atol=1e-5)

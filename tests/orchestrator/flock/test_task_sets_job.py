@@ -21,9 +21,11 @@ def _table(path) -> None:
     rng = np.random.default_rng(0)
     rows = []
     for c in range(N_TASKS):
-        for i in range(int(rng.integers(3, 7))):
+        for _ in range(int(rng.integers(3, 7))):
             word = "".join(rng.choice(list("abcdefgh"), size=4))
-            rows.append({"customer": f"Cust #{c:03d}", "prompt": f"echo {word}: ", "completion": word[c % 4:] + word[: c % 4]})
+            rows.append(
+                {"customer": f"Cust #{c:03d}", "prompt": f"echo {word}: ", "completion": word[c % 4 :] + word[: c % 4]}
+            )
     pd.DataFrame(rows).to_parquet(path)
 
 

@@ -45,7 +45,11 @@ def test_deployed_bytes_equals_a_hand_count():
     blk = model.model.layers[1]
     expect = 0
     top = {}  # matrix name -> kept (rows, cols)
-    for leaf, mod in [("q_proj", blk.self_attn.q_proj), ("v_proj", blk.self_attn.v_proj), ("down_proj", blk.mlp.down_proj)]:
+    for leaf, mod in [
+        ("q_proj", blk.self_attn.q_proj),
+        ("v_proj", blk.self_attn.v_proj),
+        ("down_proj", blk.mlp.down_proj),
+    ]:
         rows, cols = closed[leaf]
         with torch.no_grad():
             mod.theta_rows[0, rows] = -3.0  # tanh(-3) + 0.5 < 0: eval gate 0
@@ -70,7 +74,9 @@ def test_deployed_bytes_equals_a_hand_count():
     assert got["model_bytes"] == expect
     assert got["base_bytes"] == 2 * base_params
     plain = [m for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and "k_proj" in n]
-    assert len(plain) == 1 and plain[0].nbytes == quantize(ref.model.layers[1].self_attn.k_proj.weight, "nf", 4, 64).nbytes
+    assert (
+        len(plain) == 1 and plain[0].nbytes == quantize(ref.model.layers[1].self_attn.k_proj.weight, "nf", 4, 64).nbytes
+    )
 
 
 def test_gates_take_their_own_step_size_from_their_optimizer_group():
@@ -90,7 +96,8 @@ def test_gates_take_their_own_step_size_from_their_optimizer_group():
         gates = gate_params(model)
         init = {n: p.detach().clone() for n, p in model.named_parameters() if any(p is q for q in params + gates)}
         thetas0 = torch.cat([l.theta_rows.detach().reshape(-1).clone() for l in _gated(model)])
-        hooks = TrainHooks(extra_loss=lambda: sparsity_penalty(model, 0.3), extra_params=ExtraParams(gates, lr=gate_lr))
+        hooks = TrainHooks(extra_loss=lambda m=model: sparsity_penalty(m, 0.3),
+                           extra_params=ExtraParams(gates, lr=gate_lr))
         train_method(model, data, MethodConfig("t", "hierarchical", 3, 4, 1e-3, 0, log_every=100), init, None,
                      lambda s: None, trainable=params, hooks=hooks)
         thetas = torch.cat([l.theta_rows.detach().reshape(-1) for l in _gated(model)])
@@ -172,8 +179,12 @@ def job_and_data():
 
     spec = load_job(ROOT / "examples" / "tiny.yaml")
     g = torch.Generator().manual_seed(0)
-    data = [TaskData(n, None, None, torch.randint(0, 257, (k, 32), generator=g), torch.randint(0, 257, (4, 32), generator=g), k)
-            for n, k in (("json", 8), ("http", 16), ("email", 32))]
+    data = [
+        TaskData(
+            n, None, None, torch.randint(0, 257, (k, 32), generator=g), torch.randint(0, 257, (4, 32), generator=g), k
+        )
+        for n, k in (("json", 8), ("http", 16), ("email", 32))
+    ]
     return spec, data
 
 
@@ -236,7 +247,12 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
             assert seen[-1] == (6, "full") and all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), seen
     trials = _csv(out / "search" / "trials.csv")
     assert len(trials) == 4 and {t["status"] for t in trials} == {"done"}
-    assert {(t["bits"], t["target_sparsity"]) for t in trials} == {("4", "0.0"), ("4", "0.4"), ("16", "0.0"), ("16", "0.4")}
+    assert {(t["bits"], t["target_sparsity"]) for t in trials} == {
+        ("4", "0.0"),
+        ("4", "0.4"),
+        ("16", "0.0"),
+        ("16", "0.4"),
+    }
     rows = {(int(t["bits"]), float(t["target_sparsity"])): t for t in trials}
     for bits in (4, 16):
         dense, gated = rows[(bits, 0.0)], rows[(bits, 0.4)]
@@ -275,7 +291,14 @@ def test_search_killed_after_two_trials_resumes_and_writes_the_front(local_ray, 
     assert sum(math.exp(v) for v in nll.values()) / len(nll) == pytest.approx(picked["macro_ppl"], rel=1e-3)
     # the recycle stage recycles the picked trial: its 3 folded adapters, a new task on its compressed base
     g = torch.Generator().manual_seed(5)
-    new = TaskData("logging", None, None, torch.randint(0, 257, (8, 32), generator=g), torch.randint(0, 257, (4, 32), generator=g), 8)
+    new = TaskData(
+        "logging",
+        None,
+        None,
+        torch.randint(0, 257, (8, 32), generator=g),
+        torch.randint(0, 257, (4, 32), generator=g),
+        8,
+    )
     rc = run_recycle(spec, out, new, "tiny", picked)
     assert rc["source"] == "search.picked" and rc["picked"]["trial_id"] == picked["trial_id"]
     assert sorted(rc["adapters"]) == ["email", "http", "json"]

@@ -42,7 +42,9 @@ def _unpacked(payload, config: dict, steps: int, quantizer: str = "nf", lq_iters
     fixed = {"steps": steps, "eval_every": steps, "eval_subset": 1, "quantizer": quantizer, "lq_iters": lq_iters,
              "gate_lambda": 0.0, "gate_lr": None, "threads": 1}
     reports = []
-    nll = run_trial({**config, "_search": fixed}, payload, lambda metrics, state: reports.append((metrics, state)), resume)
+    nll = run_trial(
+        {**config, "_search": fixed}, payload, lambda metrics, state: reports.append((metrics, state)), resume
+    )
     [(metrics, state)] = reports
     assert metrics["final"] and metrics["step"] == steps
     return nll, state, metrics

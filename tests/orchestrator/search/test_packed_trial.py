@@ -30,7 +30,9 @@ def test_packed_search_matches_unpacked_trials(local_ray, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     spec, data = job_and_data()
-    settings = search_settings(str(space)).model_copy(update={"packing": True, "max_concurrent_trials": 8, "pick": None})
+    settings = search_settings(str(space)).model_copy(
+        update={"packing": True, "max_concurrent_trials": 8, "pick": None}
+    )
     section = run_search(spec, settings, data, tmp_path / "packed", "tiny")
     # hosts: the unquantised base, and 4-bit bases at rank 2 and rank 4; trials were fused
     assert section["packing"]["hosts"] == 3 and section["packing"]["trials_per_step"] > 1.0

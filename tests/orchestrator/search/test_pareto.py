@@ -28,7 +28,9 @@ def test_front_equals_brute_force_on_random_points_with_ties(seed):
     rng = random.Random(seed)
     n = rng.randint(1, 40)
     grid = rng.choice([3, 6, 50])  # small grids force many exact ties
-    rows = [{"id": i, "macro_ppl": rng.randint(0, grid) / 2, "model_bytes": rng.randint(0, grid) * 1000} for i in range(n)]
+    rows = [
+        {"id": i, "macro_ppl": rng.randint(0, grid) / 2, "model_bytes": rng.randint(0, grid) * 1000} for i in range(n)
+    ]
     front = pareto_front(rows, KEYS)
     assert _ids(front) == _ids(_brute(rows, KEYS))
     assert [r["macro_ppl"] for r in front] == sorted(r["macro_ppl"] for r in front)

@@ -23,7 +23,8 @@ def demo_data():
 def test_package_files(package):
     files = package_files(package)
     assert files and all(f.suffix == ".py" and f.parts[0] == package for f in files)
-    assert not any(p in ("test", "tests") for f in files for p in f.parts) and not any(f.name.startswith("test_") for f in files)
+    assert not any(p in ("test", "tests") for f in files for p in f.parts)
+    assert not any(f.name.startswith("test_") for f in files)
     assert (stdlib_root() / files[0]).is_file()
 
 
@@ -38,7 +39,9 @@ def test_demo_sizes_span_ten_fold():
     assert list(DEMO_SIZES) == list(DEMO_PACKAGES) == ["json", "concurrent", "logging", "http", "email", "asyncio"]
     assert max(DEMO_SIZES.values()) / min(DEMO_SIZES.values()) >= 10
     specs = demo_tasks()
-    assert [(t.name, t.max_train_sequences, t.max_eval_sequences) for t in specs] == [(p, n, DEMO_EVAL_CAP) for p, n in DEMO_SIZES.items()]
+    assert [(t.name, t.max_train_sequences, t.max_eval_sequences) for t in specs] == [
+        (p, n, DEMO_EVAL_CAP) for p, n in DEMO_SIZES.items()
+    ]
     extra = demo_tasks(["xml"], eval_cap=None)[0]
     assert extra.source.package == "xml" and extra.max_train_sequences is None and extra.max_eval_sequences is None
 
