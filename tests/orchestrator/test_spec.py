@@ -132,3 +132,11 @@ def test_align_with_global_allocation_is_refused_in_the_job():
     assert GatesSpec(enabled=True, align=64).align == 64
     with pytest.raises(ValidationError, match="gates.align"):
         GatesSpec(enabled=True, align=64, allocation="global")
+
+
+def test_cli_validate_prints_what_each_task_set_expands_to(capsys):
+    assert main(["validate", str(ROOT / "examples" / "instruct.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "(0 tasks, 2 task sets" in out
+    assert "task set 'submodule': 9 tasks from 9 values of package" in out
+    assert "rows per task min 20, median 186, max 280" in out
