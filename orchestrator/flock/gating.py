@@ -2,7 +2,8 @@
 
 The worker (:mod:`orchestrator.flock.worker`) calls these when the job has a ``gates:``
 section; the gate maths and schedule themselves are in :mod:`models.gates`. Plain PyTorch
-(plus ``torch.distributed`` to average shared gates' importance scores over workers).
+(plus ``torch.distributed`` to average shared gates' importance scores over workers); it sits
+in ``orchestrator/`` because it reads the job's ``gates:`` and ``train:`` sections.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 :func:`run_pesc` runs inside each flock worker after the flock's methods (same base, same
 cached prefix, same batches); :func:`merge_pesc` combines the workers' results on the driver.
-Plain PyTorch: Ray is touched only by the worker that calls it.
+Plain PyTorch: Ray is touched only by the worker that calls it. It sits in ``orchestrator/``
+because it reads the job's ``pesc:`` and ``train:`` sections; the layer is :mod:`models.moe`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ run once per host, exactly as the unpacked trial runs it, instead of once per tr
 trials (FineGates: trainable per-trial gates on the base weights) run unpacked, as before.
 
 :class:`PackHost` is plain PyTorch; :class:`PackHostActor` wraps it for Ray (a threaded
-actor: each trial's blocking call joins the next fused step).
+actor: each trial's blocking call joins the next fused step). The host sits here rather than
+in ``models/`` because it is built from the search's payload and the job spec (orchestrator
+types) and serves only this stage; its pieces that are model code (slot groups, the batch,
+the step's loss) come from :mod:`models.grouped_lora` and :mod:`models.train`.
 """
 
 from __future__ import annotations
