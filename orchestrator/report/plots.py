@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -114,12 +115,54 @@ def _expert_load(out: Path, pe: dict) -> str:
     return "plots/expert_load.png"
 
 
+def _gains(out: Path, rows: list[dict], baselines: list[str]) -> str:
+    """Many tasks: the distribution of per-task gains (left) and gain against task size (right).
+
+    Histograms and a scatter with small translucent markers stay readable at 10,000 tasks,
+    where one annotated line per task would not.
+    """
+    import numpy as np
+
+    refs = [r for r in ["base", *baselines] if any(x.get(f"gain_vs_{r}") is not None for x in rows)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for ref in refs:
+        g = np.array([x[f"gain_vs_{ref}"] for x in rows if x.get(f"gain_vs_{ref}") is not None]) * 100
+        color = _COLORS.get(ref if ref != "base" else "base")
+        left.hist(g, bins=min(60, max(10, len(g) // 20)), alpha=0.5, label=f"vs {ref}", color=color)
+        pts = [(x["train_examples"], x[f"gain_vs_{ref}"] * 100) for x in rows if x.get(f"gain_vs_{ref}") is not None]
+        xs, ys = zip(*pts) if pts else ((), ())
+        right.scatter(xs, ys, s=6 if len(pts) > 500 else 14, alpha=0.35 if len(pts) > 500 else 0.7,
+                      label=f"vs {ref}", color=color)
+    left.axvline(0, color="black", linewidth=0.8)
+    left.set_xlabel("flock's perplexity gain per task (%)")
+    left.set_ylabel("tasks")
+    left.set_title(f"Per-task gain of the flock ({len(rows)} tasks)")
+    left.legend(fontsize=8)
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xscale("log")
+    right.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    right.set_xlabel("training examples of the task (log)")
+    right.set_ylabel("gain (%)")
+    right.set_title("Gain against task size")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    _save(fig, out / "plots" / "task_gains.png")
+    return "plots/task_gains.png"
+
+
 def make_plots(out: Path, report: dict) -> dict[str, str]:
     """Draw every plot the report's data allows; return {key: relative path}."""
     files: dict[str, str] = {}
     fl = report.get("flock")
     if fl:
-        files["bora_per_task"] = _per_task(out, fl)
+        from orchestrator.report.many_tasks import MANY_TASKS, task_rows
+
+        if len(fl["tasks"]) > MANY_TASKS:
+            files["task_gains"] = _gains(out, task_rows(report), list(fl.get("baselines", {})))
+        else:
+            files["bora_per_task"] = _per_task(out, fl)
         files["curves"] = _curves(out, fl)
         t = _tau(out, fl)
         if t:

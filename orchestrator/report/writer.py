@@ -9,6 +9,7 @@ from models.files import atomic_write_json, atomic_write_text
 from models.train.perplexity import macro_perplexity, perplexity
 from orchestrator.contracts import FlockResults, MethodRecord
 from orchestrator.report import plots
+from orchestrator.report.many_tasks import MANY_TASKS, render_many_md, skipped_tasks, task_rows, write_tasks_csv
 
 __all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
 
@@ -146,22 +147,28 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             parts = [f"{k} {_fmt(v['macro_ppl'])}" for k, v in bl.items()]
             best = min([("hierarchical", main)] + [(k, v["macro_ppl"]) for k, v in bl.items()], key=lambda kv: kv[1])
             lines.append(f"Baselines on the same seed and batches: {', '.join(parts)}. Best: **{best[0]}**.")
-        lines += [
-            "",
-            "| task | train seqs | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl),
-            "|---|---:|---:|---:|" + "---:|" * len(bl),
-        ]
-        for t, r in sorted(fl["tasks"].items(), key=lambda kv: kv[1]["train_examples"]):
-            row = f"| {t} | {r['train_examples']} | {_fmt(r['base_ppl'])} | {_fmt(r['eval_ppl'])} |"
-            for k in bl:
-                row += f" {_fmt(bl[k]['tasks'][t]['eval_ppl'])} |"
-            lines.append(row)
-        for t, why in fl.get("failed", {}).items():
+        if len(fl["tasks"]) > MANY_TASKS:
+            lines += ["", "| | base | flock |" + "".join(f" {k} |" for k in bl), "|---|---:|---:|" + "---:|" * len(bl),
+                      f"| macro ppl | {_fmt(base)} | **{_fmt(main)}** |"
+                      + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values()), ""]
+            lines += render_many_md(task_rows(report), list(bl))
+        else:
+            lines += [
+                "",
+                "| task | train seqs | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl),
+                "|---|---:|---:|---:|" + "---:|" * len(bl),
+            ]
+            for t, r in sorted(fl["tasks"].items(), key=lambda kv: kv[1]["train_examples"]):
+                row = f"| {t} | {r['train_examples']} | {_fmt(r['base_ppl'])} | {_fmt(r['eval_ppl'])} |"
+                for k in bl:
+                    row += f" {_fmt(bl[k]['tasks'][t]['eval_ppl'])} |"
+                lines.append(row)
+            lines.append(
+                f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |"
+                + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values())
+            )
+        for t, why in fl.get("failed", {}).items():  # after the table: a line inside it would end it
             lines.append(f"\n**{t}** was stopped: {why}.")
-        lines.append(
-            f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |"
-            + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values())
-        )
         lines.append("")
         if fl.get("tau_sweep"):
             lines += ["### tau sweep (BoRA Table 1 on this suite)", "", "| tau | macro ppl |", "|---:|---:|"]
@@ -170,7 +177,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             lines += ["", _u_shape(fl["tau_sweep"]), ""]
         if fl.get("gates"):
             lines += _gates_md(fl["gates"], job.get("gates"))
-        for key in ("bora_per_task", "flock_per_task", "curves", "tau"):
+        for key in ("bora_per_task", "task_gains", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
     if quant:
@@ -298,6 +305,10 @@ def _u_shape(sweep: list[dict]) -> str:
 
 def write_report(out: Path, report: dict) -> None:
     """Write report.json, the plots and report.md (each atomically)."""
+    skipped = skipped_tasks(report)
+    if skipped:
+        report["skipped_tasks"] = skipped
+    write_tasks_csv(out, task_rows(report))
     plot_files = plots.make_plots(out, report)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report, plot_files))

@@ -26,6 +26,7 @@ def _table(path) -> None:
             rows.append(
                 {"customer": f"Cust #{c:03d}", "prompt": f"echo {word}: ", "completion": word[c % 4 :] + word[: c % 4]}
             )
+    rows.append({"customer": "lonely", "prompt": "echo abcd: ", "completion": "abcd"})  # 1 row < min_examples (2)
     pd.DataFrame(rows).to_parquet(path)
 
 
@@ -74,3 +75,21 @@ def test_a_three_example_task_trains_and_is_reported(job_run):
     assert report["data"]["tasks"]["three"]["format"] == "prompt_completion"
     md = (out / "report.md").read_text()
     assert "## Data" in md and "completion tokens only" in md
+
+
+def test_many_tasks_get_distributions_in_the_report_and_every_row_in_tasks_csv(job_run):
+    import csv
+
+    out, report = job_run
+    with open(out / "tasks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == N_TASKS + 1
+    assert {"task", "train_examples", "base_ppl", "flock_ppl", "gain_vs_base"} <= set(rows[0])
+    by_task = {r["task"]: r for r in rows}
+    assert by_task["c-Cust__007"]["source_value"] == "Cust #007" and by_task["c-Cust__007"]["task_set"] == "customers"
+    md = (out / "report.md").read_text()
+    assert "tasks better" in md and "10 best tasks" in md and "10 worst tasks" in md
+    assert "| c-Cust__" in md and md.count("| c-Cust__") <= 20  # the best and worst ten, not 300 rows
+    assert (out / "plots" / "task_gains.png").is_file() and not (out / "plots" / "bora_per_task.png").exists()
+    [skipped] = report["skipped_tasks"]
+    assert (skipped["task_set"], skipped["value"]) == ("customers", "lonely") and skipped["reason"]
