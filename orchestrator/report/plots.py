@@ -45,7 +45,7 @@ def _per_task(out: Path, fl: dict) -> str:
             t, (x, series[0][1][tasks.index(t)]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
         )
     ax.set_xscale("log")
-    ax.set_xlabel("training sequences of the task (log)")
+    ax.set_xlabel("training examples of the task (log)")
     ax.set_ylabel("eval perplexity")
     ax.set_title("Per-task perplexity vs task size")
     ax.legend()

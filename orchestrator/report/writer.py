@@ -155,7 +155,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         else:
             lines += [
                 "",
-                "| task | train seqs | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl),
+                "| task | train examples | base ppl | flock ppl |" + "".join(f" {k} ppl |" for k in bl),
                 "|---|---:|---:|---:|" + "---:|" * len(bl),
             ]
             for t, r in sorted(fl["tasks"].items(), key=lambda kv: kv[1]["train_examples"]):
