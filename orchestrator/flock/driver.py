@@ -106,6 +106,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             "assignment": assignment,
             "base_model_name": base_model_name,
             "base_ref": base_ref,
+            "outputs_dir": str(storage / "flock" / "outputs"),  # deliverables, written once by the workers
         },
         scaling_config=ScalingConfig(
             num_workers=spec.ray.num_workers,
@@ -137,14 +138,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
                 merged["quant"] = part["quant"]
             for m, r in part["methods"].items():
                 _merge_method(merged["methods"], m, r)
-        for sub in ("adapters", "prior", "pesc", "quant_base", "export"):  # replace whole, via a temporary name
-            src = Path(d) / sub
-            if src.is_dir():
-                dst, tmp = out / sub, out / f".{sub}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(src, tmp)
-                shutil.rmtree(dst, ignore_errors=True)
-                tmp.rename(dst)
+    _deliver(storage / "flock" / "outputs", out)
     expected = [m for m, _, _ in methods_of(spec)]
     missing = [m for m in expected if m not in merged["methods"]]
     if missing:
@@ -156,6 +150,29 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
     merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
     merged["sizes"] = dict(zip(names, sizes))
     return merged
+
+
+def _deliver(outputs: Path, out: Path) -> None:
+    """Move the workers' deliverables into the run's folder: a rename each, no copy.
+
+    ``adapters/``, ``prior/``, ``pesc/``, ``quant_base/`` and ``export/`` each replace their old
+    version whole. A folder already moved (a driver that stopped half-way and re-ran) is left
+    as it is; a storage path on another filesystem falls back to a copy.
+    """
+    for sub in ("adapters", "prior", "pesc", "quant_base", "export"):
+        src = outputs / sub
+        if not src.is_dir():
+            continue
+        dst, old = out / sub, out / f".{sub}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if dst.exists():
+            dst.rename(old)
+        try:
+            src.rename(dst)
+        except OSError:  # another filesystem: copy, then drop the source
+            shutil.copytree(src, dst)
+            shutil.rmtree(src)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _merge_method(methods: dict[str, MethodRecord], name: str, r: MethodRecord) -> None:

@@ -165,7 +165,11 @@ def flock_worker(config: dict) -> None:
         )
 
     results = cast(WorkerResults, {})  # filled below (or resumed from the checkpoint)
-    kept = Path(tempfile.mkdtemp(prefix="loraflock-adapters-"))  # the flock's adapters, once trained
+    # What the flock delivers (adapters, prior, PESC, exports) is written once, straight into the
+    # run's outputs folder beside the Ray checkpoints (storage_path: shared by every node, as Ray
+    # Train requires for multi-node runs); checkpoints carry only the results JSON. A resumed
+    # worker finds its finished files there, so nothing is copied per checkpoint.
+    kept = Path(config["outputs_dir"])
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -173,10 +177,6 @@ def flock_worker(config: dict) -> None:
             if f.is_file():
                 results = cast(WorkerResults, json.loads(f.read_text()))
                 say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
-            subs = [Path("adapters") / names[g] for g in owned] + [Path("partial") / f"rank{rank}"]
-            for sub in subs + ([Path("prior"), Path("pesc")] if rank == 0 else []):
-                if (Path(d) / sub).is_dir():
-                    shutil.copytree(Path(d) / sub, kept / sub, dirs_exist_ok=True)
     if "base_eval_nll" not in results:
         t1 = time.perf_counter()
         base = evaluate(model, evals, spec.train.eval_batch_size, ep, split, masks=eval_mask)  # B = 0: the base itself
@@ -208,9 +208,9 @@ def flock_worker(config: dict) -> None:
             kind, tau, out, [names[g] for g in owned], prior is not None, gate_res
         )
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
-            for s, g in enumerate(owned):
-                save_adapter(model, s, kept / "adapters" / names[g], config["base_model_name"])
-                _note_quant(quant, kept / "adapters" / names[g])
+            t1 = time.perf_counter()
+            _save_adapters(model, owned, names, kept / "adapters", config["base_model_name"], quant)
+            say(f"saved {len(owned)} adapters in {time.perf_counter() - t1:.1f}s")
             if gates is not None and gates.export:
                 t1 = time.perf_counter()
                 export_gated(model, kept / "export", names, owned, rank, gates.scope)
@@ -266,14 +266,33 @@ def _note_quant(quant: dict | None, adapter_dir: Path) -> None:
         (adapter_dir / NOTE_FILE).write_text(json.dumps(adapter_note(quant), indent=2))
 
 
-def _report(rank: int, results: WorkerResults, kept: Path, step: str) -> None:
-    """Checkpoint this worker's results so far plus everything it delivers (``kept``).
+def _save_adapters(model, owned: list[int], names: list[str], where: Path, base_model_name: str | None,
+                   quant: dict | None) -> None:
+    """Every owned task's adapter as a PEFT directory, written by a few threads at once.
 
-    Every checkpoint carries all finished outputs, so the latest one is complete on its own.
+    Each write is atomic (``models.files.atomic_dir``) and mostly file I/O, which releases the
+    GIL: with thousands of tasks the writes overlap instead of queueing one after another.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(s: int, g: int) -> None:
+        save_adapter(model, s, where / names[g], base_model_name)
+        _note_quant(quant, where / names[g])
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(owned)))) as pool:
+        for f in [pool.submit(one, s, g) for s, g in enumerate(owned)]:
+            f.result()  # re-raise the first failure
+
+
+def _report(rank: int, results: WorkerResults, kept: Path, step: str) -> None:
+    """Checkpoint this worker's results so far (``kept``, the outputs folder, is not copied).
+
+    The deliverables already sit in the outputs folder, written once; a checkpoint holds only
+    ``results/rank<k>.json`` (the finished methods' figures), so its size does not grow with
+    the number of tasks and the latest one is complete together with that folder.
     """
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "results").mkdir()
         (root / "results" / f"rank{rank}.json").write_text(json.dumps(results))
-        shutil.copytree(kept, root, dirs_exist_ok=True)
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

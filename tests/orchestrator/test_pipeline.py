@@ -65,6 +65,10 @@ def test_outputs_follow_the_contract(tiny_run):
     for t in tasks:
         assert (out / "adapters" / t / "adapter_config.json").is_file()
         assert (out / "adapters" / t / "adapter_model.safetensors").is_file()
+    # adapters are written once: the Ray checkpoints hold the results JSON only, no adapter copies
+    checkpoints = list((out / "ray" / "flock").glob("checkpoint_*"))
+    assert checkpoints and all(not (c / "adapters").exists() for c in checkpoints)
+    assert all({p.name for p in c.iterdir()} == {"results"} for c in checkpoints)
     assert "step 12/12" in r.stdout + r.stderr  # progress is visible
     # PESC: trained on all tasks pooled, with a per-layer expert load that sums to 1
     pe = rep["pesc"]
