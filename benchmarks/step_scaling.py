@@ -98,7 +98,8 @@ def main() -> None:
     out["setup"] = {"model": "tiny" if args.tiny else args.model, "top_blocks": args.top, "rank": args.rank,
                     "targets": TARGETS, "batch": args.batch, "seq": args.seq, "tau": args.tau,
                     "threads": torch.get_num_threads(), "device": "cpu",
-                    "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+                    "loadavg_start": [round(x, 2) for x in load0],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(out))
 
 

@@ -43,7 +43,8 @@ offset still settles where its likelihood gradient balances ``c * delta_d``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -102,7 +103,8 @@ class LazyRowAdamW(torch.optim.Optimizer):
         self.router = first.router
         self.num_tasks = first.num_tasks
         for p in rows:  # full-size moments up front: checkpoints and _stop_tasks see them
-            self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                             "exp_avg_sq": torch.zeros_like(p)}
         self.t = 0  # optimizer steps taken
         self.last = np.zeros(self.num_tasks, dtype=np.int64)  # step through which each row is current
         self.clip = [1.0]  # clip[s]: global clipping factor of step s (host floats)
