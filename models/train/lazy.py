@@ -37,7 +37,10 @@ idle stretches it drops (a) the prior's gradient from the idle rows' m and v (in
 step it enters v too and keeps acting through m after the task returns), (b) the idle rows'
 prior gradient from the global gradient norm used for clipping, and (c) the product
 ``prod (1 - x_j)`` for ``exp(-sum x_j)``. The stationary point is unchanged: a task's
-offset still settles where its likelihood gradient balances ``c * delta_d``.
+offset still settles where its likelihood gradient balances ``c * delta_d``. Catch-ups are
+not split-invariant (two stretches caught up at a flush differ from one long stretch by the
+same order as (a)), so evaluations and checkpoints during training move a lazy run slightly;
+``StepResult.loss`` carries the prior's term of the batch's tasks only.
 """
 
 from __future__ import annotations

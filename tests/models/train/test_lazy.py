@@ -67,7 +67,7 @@ def test_a_lazy_step_touches_only_the_rows_of_the_batch():
     assert all(x.shape[0] == 2 for x in leaves)  # the forward and backward see 2 rows, not 6
     full = sum(float(l.lora_A.detach()[[1, 4]].pow(2).sum() + l.lora_B.detach()[[1, 4]].pow(2).sum())
                for l in lora_layers(m).values())
-    assert float(prior.penalty()) == pytest.approx(50.0 / (2 * 30) * full, rel=1e-5)  # the staged rows only
+    assert float(prior.penalty().detach()) == pytest.approx(50.0 / (2 * 30) * full, rel=1e-5)  # the staged rows only
     batch = Batch(torch.randint(0, 300, (3, 12)), torch.tensor([4, 1, 4]), torch.full((3,), 1 / 3))
     train_step(m, batch, opt, dense_part + leaves, extra_loss=prior.penalty)
     idle = [0, 2, 3, 5]
