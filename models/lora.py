@@ -57,6 +57,10 @@ class TaskRouter:
     ids: torch.Tensor | None = None
     # When every row belongs to one task the layers skip the gather (eval, unified).
     single: int | None = None
+    # Lazy (row-sparse) training: the sorted slots whose offsets are staged on every layer
+    # (``MultiTaskLoraLinear.stage``); the forward then reads those rows, never the (T, ...)
+    # tensors, so its backward touches only the batch's tasks.
+    staged: torch.Tensor | None = None
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int, bool]:
@@ -146,6 +150,9 @@ class MultiTaskLoraLinear(nn.Module):
         scale = torch.tensor([self.alpha / r for r in ranks], device=dev)
         self.register_buffer("scaling", scale, persistent=False)  # (T,)
         self.merged_task: int | None = None
+        # Staged rows (U, r, in) / (U, out, r) of the slots ``router.staged``: see :meth:`stage`.
+        self.staged_A: torch.Tensor | None = None
+        self.staged_B: torch.Tensor | None = None
         for p in base.parameters():
             p.requires_grad_(False)
 
@@ -180,6 +187,26 @@ class MultiTaskLoraLinear(nn.Module):
         self.base_layer.weight.sub_(dw.T if self.fan_in_fan_out else dw)
         self.merged_task = None
 
+    # ----------------------------------------------------------------- row-sparse training
+    def stage(self, rows_A: torch.Tensor, rows_B: torch.Tensor) -> None:
+        """Route the forward through these offset rows of the slots ``router.staged``.
+
+        ``rows_A`` (U, r, in) and ``rows_B`` (U, out, r) are leaves holding the offsets of
+        the U staged slots (a copy of their rows of ``lora_A``/``lora_B``): the backward
+        then fills U rows of gradient, not T (``models.train.lazy``). ``unstage`` ends it.
+        """
+        self.staged_A, self.staged_B = rows_A, rows_B
+
+    def unstage(self) -> None:
+        self.staged_A = self.staged_B = None
+
+    def _offsets(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offset rows of ``ids`` (N,): (N, r, in), (N, out, r); staged rows when staged."""
+        if self.staged_A is None:
+            return self.lora_A[ids], self.lora_B[ids]
+        local = torch.searchsorted(self.router.staged, ids)  # position among the staged slots
+        return self.staged_A[local], self.staged_B[local]
+
     # ----------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # frozen base: once for the whole batch
@@ -191,16 +218,21 @@ class MultiTaskLoraLinear(nn.Module):
         # (..., out) result: that saves a full pass over the output in forward and backward.
         if router.single is not None:  # one task for every row: plain matmuls, no gather
             t = router.single
-            a = (self.lora_A_shared + self.lora_A[t]) * (self.scaling[t] * self.rank_mask[t])[:, None]
-            b = self.lora_B_shared + self.lora_B[t]
+            if self.staged_A is None:
+                dA, dB = self.lora_A[t], self.lora_B[t]
+            else:
+                dA, dB = (x[0] for x in self._offsets(torch.tensor([t], device=self.rank_mask.device)))
+            a = (self.lora_A_shared + dA) * (self.scaling[t] * self.rank_mask[t])[:, None]
+            b = self.lora_B_shared + dB
             return y + F.linear(F.linear(h, a), b).to(y.dtype)
         ids = router.ids
         if ids is None:
             raise RuntimeError("no task ids set: wrap the forward in `with task_ids(model, ids):`")
         # Gather each row's slot: (N, r, in) and (N, out, r); N = rows of the batch.
         slot_scale = self.rank_mask[ids] * self.scaling[ids][:, None]  # (N, r)
-        a = (self.lora_A_shared + self.lora_A[ids]) * slot_scale[:, :, None]
-        b = self.lora_B_shared + self.lora_B[ids]
+        dA, dB = self._offsets(ids)
+        a = (self.lora_A_shared + dA) * slot_scale[:, :, None]
+        b = self.lora_B_shared + dB
         shape = h.shape  # (N, ..., in)
         h = h.reshape(shape[0], -1, shape[-1])  # (N, L, in)
         z = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (N, L, out)

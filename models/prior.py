@@ -245,14 +245,31 @@ class HierarchicalPrior:
         """sum over owned tasks of ||delta_A||^2 + ||delta_B||^2 (active components): scalar.
 
         Owned tasks are selected by a 0/1 weight, not a gather: no copy of the deltas, and
-        the backward is one fused multiply (measured 2x faster than indexing on CPU).
+        the backward is one fused multiply (measured 2x faster than indexing on CPU). While
+        the layer is staged (a lazy step), the sum runs over the staged slots' rows only.
         """
         dA, dB, mask = layer.lora_A, layer.lora_B, layer.rank_mask  # (T,r,in) (T,out,r) (T,r)
         owned = self._owned_weight(dA.device)
         if owned is not None:
             mask = mask * owned[:, None]
+        if layer.staged_A is not None:  # lazy step: the staged rows only (models.train.lazy)
+            slots = layer.router.staged
+            dA, dB, mask = layer.staged_A, layer.staged_B, mask[slots]  # (U,r,in) (U,out,r) (U,r)
         per_rank = dA.float().square().sum(-1) + dB.float().square().sum(-2)  # (T, r)
         return (per_rank * mask).sum()
+
+    def pull_rate(self, name: str) -> float:
+        """c = tau_g / sum N of layer ``name``: the penalty's gradient on an owned delta is c * delta.
+
+        0 for tau = 0 and for tau = inf (the unified limit freezes the deltas).
+        """
+        tau = self.tau[self.group_of[name]]
+        return 0.0 if math.isinf(tau) else tau / self.total_size
+
+    def owned_weight(self, device: torch.device) -> torch.Tensor:
+        """(T,) 1.0 for the task slots this process's penalty covers, 0.0 for the others."""
+        w = self._owned_weight(device)
+        return torch.ones(self.num_tasks, device=device) if w is None else w
 
     def _owned_ranks(self, layer: MultiTaskLoraLinear) -> list[int]:
         tasks = range(self.num_tasks) if self.owned_tasks is None else self.owned_tasks
@@ -261,7 +278,8 @@ class HierarchicalPrior:
     def penalty(self) -> torch.Tensor:
         """sum_g (tau_g / 2) sum_{d owned} ||delta_{d,g}||^2 / sum_d N_d, differentiable in delta.
 
-        Vectorised over tasks (one masked reduction per layer). Groups with tau = 0 cost
+        Vectorised over tasks (one masked reduction per layer); while the layers are staged
+        by a lazy step, over the staged slots only. Groups with tau = 0 cost
         nothing; a group with tau = inf contributes 0 provided its deltas are frozen (the
         unified limit), else this raises.
         """

@@ -135,6 +135,11 @@ class FlockSpec(Strict):
             baselines on the same batches, for the report's comparison.
         tau_sweep: optional list of tau values, each trained like the flock (Table 1 of BoRA).
         sync_every: steps between syncs of the shared Theta across workers (1 = exact joint MAP).
+        prior_update: how the task offsets step: ``dense`` (every task's rows every step, the
+            literal joint MAP; a step's cost grows with the tasks), ``lazy`` (only the batch's
+            tasks; idle offsets get the prior's pull in closed form when next used, see
+            ``models/train/lazy.py`` for the approximation and its measured tolerance) or
+            ``auto`` (lazy once a worker owns more than 64 tasks).
     """
 
     enabled: bool = True
@@ -143,6 +148,7 @@ class FlockSpec(Strict):
     baselines: list[Literal["independent", "unified"]] = Field(default_factory=lambda: ["independent", "unified"])
     tau_sweep: list[float] | None = None
     sync_every: int = Field(1, ge=1)
+    prior_update: Literal["auto", "dense", "lazy"] = "auto"
 
     @field_validator("tau")
     @classmethod

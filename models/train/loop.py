@@ -28,11 +28,13 @@ from torch import nn
 
 from models.lora import adapter_params, lora_layers, set_trainable
 from models.train.hooks import Prior, TrainHooks
+from models.train.lazy import LazyRowAdamW
 from models.train.results import MethodResult
 from models.train.state import load_train_state, save_train_state
 from models.train.step import Batch, BatchSampler, evaluate, train_step
 
-__all__ = ["FlockData", "MethodConfig", "train_method", "make_batch", "grad_reducer", "average_shared"]
+__all__ = ["FlockData", "MethodConfig", "train_method", "make_batch", "grad_reducer", "average_shared",
+           "uses_lazy_step", "LAZY_ABOVE"]
 
 
 @dataclass
@@ -91,6 +93,26 @@ class MethodConfig:
     sync_every: int = 1
     eval_every: int = 0  # evaluate every N steps during training (0 = only at the end)
     eval_rows: int | None = None  # periodic evaluations use each task's first N eval rows (None = all)
+    # How the task offsets step (hierarchical / independent kinds): "dense" = AdamW over every
+    # task's rows every step (the literal joint MAP; cost grows with T), "lazy" = only the
+    # batch's rows, idle rows caught up in closed form (models/train/lazy.py), "auto" = lazy
+    # once this worker owns more than LAZY_ABOVE tasks.
+    prior_update: str = "auto"
+
+
+# "auto" switches to the lazy step above this many owned tasks: below it the dense step's
+# idle-row work is small (measured in benchmarks/step_scaling.py) and it stays the exact
+# joint MAP; above it the lazy step keeps the step's cost flat.
+LAZY_ABOVE = 64
+
+
+def uses_lazy_step(cfg: MethodConfig, num_tasks: int) -> bool:
+    """Whether ``cfg`` trains ``num_tasks`` task offsets with the lazy (row-sparse) step."""
+    if cfg.prior_update not in ("dense", "lazy", "auto"):
+        raise ValueError(f"prior_update must be dense, lazy or auto, got {cfg.prior_update!r}")
+    if cfg.kind not in ("hierarchical", "independent"):
+        return False
+    return cfg.prior_update == "lazy" or (cfg.prior_update == "auto" and num_tasks > LAZY_ABOVE)
 
 
 def _distributed() -> bool:
@@ -231,10 +253,17 @@ def train_method(
             shared = shared + extra_params
         params = params + extra_params
         ids |= {id(p) for p in extra_params}
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_prior = kind == "hierarchical" and prior is not None
+    lazy: LazyRowAdamW | None = None
+    if trainable is None and uses_lazy_step(cfg, len(data.owned)):
+        rows = {id(p) for p in adapter_params(model, "task")}
+        dense = [{**g, "params": [p for p in g["params"] if id(p) not in rows]} for g in groups]
+        lazy = LazyRowAdamW(dense, lora_layers(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            prior=prior if use_prior else None)
+        step_params = [p for p in params if id(p) not in rows]  # + the staged rows, each step
+    opt = lazy or torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = BatchSampler(data.sizes, cfg.batch_size, cfg.seed, cfg.temperature)
     reducer = grad_reducer(shared, sync=cfg.sync_every == 1)
-    use_prior = kind == "hierarchical" and prior is not None
     terms = [f for f in (prior.penalty if use_prior else None, hooks.extra_loss) if f is not None]
     extra = (lambda: sum(f() for f in terms)) if terms else None
     curve: list[tuple[int, float]] = []
@@ -248,13 +277,17 @@ def train_method(
             start, curve = meta["step"] + 1, [tuple(c) for c in meta["curve"]]
             eval_curve = [(int(st), {int(k): v for k, v in nll.items()}) for st, nll in meta.get("eval_curve", [])]
             sampler.set_state(meta["sampler"])
+            if lazy is not None:  # the loaded moments are those of a flushed state at meta["step"]
+                lazy.t = lazy.last[:] = meta["step"]
+                lazy.clip = [1.0] * (meta["step"] + 1)
             if use_prior and meta.get("prior"):
                 prior.load_state_dict(meta["prior"])
             log(f"[{cfg.name}] resumed at step {start} from {state_dir}")
     failed: dict[int, str] = {}  # global task -> why it was stopped
     pending: set[int] = set()  # slots whose loss went non-finite in the last step
+    touched: list[int] | None = None  # lazy: the slots the last step moved (only they can turn NaN)
     for step in range(start, cfg.steps + 1):
-        pending |= _nonfinite_slots(model)
+        pending |= _nonfinite_slots(model, touched)
         new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes))
         if new:
             _stop_tasks(model, opt, data, sampler, new, failed, step, log)
@@ -262,17 +295,28 @@ def train_method(
         if hooks.on_step is not None:
             hooks.on_step(step)
         batch = make_batch(data, sampler, device)
-        # Parameters absent from this batch still get (zero or prior) gradients, as in the
-        # single-process joint objective, so Adam treats them identically on every worker.
-        res = train_step(model, batch, opt, params, extra_loss=extra, max_grad_norm=cfg.max_grad_norm,
+        step_list = params
+        if lazy is not None:  # only the batch's rows: see models/train/lazy.py
+            touched = sorted(set(batch.task_ids.tolist()))
+            step_list = step_params + lazy.stage(touched)
+        # Dense: parameters absent from this batch still get (zero or prior) gradients, as in
+        # the single-process joint objective, so Adam treats them identically on every worker.
+        res = train_step(model, batch, opt, step_list, extra_loss=extra, max_grad_norm=cfg.max_grad_norm,
                          reduce_grads=reducer, skip_nonfinite=True)
+        if lazy is not None:
+            clipped = cfg.max_grad_norm is not None and res.grad_norm > cfg.max_grad_norm
+            lazy.note_clip(cfg.max_grad_norm / (res.grad_norm + 1e-6) if clipped else 1.0)
         pending |= set(res.nonfinite)
         if cfg.sync_every > 1 and step % cfg.sync_every == 0:
             average_shared(shared)
         tokens += batch.input_ids.numel()
         if use_prior and prior.due(step):
+            if lazy is not None:
+                lazy.flush()  # every row current under the old tau before the statistics
             _update_tau(prior, step)
         if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            if lazy is not None:
+                lazy.flush()
             meta = {"step": step, "curve": curve, "sampler": sampler.state(),
                     "prior": prior.state_dict() if use_prior else None,
                     **({"eval_curve": eval_curve} if cfg.eval_every else {})}
@@ -288,10 +332,14 @@ def train_method(
                 f"tok/s {tokens / el:,.0f}  elapsed {el:,.0f}s  eta {eta:,.0f}s"
             )
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if lazy is not None:
+                lazy.flush()
             nll = _evaluate_owned(model, data, cfg, failed, cfg.eval_rows)
             eval_curve.append((step, nll))
             if hooks.on_eval is not None:
                 hooks.on_eval(step, nll)
+    if lazy is not None:
+        lazy.flush()  # the adapters as the dense step would leave them (see models/train/lazy.py)
     seconds = time.perf_counter() - t0
     if hooks.before_eval is not None:
         hooks.before_eval()
@@ -324,13 +372,15 @@ def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed
 
 
 @torch.no_grad()
-def _nonfinite_slots(model: nn.Module) -> set[int]:
-    """Task slots whose offsets hold NaN/inf (a diverged task)."""
+def _nonfinite_slots(model: nn.Module, slots: list[int] | None = None) -> set[int]:
+    """Task slots whose offsets hold NaN/inf (a diverged task), among ``slots`` (None = all)."""
     bad: set[int] = set()
     for layer in lora_layers(model).values():
         for p in (layer.lora_A, layer.lora_B):
-            ok = torch.isfinite(p).flatten(1).all(dim=1)
-            bad |= set(torch.nonzero(~ok).flatten().tolist())
+            rows = p if slots is None else p[slots]
+            ok = torch.isfinite(rows).flatten(1).all(dim=1)
+            found = torch.nonzero(~ok).flatten().tolist()
+            bad |= set(found) if slots is None else {slots[i] for i in found}
     return bad
 
 

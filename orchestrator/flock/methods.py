@@ -27,6 +27,7 @@ def method_config(
     sync_every: int = 1,
     eval_every: int = 0,
     eval_rows: int | None = None,
+    prior_update: str = "auto",
 ) -> MethodConfig:
     """The job's training settings for one method; keyword arguments override a field.
 
@@ -36,6 +37,7 @@ def method_config(
         kind: hierarchical | independent | unified | pesc | coeff (see ``train_method``).
         sync_every: ``flock.sync_every`` (1 = all-reduce Theta's gradient every step).
         eval_every / eval_rows: periodic evaluation during training (0 = only at the end).
+        prior_update: ``flock.prior_update`` (dense | lazy | auto, see ``models/train/lazy.py``).
 
     Example:
         >>> method_config(spec.train, "pesc", "pesc", sync_every=spec.flock.sync_every)
@@ -55,6 +57,7 @@ def method_config(
         sync_every=sync_every,
         eval_every=eval_every,
         eval_rows=eval_rows,
+        prior_update=prior_update,
     )
 
 

@@ -193,7 +193,8 @@ def flock_worker(config: dict) -> None:
     for mname, kind, tau in methods_of(spec):
         if mname in results["methods"]:
             continue
-        cfg = method_config(tr, mname, kind, sync_every=spec.flock.sync_every, eval_every=tr.eval_every)
+        cfg = method_config(tr, mname, kind, sync_every=spec.flock.sync_every, eval_every=tr.eval_every,
+                            prior_update=spec.flock.prior_update)
         prior = None
         if kind == "hierarchical":
             prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)

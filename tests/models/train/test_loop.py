@@ -37,8 +37,9 @@ def _model(n_slots):
     return m, init
 
 
-def _cfg(kind, steps=6, sync_every=1):
-    return MethodConfig(kind, kind, steps=steps, batch_size=6, lr=1e-2, seed=0, log_every=100, sync_every=sync_every)
+def _cfg(kind, steps=6, sync_every=1, prior_update="auto"):
+    return MethodConfig(kind, kind, steps=steps, batch_size=6, lr=1e-2, seed=0, log_every=100, sync_every=sync_every,
+                        prior_update=prior_update)
 
 
 def test_methods_share_init_and_respect_their_parametrisation():
@@ -64,27 +65,26 @@ def test_methods_share_init_and_respect_their_parametrisation():
     assert strong < 0.5 * delta_norm()  # a strong prior ties the task offsets to Theta
 
 
-def _worker(rank, world, port, sync_every, q):
+def _worker(rank, world, port, sync_every, q, prior_update="auto"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     owned = [[0, 3], [1, 2]][rank] if world == 2 else [0, 1, 2, 3]
     m, init = _model(len(owned))
     prior = HierarchicalPrior(m, [SIZES[t] for t in owned], tau=50.0, total_size=sum(SIZES))
-    out = train_method(
-        m, _data(owned), _cfg("hierarchical", steps=8, sync_every=sync_every), init, prior=prior, log=lambda s: None
-    )
+    cfg = _cfg("hierarchical", steps=8, sync_every=sync_every, prior_update=prior_update)
+    out = train_method(m, _data(owned), cfg, init, prior=prior, log=lambda s: None)
     q.put({owned[s]: v for s, v in out["eval_nll"].items()})
     dist.destroy_process_group()
 
 
-def _run(world, sync_every=1):
+def _run(world, sync_every=1, prior_update="auto"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, sync_every, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, sync_every, q, prior_update)) for r in range(world)]
     for p in procs:
         p.start()
     res = {}
@@ -104,6 +104,9 @@ def test_two_processes_equal_one_and_local_steps_have_a_measured_gap():
     local = _run(2, sync_every=4)
     gap = max(abs(local[t] - one[t]) for t in one)
     assert 0 < gap < 0.5  # averaging Theta every 4 steps approximates the joint MAP, not exactly
+    lazy_one, lazy_two = _run(1, prior_update="lazy"), _run(2, prior_update="lazy")
+    for t in one:  # the lazy step keeps Theta's all-reduce exact: one worker or two, same adapters
+        assert lazy_two[t] == pytest.approx(lazy_one[t], rel=1e-5, abs=1e-6)
 
 
 def test_inferred_tau_is_updated_and_logged():
