@@ -175,7 +175,7 @@ def flock_worker(config: dict) -> None:
     if quant is not None and rank == 0:
         results["quant"] = quant
         if not (kept / QUANT_DIR).is_dir():
-            write_quant_base(model, quant, kept / QUANT_DIR)  # the adapters belong with this base
+            write_quant_base(model, quant, kept / QUANT_DIR, factors)  # the adapters belong with this base
 
     tr = spec.train
     for mname, kind, tau in methods_of(spec):
