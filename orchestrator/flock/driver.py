@@ -24,6 +24,8 @@ from orchestrator.errors import StageError
 from orchestrator.flock.methods import methods_of
 from orchestrator.flock.worker import flock_worker
 from orchestrator.pesc.stage import merge_pesc
+from orchestrator.metrics.flock import log_flock_results
+from orchestrator.metrics.sink import MetricSink, metrics_dir
 from orchestrator.spec import JobSpec
 
 __all__ = ["assign_tasks", "run_flock"]
@@ -106,6 +108,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             "assignment": assignment,
             "base_model_name": base_model_name,
             "base_ref": base_ref,
+            "metrics_dir": str(metrics_dir(out)),  # report_to: rank 0 writes its streams here
         },
         scaling_config=ScalingConfig(
             num_workers=spec.ray.num_workers,
@@ -155,6 +158,9 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         merged["pesc"] = merge_pesc(pesc_parts)
     merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
     merged["sizes"] = dict(zip(names, sizes))
+    if spec.report_to:  # every task's curves (all workers' results), tau, expert load
+        log_flock_results(lambda stream: MetricSink(spec.report_to, metrics_dir(out), spec.name, stream),
+                          cast(dict, merged))
     return merged
 
 
