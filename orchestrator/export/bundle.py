@@ -88,7 +88,8 @@ def save_base(model: nn.Module, directory: Path, tokenizer: str | None) -> list[
 
                 load_tokenizer(tokenizer).save_pretrained(tmp)
             except Exception as e:  # noqa: BLE001 - the weights are still useful; say why there is no tokenizer
-                notes.append(f"no tokenizer saved in base/ ({type(e).__name__}: {e}); copy the base's tokenizer files there")
+                notes.append(f"no tokenizer saved in base/ ({type(e).__name__}: {e}); "
+                             "copy the base's tokenizer files there")
         else:
             notes.append("the job used the offline byte tokenizer (tokenizer: bytes), which servers cannot load; "
                          "put a tokenizer in base/ before serving")

@@ -114,7 +114,8 @@ def served_adapter(pairs: Pairs, base: nn.Module, folded: Pairs | None = None, r
         pairs = cut
     r = max(a.shape[0] for a, _ in pairs.values())
     if pad_rank is not None and r > pad_rank:
-        raise ValueError(f"an adapter has rank {r} > --max-lora-rank {pad_rank}: raise it, or truncate with --rank {pad_rank}")
+        raise ValueError(f"an adapter has rank {r} > --max-lora-rank {pad_rank}: raise it, "
+                         f"or truncate with --rank {pad_rank}")
     r = pad_rank or r
     out: Pairs = {}
     for n, (a, b) in pairs.items():

@@ -61,7 +61,8 @@ def picked_bundle(run: Run, tasks: list[str]) -> Bundle:
     dequantise(model)
     folded: Pairs = {}
     if int(picked.get("bits") or 16) < 16:
-        init, _ = build_trial_model(spec, picked_config(picked), len(names), str(picked["quantizer"]), int(picked["lq_iters"]))
+        init, _ = build_trial_model(spec, picked_config(picked), len(names), str(picked["quantizer"]),
+                                    int(picked["lq_iters"]))
         for n, (a, b) in _initial_shared(init).items():
             g_r, g_c = gates.get(n, (torch.ones(b.shape[0]), torch.ones(a.shape[1])))
             folded[n] = (a * g_c[None, :], g_r[:, None] * b)

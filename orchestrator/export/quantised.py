@@ -37,7 +37,8 @@ def quantised_bundle(run: Run, tasks: list[str]) -> Bundle:
     folded = {}
     if (qdir / LQ_FILE).is_file():
         t = load_file(str(qdir / LQ_FILE))
-        folded = {k[: -len(".L1")]: (t[k[: -len('.L1')] + ".L2"].T.contiguous(), v) for k, v in t.items() if k.endswith(".L1")}
+        mods = [k.removesuffix(".L1") for k in t if k.endswith(".L1")]
+        folded = {n: (t[f"{n}.L2"].T.contiguous(), t[f"{n}.L1"]) for n in mods}  # (A = L2^T, B = L1)
         fold_into_base(model, folded)
         notes.append(f"the LQ low-rank part L1 L2^T of {len(folded)} matrices is folded into the base and subtracted "
                      "from every adapter (exact; the adapters' rank grows by the LQ rank unless --rank truncates)")

@@ -55,7 +55,8 @@ def recycled_bundle(run: Run, tasks: list[str]) -> Bundle:
     new = (rc.get("new_task") or {}).get("task")
     for t in tasks:
         if t == new:
-            bundle.adapters[t] = pairs_of_peft(need(run.path / "recycle" / "new_task" / "coeff", "the new task's adapter"))
+            coeff = need(run.path / "recycle" / "new_task" / "coeff", "the new task's adapter")
+            bundle.adapters[t] = pairs_of_peft(coeff)
         else:
             rec = sub.reconstruct(t)
             bundle.adapters[t] = {n: (a, b * sub.scales[t][n]) for n, (a, b) in rec.items()}

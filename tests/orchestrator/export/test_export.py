@@ -180,7 +180,8 @@ def test_recycled_export_expands_coefficients_to_lora_factors(tmp_path):
     adapters, scales = load_peft_adapters({t: run / "adapters" / t for t in tasks})
     sub = build_subspace(adapters, k=1, scales=scales)
     sub.save(run / "recycle" / "subspace")
-    _claim(run, spec, tasks, {"recycle": {"source": "flock", "adapters": tasks, "k": 1, "reconstruction_rel_error": 0.3}},
+    rc = {"source": "flock", "adapters": tasks, "k": 1, "reconstruction_rel_error": 0.3}
+    _claim(run, spec, tasks, {"recycle": rc},
            {"flock": "finished", "recycle": "finished"})
     m = export_run(run, tmp_path / "exp", what="recycle")
     assert m["kind"] == "recycled" and [a["name"] for a in m["adapters"]] == tasks

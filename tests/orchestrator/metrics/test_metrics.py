@@ -4,6 +4,7 @@ flock and search streams read back from TensorBoard event files and an MLflow fi
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def _mlflow_metrics(uri: str, experiment: str) -> dict[str, dict[str, list[tuple
     out = {}
     for run in client.search_runs([exp.experiment_id]):
         name = run.info.run_name
-        out[name] = {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+        history = {k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics}
+        out[name] = {k: [(m.step, m.value) for m in ms] for k, ms in history.items()}
     return out
 
 
@@ -86,7 +88,7 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     job["flock"]["baselines"] = ["independent"]
     job["pesc"]["enabled"] = False
     job["recycle"] = {"enabled": False}
-    job["search"].update(space="demo", num_samples=1)
+    job["search"].update(space="demo", num_samples=1, steps=2, eval_every=1, grace_period=1)
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
@@ -108,5 +110,6 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     assert [s for s, _ in runs["flock/hierarchical"]["hierarchical/train_loss"]] == [4, 8]
     # the search: Ray Tune's own callbacks, one MLflow run per trial, TensorBoard files in the trial dir
     search = _mlflow_metrics(mlflow_uri(out / "metrics"), "tiny-search")
-    assert len(search) == 1 and all("macro_ppl" in m for m in search.values())
+    trials = json.loads((out / "report.json").read_text())["search"]["trials"]
+    assert len(search) == len(trials) and all("macro_ppl" in m for m in search.values())
     assert any("macro_ppl" in k for k in _tb_scalars(out / "ray" / "search"))
