@@ -36,7 +36,7 @@ class StageState(str, Enum):
 
 def spec_fingerprint(spec: JobSpec) -> str:
     """Hash of everything that changes results (not where it runs)."""
-    d = spec.model_dump(mode="json", exclude={"ray": {"address", "include_dashboard"}})
+    d = spec.model_dump(mode="json", exclude={"ray": {"address", "include_dashboard"}, "report_to": True})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -257,6 +257,8 @@ class JobSpec(Strict):
         tasks: explicit tasks (may be empty when ``task_sets`` gives at least one set).
         task_sets: sets that expand one table (split by a column) or a glob of files into many
             tasks when the data is built (:class:`tasks.spec.TaskSetSpec`).
+        report_to: stream live metrics to these backends (``tensorboard``, ``mlflow``, ``wandb`` in
+            offline mode), under ``<out>/metrics/``; MLflow follows ``MLFLOW_TRACKING_URI`` when set.
         chat_template: for ``messages`` sources: ``chatml`` or a jinja template string; it
             replaces the tokenizer's own template (as Axolotl's top-level ``chat_template``),
             and is required when the tokenizer has none.
@@ -275,6 +277,15 @@ class JobSpec(Strict):
     recycle: RecycleSpec = Field(default_factory=RecycleSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    # live metrics from the driver / rank 0 (orchestrator.metrics): tensorboard, mlflow, wandb (offline)
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_ok(cls, v: list[str]) -> list[str]:
+        from orchestrator.specs.metrics import check_report_to
+
+        return check_report_to(v)
 
     @field_validator("chat_template")
     @classmethod

@@ -45,9 +45,11 @@ from torch import nn
 from models.gates.layer import GatedLinear, gate_layers
 from models.lora import MultiTaskLoraLinear, linear_weight
 
-__all__ = ["GateExportError", "export_pruned", "strip_adapters", "pruned_shapes", "save_pruned", "load_pruned"]
+__all__ = ["GateExportError", "export_pruned", "strip_adapters", "pruned_shapes", "save_pruned", "load_pruned",
+           "mlp_widths", "WIDTH_KEYS"]
 
 SHAPES_FILE = "pruned_shapes.json"
+WIDTH_KEYS = ("intermediate_size", "n_inner")  # the config's MLP width (Llama-style, GPT-2)
 
 # (modules producing the intermediate, module consuming it, activated producer, activation attr)
 _MLP_PATTERNS: tuple[tuple[tuple[str, ...], str, str | None, str], ...] = (
@@ -236,11 +238,15 @@ def pruned_shapes(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
+def mlp_widths(model: nn.Module) -> list[int]:
+    """Every MLP block's intermediate width (the consumer's input size), in module order."""
+    return [int(linear_weight(_base_of(_unwrap(getattr(mlp, consumer)))).shape[1])
+            for mlp, _, consumer, _, _ in _mlp_groups(model)]
+
+
 def _uniform_width(model: nn.Module) -> int | None:
     """The MLP width shared by every block, or None when blocks differ."""
-    widths = set()
-    for mlp, _producers, consumer, _, _ in _mlp_groups(model):
-        widths.add(int(linear_weight(_base_of(_unwrap(getattr(mlp, consumer)))).shape[1]))
+    widths = set(mlp_widths(model))
     return widths.pop() if len(widths) == 1 else None
 
 
@@ -263,7 +269,7 @@ def save_pruned(model: nn.Module, directory) -> None:
     width = _uniform_width(model)
     cfg = model.config
     if width is not None:
-        for key in ("intermediate_size", "n_inner"):
+        for key in WIDTH_KEYS:
             if hasattr(cfg, key):
                 setattr(cfg, key, width)
     for attr in ("hf_quantizer",):  # a GGUF-loaded base refuses save_pretrained otherwise

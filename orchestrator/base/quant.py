@@ -49,10 +49,12 @@ __all__ = [
     "adapter_note",
     "NOTE_FILE",
     "QUANT_DIR",
+    "LQ_FILE",
 ]
 
 NOTE_FILE = "loraflock_quantized_base.json"  # next to adapter_config.json of every delivered adapter
 QUANT_DIR = "quant_base"  # the packed base, in the job's output directory
+LQ_FILE = "lq_factors.safetensors"  # <module>.L1 / <module>.L2 of W ~ Q + L1 L2^T, in QUANT_DIR
 
 
 def quant_layers(model: nn.Module, spec: JobSpec) -> list[int] | None:
@@ -203,11 +205,14 @@ def adapter_note(section: dict[str, Any], packed_dir: str = f"../../{QUANT_DIR}"
     }
 
 
-def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str | Path) -> Path:
+def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str | Path,
+                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Save every :class:`QuantizedLinear`'s packed tensors (+ bias) and ``quant.json``, atomically.
 
     Keys are ``<module>.codes/scales/codebook/header`` (``PackedTensor.from_tensors(t, prefix)``
-    rebuilds one) and ``<module>.bias``.
+    rebuilds one) and ``<module>.bias``. ``factors`` (the LQ parts L1 (out, r), L2 (in, r)) go to
+    ``LQ_FILE``: ``loraflock export`` folds them into a plain base and takes them out of the
+    adapters, which carry them (the shared adapter Theta starts at L1 L2^T).
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
@@ -219,6 +224,10 @@ def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str |
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "quantized_base.safetensors"))
         (tmp / "quant.json").write_text(json.dumps(section, indent=2))
+        if factors:
+            lq = {f"{n}.{k}": torch.as_tensor(t).detach().cpu().float().contiguous()
+                  for n, (l1, l2) in factors.items() for k, t in (("L1", l1), ("L2", l2))}
+            save_file(lq, str(tmp / LQ_FILE))
     return Path(directory)
 
 

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.set_defaults(func=_cmd_adapt)
     s = sub.add_parser("schema", help="print the job spec's JSON schema")
     s.set_defaults(func=_cmd_schema)
+    from orchestrator.cli.export import add_export_command
+
+    add_export_command(sub)
     try:
         from orchestrator.cli.submit import add_submit_commands
     except ImportError:

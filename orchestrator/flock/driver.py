@@ -23,6 +23,8 @@ from orchestrator.contracts import FlockResults, MethodRecord, PescPart, WorkerR
 from orchestrator.errors import StageError
 from orchestrator.flock.methods import methods_of
 from orchestrator.flock.worker import flock_worker
+from orchestrator.metrics.flock import log_flock_results
+from orchestrator.metrics.sink import MetricSink, metrics_dir
 from orchestrator.pesc.stage import merge_pesc
 from orchestrator.spec import JobSpec
 
@@ -107,6 +109,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
             "base_model_name": base_model_name,
             "base_ref": base_ref,
             "outputs_dir": str(storage / "flock" / "outputs"),  # deliverables, written once by the workers
+            "metrics_dir": str(metrics_dir(out)),  # report_to: rank 0 writes its streams here
         },
         scaling_config=ScalingConfig(
             num_workers=spec.ray.num_workers,
@@ -149,6 +152,9 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         merged["pesc"] = merge_pesc(pesc_parts)
     merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
     merged["sizes"] = dict(zip(names, sizes))
+    if spec.report_to:  # every task's curves (all workers' results), tau, expert load
+        log_flock_results(lambda stream: MetricSink(spec.report_to, metrics_dir(out), spec.name, stream),
+                          cast(dict, merged))
     return merged
 
 

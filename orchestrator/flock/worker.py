@@ -39,6 +39,8 @@ from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.contracts import GateResults, MethodRecord, WorkerResults
 from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results
 from orchestrator.flock.methods import method_config, methods_of
+from orchestrator.metrics.flock import with_metrics
+from orchestrator.metrics.sink import MetricSink
 from orchestrator.pesc.stage import run_pesc
 from orchestrator.spec import JobSpec
 
@@ -187,7 +189,7 @@ def flock_worker(config: dict) -> None:
     if quant is not None and rank == 0:
         results["quant"] = quant
         if not (kept / QUANT_DIR).is_dir():
-            write_quant_base(model, quant, kept / QUANT_DIR)  # the adapters belong with this base
+            write_quant_base(model, quant, kept / QUANT_DIR, factors)  # the adapters belong with this base
 
     tr = spec.train
     for mname, kind, tau in methods_of(spec):
@@ -200,9 +202,16 @@ def flock_worker(config: dict) -> None:
             prior = _prior(model, spec, [sizes[g] for g in owned], sum(sizes), tau)
         partial = kept / "partial" / f"rank{rank}" / mname  # mid-method state (resumable)
         hooks = gate_hooks(model, spec, ctx.get_world_size()) if gates is not None else None
-        out = train_method(model, data, cfg, init_state, prior, say, device, hooks=hooks, state_dir=partial,
-                           checkpoint_every=tr.checkpoint_every,
-                           on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
+        sink, log = _metric_sink(spec, config, rank, f"flock/{mname}"), say
+        if sink is not None:  # report_to: rank 0 streams the loss, its tasks' eval losses, tau, gate sparsity
+            hooks, log = with_metrics(hooks, say, sink, mname, [names[g] for g in owned], model, prior)
+        try:
+            out = train_method(model, data, cfg, init_state, prior, log, device, hooks=hooks, state_dir=partial,
+                               checkpoint_every=tr.checkpoint_every,
+                               on_checkpoint=lambda step, m=mname: _report(rank, results, kept, f"{m}@{step}"))
+        finally:
+            if sink is not None:
+                sink.close()
         shutil.rmtree(partial, ignore_errors=True)
         gate_res = gate_results(model, names, owned) if gates is not None else None
         results["methods"][mname] = _method_record(
@@ -230,7 +239,14 @@ def flock_worker(config: dict) -> None:
 
             remove_gates(model)  # PESC is not gated: the plain base (+ LoRA) again
             init_state = {k.replace(".inner.", "."): v for k, v in init_state.items() if ".theta_" not in k}
-        results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, say, device)
+        sink, log = _metric_sink(spec, config, rank, "pesc/train"), say
+        if sink is not None:
+            _, log = with_metrics(None, say, sink, "pesc", [names[g] for g in owned], model)
+        try:
+            results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, log, device)
+        finally:
+            if sink is not None:
+                sink.close()
         if rank == 0:
             save_moe(model, kept / "pesc" / "moe")
             save_adapter(
@@ -238,6 +254,13 @@ def flock_worker(config: dict) -> None:
             )
             _note_quant(quant, kept / "pesc" / "attention_lora")
         _report(rank, results, kept, "pesc")
+
+
+def _metric_sink(spec: JobSpec, config: dict, rank: int, stream: str) -> MetricSink | None:
+    """Rank 0's metric stream when the job has ``report_to`` (every scalar written once)."""
+    if rank != 0 or not spec.report_to or not config.get("metrics_dir"):
+        return None
+    return MetricSink(spec.report_to, Path(config["metrics_dir"]), spec.name, stream)
 
 
 def _method_record(kind: str, tau, out: MethodResult, task: list[str], with_prior: bool,

@@ -38,6 +38,8 @@ from ray import tune
 
 from models.files import atomic_write_text
 from orchestrator.errors import StageError
+from orchestrator.metrics.sink import metrics_dir
+from orchestrator.metrics.tune import tune_callbacks
 from orchestrator.report.search import plot_pareto
 from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.search.trial import build_payload, search_trial
@@ -253,6 +255,7 @@ def run_search(
                 name="search", storage_path=str(storage), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
+                callbacks=tune_callbacks(spec.report_to, metrics_dir(out), spec.name) or None,  # report_to
             ),
         )
     try:

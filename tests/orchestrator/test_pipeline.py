@@ -115,6 +115,40 @@ def test_peft_reproduces_the_reported_eval_loss(tiny_run):
 
 
 @pytest.mark.integration
+def test_export_reproduces_the_reported_eval_loss_and_the_recycled_adapters(tiny_run, tmp_path):
+    """`loraflock export` of the tiny run: the flock's adapters (eval loss as reported) and the recycled
+    coefficient adapters (the logits of the project's own reconstruction) on one plain base."""
+    from models.eigen.subspace import Subspace
+    from models.lora import inject, task_ids
+    from models.peft_io import load_adapter
+    from orchestrator.base.load import load_job_base
+    from orchestrator.spec import load_job
+    from tests.orchestrator.export.served import check_flock_export, eval_rows, export_cli, served_model
+
+    out, _ = tiny_run
+    spec = load_job(TINY)
+    m = check_flock_export(out, tmp_path / "flock", spec, "--max-lora-rank", "8")
+    assert m["kind"] == "plain" and {a["rank"] for a in m["adapters"]} == {8}
+    rc = export_cli(out, tmp_path / "recycle", "--what", "recycle")
+    assert sorted(a["name"] for a in rc["adapters"]) == ["email", "http", "json", "logging"]
+    sub, rows = Subspace.load(out / "recycle" / "subspace"), eval_rows(spec)
+    for task in ("http", "logging"):
+        own = load_job_base(spec, "cpu", "float32")
+        inject(own, spec.lora.target_modules, 1, spec.lora.rank, spec.lora.alpha, layers=[1])
+        if task == "logging":  # the held-out task adapted on coefficients only
+            load_adapter(own, 0, out / "recycle" / "new_task" / "coeff")
+            ids = rows["http"]
+        else:
+            sub.export_peft(task, tmp_path / "own")
+            load_adapter(own, 0, tmp_path / "own")
+            ids = rows[task]
+        with torch.no_grad(), task_ids(own, 0):
+            want = own(input_ids=ids).logits
+        got = served_model(tmp_path / "recycle", task)(input_ids=ids).logits
+        assert float((got - want).norm() / want.norm()) < 1e-4, task
+
+
+@pytest.mark.integration
 def test_rerun_resumes_and_foreign_dir_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     r = _run(["run", str(TINY), "--out", str(out)])
@@ -207,3 +241,21 @@ def test_search_pick_feeds_the_recycle_stage_without_a_flock(tmp_path):
     assert sorted(rep["recycle"]["adapters"]) == ["email", "http", "json"] and "flock" not in rep
     md = (out / "report.md").read_text()
     assert f"trial {picked['trial_id']}" in md and "none of the front meets it" in md and "compressed base" in md
+    # the picked trial exported for a server: the rebuilt trial's logits on every task's eval rows
+    from models.lora import task_ids
+    from orchestrator.search.pick import load_picked_model
+    from orchestrator.spec import load_job
+    from tests.orchestrator.export.served import eval_rows, export_cli, served_model
+
+    m = export_cli(out, tmp_path / "exp", "--what", "pick")
+    run_spec = load_job(spec)
+    trial, rows = load_picked_model(run_spec, picked, out / picked["checkpoint"]), eval_rows(run_spec)
+    assert m["kind"] == "picked" and [a["name"] for a in m["adapters"]] == ["json", "http", "email"]
+    for slot, task in enumerate(["json", "http", "email"]):
+        with torch.no_grad(), task_ids(trial, slot):
+            want = trial(input_ids=rows[task]).logits
+        with torch.no_grad():
+            got = served_model(tmp_path / "exp", task)(input_ids=rows[task]).logits
+        assert float((got - want).norm() / want.norm()) < 1e-4, task
+    rc = export_cli(out, tmp_path / "exp-recycle", "--what", "recycle")  # the recycled picked trial, same base
+    assert rc["kind"] == "recycled" and len(rc["adapters"]) == 4

@@ -180,6 +180,10 @@ def test_bit_budget_example_runs_end_to_end(tmp_path):
     assert len(q["widths"]) > 1  # 3.5 bits on average: a mix of widths
     assert q["uniform_alternative"]["total_error"] > q["allocator_total_error"]
     assert "base quantised to 3.4" in r.stdout + r.stderr
+    from tests.orchestrator.export.served import check_flock_export
+
+    m = check_flock_export(out, tmp_path / "exp", load_job(EXAMPLE))  # dequantised base, LQ part folded in
+    assert m["kind"] == "quantised" and any("folded into the base" in n for n in m["notes"])
 
 
 @pytest.mark.integration

@@ -109,6 +109,11 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
             load_pruned(out / "export" / "model"), out / "export" / "adapters" / task
         ).eval()
         assert _nll(model, data[task].eval_ids) == pytest.approx(rep["flock"]["tasks"][task]["eval_loss"], rel=1e-4)
+    from tests.orchestrator.export.served import check_flock_export
+
+    m = check_flock_export(out, tmp_path / "exp", spec)  # loraflock export: one width (96), plain from_pretrained
+    config = json.loads((tmp_path / "exp" / "base" / "config.json").read_text())
+    assert m["kind"] == "pruned" and config["intermediate_size"] == 96
 
 
 def _random_gated_model(
