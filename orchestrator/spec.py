@@ -25,6 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import SpecError
 from orchestrator.specs.base import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
+from orchestrator.specs.eval import EvalSpec
 from orchestrator.specs.gates import GatesSpec
 from orchestrator.specs.search import SearchSpec
 from tasks.spec import Strict, TaskSetSpec, TaskSpec
@@ -40,6 +41,7 @@ __all__ = [
     "RecycleSpec",
     "RaySpec",
     "GatesSpec",
+    "EvalSpec",
     "JobSpec",
     "load_job",
     "parse_job",
@@ -262,6 +264,7 @@ class JobSpec(Strict):
         chat_template: for ``messages`` sources: ``chatml`` or a jinja template string; it
             replaces the tokenizer's own template (as Axolotl's top-level ``chat_template``),
             and is required when the tokenizer has none.
+        eval: the metrics every task is judged by (each task or task set may override them).
     """
 
     name: str = Field("loraflock-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -277,6 +280,7 @@ class JobSpec(Strict):
     recycle: RecycleSpec = Field(default_factory=RecycleSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     # live metrics from the driver / rank 0 (orchestrator.metrics): tensorboard, mlflow, wandb (offline)
     report_to: list[str] = Field(default_factory=list)
 
@@ -309,6 +313,7 @@ class JobSpec(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"task names must be unique; repeated: {dup}")
+        self.eval.check([*self.tasks, *self.task_sets, *([self.recycle.new_task] if self.recycle.new_task else [])])
         if self.recycle.new_task is not None and self.recycle.new_task.name in names:
             raise ValueError(f"recycle.new_task {self.recycle.new_task.name!r} must be held out of the flock's tasks")
         picks = self.search.enabled and self.search.pick is not None  # recycle then uses the picked trial

@@ -77,7 +77,7 @@ def fields_of(source: DataSource) -> ExampleFields:
     return source
 
 
-def _task_data(name: str, rows, mask, ev_rows, ev_mask, n_train: int, stats: dict) -> TaskData:
+def _task_data(name: str, rows, mask, ev_rows, ev_mask, n_train: int, stats: dict, starts=(None, None)) -> TaskData:
     import torch
 
     from tasks.packing import rows_dataset
@@ -94,6 +94,8 @@ def _task_data(name: str, rows, mask, ev_rows, ev_mask, n_train: int, stats: dic
         eval_mask=None if ev_mask is None else torch.from_numpy(ev_mask),
         train_tokens=int(stats["train"]["tokens"]),
         stats=stats,
+        train_prompt_lens=None if starts[0] is None else torch.from_numpy(starts[0]),
+        eval_prompt_lens=None if starts[1] is None else torch.from_numpy(starts[1]),
     )
 
 
@@ -136,9 +138,9 @@ def instruct_task_data(
 ) -> TaskData:
     """An instruction task: one example per padded row, truncated or dropped, then capped."""
     from tasks.packing import cap_indices
-    from tasks.rows import example_rows
+    from tasks.rows import completion_starts, example_rows
 
-    sides = {}
+    sides, starts = {}, {}
     for side, e, pos, cap in (
         ("train", ex, train_pos, opts.max_train_sequences),
         ("eval", ev_ex, eval_pos, opts.max_eval_sequences),
@@ -152,6 +154,7 @@ def instruct_task_data(
             )
         keep = cap_indices(len(rows), cap, ctx.seed, f"{name}:{side}")
         rows, mask = rows[keep], mask[keep]
+        starts[side] = completion_starts(e, pos, ctx.seq_len, opts.truncation)[keep]
         counts.update(examples=int(len(rows)), tokens=int(mask.sum()))
         sides[side] = (rows, mask, counts)
     tr, ev = sides["train"][2], sides["eval"][2]
@@ -168,7 +171,7 @@ def instruct_task_data(
         **(extra or {}),
     }
     (rows, mask, _), (ev_rows, ev_mask, _) = sides["train"], sides["eval"]
-    return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats)
+    return _task_data(name, rows, mask, ev_rows, ev_mask, len(rows), stats, (starts["train"], starts["eval"]))
 
 
 def build_text_task(spec: TaskSpec, ctx: BuildContext) -> TaskData:

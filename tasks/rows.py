@@ -22,7 +22,7 @@ from tasks.errors import TaskDataError
 from tasks.examples import Examples
 from tasks.packing import splitmix64
 
-__all__ = ["hold_out_examples", "example_rows"]
+__all__ = ["hold_out_examples", "example_rows", "completion_starts"]
 
 
 def hold_out_examples(n: int, eval_fraction: float, seed: int, salt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -102,3 +102,23 @@ def example_rows(
     mask[:, 0] = False
     counts = {"examples": len(keep), "truncated": truncated, "dropped": dropped, "tokens": int(mask.sum())}
     return rows, mask, counts
+
+
+def completion_starts(ex: Examples, positions: np.ndarray, seq_len: int, truncation: str = "left") -> np.ndarray:
+    """Where the final completion starts in each row :func:`example_rows` makes of ``positions``.
+
+    The rows it keeps, in the same order: ``keep_from`` less the tokens cut from the left. The
+    tokens before it are the prompt a generation metric feeds the model (the unscored prefix,
+    the earlier turns too for ``messages``). Call it only after :func:`example_rows` accepted
+    the same arguments (it raises on the example it cannot truncate; this does not check).
+
+    Returns:
+        int64 (R,): R = rows kept.
+    """
+    starts = []
+    for p in positions:
+        cut = max(len(ex.ids[p]) - seq_len, 0)
+        if cut and truncation == "drop":
+            continue
+        starts.append(int(ex.keep_from[p]) - cut)
+    return np.asarray(starts, dtype=np.int64)

@@ -52,6 +52,13 @@ __all__ = [
     "STDLIB_PACKAGES",
     "EXAMPLE_FORMATS",
     "INSTRUCT_SUBSETS",
+    "METRICS",
+    "GENERATION_METRICS",
+    "MAX_LABELS",
+    "Metric",
+    "MetricSettings",
+    "check_labels",
+    "example_format_of",
     "ExampleFields",
     "FilesSource",
     "HubSource",
@@ -71,6 +78,12 @@ STDLIB_PACKAGES: tuple[str, ...] = (
 EXAMPLE_FORMATS: tuple[str, ...] = ("text", "prompt_completion", "alpaca", "messages")
 # subsets of the builtin ``stdlib-instruct`` suite (see tasks/builtin/instruct.py)
 INSTRUCT_SUBSETS: tuple[str, ...] = ("submodule", "signature")
+
+# how a task is judged (tasks/metrics.py defines each); ``ppl`` is the training loop's eval perplexity
+METRICS: tuple[str, ...] = ("ppl", "exact_match", "accuracy", "choice_accuracy", "rouge_l")
+GENERATION_METRICS: tuple[str, ...] = ("exact_match", "accuracy", "rouge_l")  # on greedy generations
+MAX_LABELS = 64  # choice_accuracy scores every label on every eval row
+Metric = Literal["ppl", "exact_match", "accuracy", "choice_accuracy", "rouge_l"]
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ExampleFormat = Literal["text", "prompt_completion", "alpaca", "messages"]
@@ -280,6 +293,10 @@ class TaskOptions(Strict):
             leaves it out. Both are counted in the report (``stats.truncated``/``dropped``).
             With ``left``, an example whose completion alone fills the row (no prompt token
             would be left) is an error that names the row; ``drop`` drops it.
+        metrics, max_new_tokens, stop: override the job's ``eval:`` defaults for this task (or
+            every task of this set); see :class:`MetricSettings`.
+        labels: ``choice_accuracy``'s label set (2 to 64 strings); without it the distinct
+            training completions are the labels.
     """
 
     max_train_sequences: int | None = Field(None, ge=1)
@@ -287,6 +304,85 @@ class TaskOptions(Strict):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     train_on_prompt: bool = False
     truncation: Literal["left", "drop"] = "left"
+    metrics: list[Metric] | None = Field(None, min_length=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    stop: list[str] | None = None
+    labels: list[str] | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_metrics(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else list(dict.fromkeys(v))
+
+    @field_validator("labels")
+    @classmethod
+    def _label_count(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else check_labels(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not s for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def metric_settings(self, metrics: list[str], max_new_tokens: int, stop: list[str]) -> MetricSettings:
+        """This task's :class:`MetricSettings`: its own settings where given, else the job's (the arguments)."""
+        return MetricSettings(
+            metrics=self.metrics if self.metrics is not None else metrics,
+            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else max_new_tokens,
+            stop=self.stop if self.stop is not None else stop,
+            labels=self.labels,
+        )
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    """A ``choice_accuracy`` label set: 2 to :data:`MAX_LABELS` distinct, non-empty strings."""
+    if len(set(labels)) < 2:
+        raise ValueError(f"labels {labels[:2]} give fewer than 2 distinct choices: choice_accuracy needs at least 2")
+    if len(labels) > MAX_LABELS:
+        raise ValueError(
+            f"{len(labels)} labels: choice_accuracy scores every label on every eval row, so at most {MAX_LABELS}; "
+            "judge a task with more classes by exact_match (greedy generation) instead"
+        )
+    if any(not s.strip() for s in labels):
+        raise ValueError("labels must not be empty strings")
+    return labels
+
+
+class MetricSettings(Strict):
+    """How one task is judged: the job's ``eval:`` defaults with the task's overrides applied.
+
+    Args:
+        metrics: ``ppl`` (eval perplexity over completion tokens), ``exact_match`` and
+            ``accuracy`` (greedy generations vs the reference completion, normalised),
+            ``choice_accuracy`` (the label the model finds most likely, no generation) and
+            ``rouge_l`` (ROUGE-L F1 of the generation); see :mod:`tasks.metrics`.
+        max_new_tokens: generation length cap.
+        stop: strings that end a generation (cut before them); EOS always ends it.
+        labels: ``choice_accuracy``'s labels; ``None``: the distinct training completions.
+    """
+
+    metrics: list[Metric] = Field(default_factory=lambda: ["ppl"], min_length=1)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    stop: list[str] = Field(default_factory=list)
+    labels: list[str] | None = None
+
+    @property
+    def generates(self) -> bool:
+        """Whether a metric needs greedy generations."""
+        return any(m in GENERATION_METRICS for m in self.metrics)
+
+    def check_fits(self, what: str, example_format: str) -> None:
+        """Raise ValueError naming ``what`` (the task) when a metric cannot apply to its examples."""
+        needs_completion = [m for m in self.metrics if m != "ppl"]
+        if example_format == "text" and needs_completion:
+            raise ValueError(
+                f"{what} is a `text` task (no completion to compare with), so {needs_completion} cannot judge it: "
+                "use metrics: [ppl] for it, or give it prompt/completion examples"
+            )
+        if self.labels is not None and "choice_accuracy" not in self.metrics:
+            raise ValueError(f"{what} gives labels but no choice_accuracy metric: add choice_accuracy or drop labels")
 
 
 class TaskSpec(TaskOptions):

@@ -46,6 +46,10 @@ class TaskData:
             formats: examples cut from the left / left out for being longer than L) or
             ``documents``/``padded`` (text). ``empty``: rows skipped for an empty completion.
             A task from a task set adds ``task_set: {"set", "field", "value"}`` (the original value).
+        train_prompt_lens: instruction formats: int64 (N,), where each training row's final
+            completion starts (its prompt, earlier turns included, is ``train_ids[i, :n]``);
+            the completion runs to the row's last scored token. ``None`` for ``text``.
+        eval_prompt_lens: likewise for the eval rows (M,): what generation metrics prompt with.
     """
 
     name: str
@@ -58,6 +62,8 @@ class TaskData:
     eval_mask: torch.Tensor | None = None
     train_tokens: int = 0
     stats: dict = field(default_factory=dict)
+    train_prompt_lens: torch.Tensor | None = None
+    eval_prompt_lens: torch.Tensor | None = None
 
     @property
     def eval_examples(self) -> int:
