@@ -74,6 +74,10 @@ class TrainHooks:
         on_eval: ``on_eval(step, {slot: nll})`` after every periodic evaluation
             (``MethodConfig.eval_every``; not the final one, which the result carries):
             the Tune trial reports to its scheduler here.
+        on_log: ``on_log(step, loss, {slot: nll})`` at every ``MethodConfig.log_every`` step:
+            the step's weighted training NLL and each task's mean training NLL over the rows it
+            had since the previous log (tasks without rows in that window are absent); live
+            metrics write it as per-task training curves.
         extra_params: parameters with their own learning rate (see :class:`ExtraParams`).
     """
 
@@ -81,4 +85,5 @@ class TrainHooks:
     on_step: Callable[[int], None] | None = None
     before_eval: Callable[[], None] | None = None
     on_eval: Callable[[int, dict[int, float]], None] | None = None
+    on_log: Callable[[int, float, dict[int, float]], None] | None = None
     extra_params: ExtraParams | None = None

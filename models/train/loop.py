@@ -286,6 +286,7 @@ def train_method(
     failed: dict[int, str] = {}  # global task -> why it was stopped
     pending: set[int] = set()  # slots whose loss went non-finite in the last step
     touched: list[int] | None = None  # lazy: the slots the last step moved (only they can turn NaN)
+    window: dict[int, list] = {}  # slot -> [sum of per-step task NLL, steps] since the last log
     for step in range(start, cfg.steps + 1):
         pending |= _nonfinite_slots(model, touched)
         new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes))
@@ -307,6 +308,9 @@ def train_method(
             clipped = cfg.max_grad_norm is not None and res.grad_norm > cfg.max_grad_norm
             lazy.note_clip(cfg.max_grad_norm / (res.grad_norm + 1e-6) if clipped else 1.0)
         pending |= set(res.nonfinite)
+        for s, v in res.task_nll.items():  # per-task training NLL since the last log (on_log)
+            acc = window.setdefault(s, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v, acc[1] + 1
         if cfg.sync_every > 1 and step % cfg.sync_every == 0:
             average_shared(shared)
         tokens += batch.input_ids.numel()
@@ -327,6 +331,9 @@ def train_method(
             el = time.perf_counter() - t0
             eta = el / max(step - start + 1, 1) * (cfg.steps - step)
             curve.append((step, res.nll))
+            if hooks.on_log is not None:
+                hooks.on_log(step, res.nll, {s: tot / n for s, (tot, n) in window.items()})
+            window.clear()
             log(
                 f"[{cfg.name}] step {step}/{cfg.steps}  loss {res.nll:.4f}  "
                 f"tok/s {tokens / el:,.0f}  elapsed {el:,.0f}s  eta {eta:,.0f}s"

@@ -2,16 +2,15 @@
 
 While a method trains, rank 0 writes (stream ``flock/<method>``): the training loss and the
 gate sparsity at every ``train.log_every`` step, its own tasks' eval losses and the prior's tau
-per module group at every ``train.eval_every`` step. It hears the loop only through
-:class:`models.train.hooks.TrainHooks` and the ``log`` callback, whose progress line carries the
-step and loss (the loop has no structured per-log hook yet). When the stage ends the driver,
+per module group at every ``train.eval_every`` step, and each of its tasks' training loss (the
+mean since the previous log) at every ``train.log_every`` step. It hears the loop only through
+:class:`models.train.hooks.TrainHooks` (``on_log``, ``on_eval``). When the stage ends the driver,
 which holds every worker's results, writes every task's eval curve and final loss, tau's
 trajectory and PESC's expert load (stream ``flock/<method>/tasks``): the per-dataset curves.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -21,9 +20,6 @@ from models.train.hooks import TrainHooks
 from orchestrator.metrics.sink import MetricSink
 
 __all__ = ["with_metrics", "log_flock_results"]
-
-_PROGRESS = re.compile(r"step (\d+)/\d+\s+loss (\S+)")
-
 
 def _sparsity(model: nn.Module) -> float | None:
     from models.gates.layer import gate_layers, sparsity_report
@@ -40,7 +36,7 @@ def with_metrics(hooks: TrainHooks | None, log: Callable[[str], None], sink: Met
         prior: the method's prior (tau per group), if any.
     """
     hooks = hooks or TrainHooks()
-    inner_eval = hooks.on_eval
+    inner_eval, inner_log = hooks.on_eval, hooks.on_log
 
     def tau() -> dict[str, float]:
         return {f"{method}/tau/{g}": v for g, v in (getattr(prior, "tau", None) or {}).items()}
@@ -50,18 +46,13 @@ def with_metrics(hooks: TrainHooks | None, log: Callable[[str], None], sink: Met
             inner_eval(step, nll)
         sink.log({f"{method}/eval_loss/{tasks[s]}": v for s, v in nll.items()} | tau(), step)
 
-    def logged(msg: str) -> None:
-        log(msg)
-        hit = _PROGRESS.search(msg)
-        if hit:
-            step = int(hit.group(1))
-            try:
-                loss = float(hit.group(2))
-            except ValueError:
-                return
-            sink.log({f"{method}/train_loss": loss, f"{method}/gate_sparsity": _sparsity(model)} | tau(), step)
+    def on_log(step: int, loss: float, per_task: dict[int, float]) -> None:
+        if inner_log is not None:
+            inner_log(step, loss, per_task)
+        sink.log({f"{method}/train_loss": loss, f"{method}/gate_sparsity": _sparsity(model)}
+                 | {f"{method}/train_loss/{tasks[s]}": v for s, v in per_task.items()} | tau(), step)
 
-    return replace(hooks, on_eval=on_eval), logged
+    return replace(hooks, on_eval=on_eval, on_log=on_log), log
 
 
 def log_flock_results(sink_for: Callable[[str], MetricSink], results: dict) -> None:

@@ -180,3 +180,30 @@ def test_the_hierarchical_prior_is_a_prior():
 
     m, _ = _model(4)
     assert isinstance(HierarchicalPrior(m, SIZES, tau=1.0), Prior)
+
+
+def test_on_log_reports_each_tasks_mean_training_nll_since_the_previous_log(monkeypatch):
+    from dataclasses import replace
+
+    from models.train.hooks import TrainHooks
+
+    m, init = _model(4)
+    seen: list[tuple[int, float, dict[int, float]]] = []
+    per_step: list[dict[int, float]] = []
+    import models.train.loop as loop_mod
+
+    original = loop_mod.train_step
+
+    def spy(*a, **k):
+        res = original(*a, **k)
+        per_step.append(res.task_nll)
+        return res
+
+    monkeypatch.setattr(loop_mod, "train_step", spy)  # to see each step's per-task NLL
+    hooks = TrainHooks(on_log=lambda step, loss, tasks: seen.append((step, loss, tasks)))
+    train_method(m, _data([0, 1, 2, 3]), replace(_cfg("independent", steps=6), log_every=3), init,
+                 log=lambda s: None, hooks=hooks)
+    assert [s for s, _, _ in seen] == [3, 6]
+    for (_, _, tasks), window in zip(seen, (per_step[:3], per_step[3:])):
+        expect = {t: [w[t] for w in window if t in w] for t in set().union(*window)}
+        assert tasks == pytest.approx({t: sum(v) / len(v) for t, v in expect.items()})

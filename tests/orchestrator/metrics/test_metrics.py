@@ -101,6 +101,9 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     assert [s for s, _ in tb["hierarchical/train_loss"]] == [4, 8]
     assert [s for s, _ in tb["independent/train_loss"]] == [4, 8]
     assert any(k.startswith("hierarchical/tau/") for k in tb)
+    # per-task training loss at every log_every step (the tasks that had rows in that window)
+    per_task = [k for k in tb if k.startswith("hierarchical/train_loss/")]
+    assert per_task and all(s in (4, 8) for k in per_task for s, _ in tb[k])
     # the driver, after the stage: every task's eval curve (one per dataset) and final loss
     for task in ("json", "http", "email"):
         assert [s for s, _ in tb[f"hierarchical/eval_loss/{task}"]][-1:] == [4]
