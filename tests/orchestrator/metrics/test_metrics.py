@@ -116,3 +116,15 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     trials = json.loads((out / "report.json").read_text())["search"]["trials"]
     assert len(search) == len(trials) and all("macro_ppl" in m for m in search.values())
     assert any("macro_ppl" in k for k in _tb_scalars(out / "ray" / "search"))
+
+
+def test_wandb_offline_run_holds_the_scalars(tmp_path):
+    """W&B in offline mode: a local run folder that ``wandb sync`` uploads later (skipped without wandb)."""
+    pytest.importorskip("wandb")
+    from orchestrator.metrics.sink import MetricSink
+
+    sink = MetricSink(["wandb"], tmp_path, "tiny", "flock/hierarchical")
+    sink.log({"hierarchical/train_loss": 3.5}, 4)
+    sink.close()
+    runs = list((tmp_path / "wandb").rglob("run-*.wandb"))
+    assert runs and any(b"hierarchical/train_loss" in r.read_bytes() for r in runs)
