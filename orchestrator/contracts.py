@@ -61,6 +61,7 @@ class MethodRecord(TypedDict):
         seconds / tokens_per_s: training time (merged: the slowest worker's) and speed.
         tau_inferred / tau_history: the prior's tau (methods with a prior).
         gates: FineGates' sparsity (gated jobs).
+        metrics: task -> {metric: value} (tasks judged beyond ``ppl``: ``orchestrator.task_metrics``).
     """
 
     kind: str
@@ -72,6 +73,7 @@ class MethodRecord(TypedDict):
     seconds: float
     tokens_per_s: float
     tau_inferred: NotRequired[dict[str, float] | None]
+    metrics: NotRequired[dict[str, dict[str, float]]]
     tau_history: NotRequired[list[dict] | None]
     gates: NotRequired[GateResults]
 
@@ -94,6 +96,7 @@ class PescResult(TypedDict):
     trainable_params: int
     seconds: float
     curve: Curve
+    metrics: NotRequired[dict[str, dict[str, float]]]
 
 
 class PescPart(PescResult):
@@ -114,6 +117,7 @@ class WorkerResults(TypedDict):
     """
 
     base_eval_nll: dict[str, float]
+    base_metrics: NotRequired[dict[str, dict[str, float]]]
     methods: dict[str, MethodRecord]
     owned: list[str]
     quant: NotRequired[dict]
@@ -131,6 +135,7 @@ class FlockResults(TypedDict):
     """
 
     base_eval_nll: dict[str, float]
+    base_metrics: NotRequired[dict[str, dict[str, float]]]
     methods: dict[str, MethodRecord]
     quant: NotRequired[dict]
     pesc: NotRequired[PescResult]

@@ -30,14 +30,13 @@ def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
     """
     import datasets
 
+    from orchestrator.task_metrics import job_tokenizer
     from tasks import build_task_data
-    from tasks.tokenizer import load_tokenizer
 
     datasets.disable_progress_bars()  # our own progress lines say what happens
 
     t = time.perf_counter()
-    tok_name = spec.base.tokenizer or spec.base.name
-    tokenizer = load_tokenizer(tok_name, spec.base.gguf_file if spec.base.tokenizer is None else None)
+    tokenizer = job_tokenizer(spec)
     data = build_task_data(
         tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed,
         task_sets=() if tasks else spec.task_sets, chat_template=spec.chat_template,

@@ -27,6 +27,7 @@ from orchestrator.metrics.flock import log_flock_results
 from orchestrator.metrics.sink import MetricSink, metrics_dir
 from orchestrator.pesc.stage import merge_pesc
 from orchestrator.spec import JobSpec
+from orchestrator.task_metrics import metric_plan
 
 __all__ = ["assign_tasks", "run_flock"]
 
@@ -95,6 +96,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         "train_mask": [None if d.train_mask is None else d.train_mask.numpy() for d in data],
         "eval_mask": [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
     }
+    payload["metric_plan"] = metric_plan(spec, data)  # tasks judged beyond ppl: prompts, references, labels
     assignment = assign_tasks(sizes, spec.ray.num_workers)
     # The frozen base goes into the object store once (as numpy, returned by a Ray task so the
     # driver owns it); every flock worker on a node maps those pages instead of loading a copy.
@@ -135,6 +137,8 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         for f in sorted((Path(d) / "results").glob("rank*.json")):
             part = cast(WorkerResults, json.loads(f.read_text()))
             merged["base_eval_nll"].update(part["base_eval_nll"])
+            if part.get("base_metrics"):
+                merged.setdefault("base_metrics", {}).update(part["base_metrics"])
             if "pesc" in part:
                 pesc_parts.append(part["pesc"])
             if part.get("quant"):  # the quantised base's report (identical on every worker)
@@ -191,6 +195,8 @@ def _merge_method(methods: dict[str, MethodRecord], name: str, r: MethodRecord) 
         if "eval_curve" in r:
             tgt["eval_curve"] = [[step, {}] for step, _ in r["eval_curve"]]
     tgt["eval_nll"].update(r["eval_nll"])
+    if r.get("metrics"):
+        tgt.setdefault("metrics", {}).update(r["metrics"])
     tgt.setdefault("failed", {}).update(r.get("failed", {}))
     if "gates" in r:  # per-task sparsity from every worker (task scope differs per task)
         tgt["gates"]["tasks"].update(r["gates"]["tasks"])

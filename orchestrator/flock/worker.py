@@ -43,6 +43,7 @@ from orchestrator.metrics.flock import with_metrics
 from orchestrator.metrics.sink import MetricSink
 from orchestrator.pesc.stage import run_pesc
 from orchestrator.spec import JobSpec
+from orchestrator.task_metrics import job_tokenizer, judge
 
 __all__ = ["flock_worker"]
 
@@ -166,6 +167,18 @@ def flock_worker(config: dict) -> None:
             f"in {time.perf_counter() - t1:.1f}s"
         )
 
+    plan = data_all.get("metric_plan") or {}  # tasks judged beyond ppl (orchestrator.task_metrics)
+    tokenizer = job_tokenizer(spec) if any(names[g] in plan for g in owned) else None
+
+    def judge_owned() -> dict:
+        """This worker's tasks on their own metrics, for the model as it stands (one mixed pass)."""
+        if tokenizer is None:
+            return {}
+        t1 = time.perf_counter()
+        out = judge(model, plan, {names[g]: s for s, g in enumerate(owned)}, tokenizer, spec.eval.batch_size)
+        say(f"judged {len(out)} tasks on their metrics in {time.perf_counter() - t1:.1f}s")
+        return out
+
     results = cast(WorkerResults, {})  # filled below (or resumed from the checkpoint)
     # What the flock delivers (adapters, prior, PESC, exports) is written once, straight into the
     # run's outputs folder beside the Ray checkpoints (storage_path: shared by every node, as Ray
@@ -183,6 +196,9 @@ def flock_worker(config: dict) -> None:
         t1 = time.perf_counter()
         base = evaluate(model, evals, spec.train.eval_batch_size, ep, split, masks=eval_mask)  # B = 0: the base itself
         results["base_eval_nll"] = {names[owned[s]]: v for s, v in base.items()}
+        base_metrics = judge_owned()  # the untuned base: every slot's adapter is still B = 0
+        if base_metrics:
+            results["base_metrics"] = base_metrics
         say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
     results.setdefault("methods", {})
     results["owned"] = [names[g] for g in owned]
@@ -217,6 +233,9 @@ def flock_worker(config: dict) -> None:
         results["methods"][mname] = _method_record(
             kind, tau, out, [names[g] for g in owned], prior is not None, gate_res
         )
+        judged = judge_owned()
+        if judged:
+            results["methods"][mname]["metrics"] = judged
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
             t1 = time.perf_counter()
             _save_adapters(model, owned, names, kept / "adapters", config["base_model_name"], quant)
@@ -244,6 +263,9 @@ def flock_worker(config: dict) -> None:
             _, log = with_metrics(None, say, sink, "pesc", [names[g] for g in owned], model)
         try:
             results["pesc"] = run_pesc(model, data, spec, init_state, names, owned, log, device)
+            judged = judge_owned()
+            if judged:
+                results["pesc"]["metrics"] = judged
         finally:
             if sink is not None:
                 sink.close()

@@ -78,7 +78,7 @@ def merge_pesc(parts: list[PescPart]) -> PescResult:
             acc = load.setdefault(layer, [0.0] * len(shares))
             for i, v in enumerate(shares):
                 acc[i] += v * p["eval_rows"] / total
-    return PescResult(
+    merged = PescResult(
         eval_nll={k: v for p in parts for k, v in p["eval_nll"].items()},
         expert_load=load,
         task_expert_load={k: v for p in parts for k, v in p["task_expert_load"].items()},
@@ -86,3 +86,6 @@ def merge_pesc(parts: list[PescPart]) -> PescResult:
         seconds=max(p["seconds"] for p in parts),
         curve=parts[0]["curve"],
     )
+    if any(p.get("metrics") for p in parts):  # tasks judged beyond ppl
+        merged["metrics"] = {k: v for p in parts for k, v in p.get("metrics", {}).items()}
+    return merged

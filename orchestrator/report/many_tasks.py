@@ -60,6 +60,10 @@ def task_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for b in baselines:
             row[f"{b}_ppl"] = fl["baselines"][b]["tasks"].get(name, {}).get("eval_ppl")
+        for m in fl.get("metrics", []):  # each task's own metrics (eval:), for every method
+            row[f"base_{m}"], row[f"flock_{m}"] = t.get(f"base_{m}"), t.get(m)
+            for b in baselines:
+                row[f"{b}_{m}"] = fl["baselines"][b]["tasks"].get(name, {}).get(m)
         row["gain_vs_base"] = _gain(row["base_ppl"], row["flock_ppl"])
         for b in baselines:
             row[f"gain_vs_{b}"] = _gain(row[f"{b}_ppl"], row["flock_ppl"])

@@ -10,6 +10,7 @@ from models.train.perplexity import macro_perplexity, perplexity
 from orchestrator.contracts import FlockResults, MethodRecord
 from orchestrator.report import plots
 from orchestrator.report.many_tasks import MANY_TASKS, render_many_md, skipped_tasks, task_rows, write_tasks_csv
+from orchestrator.report.metrics import add_metrics, render_metrics_md
 
 __all__ = ["flock_section", "pesc_section", "write_report", "render_markdown"]
 
@@ -75,6 +76,7 @@ def flock_section(res: FlockResults, tau: Any, tau_sweep: list[float] | None = N
             ]
             for k, c in evals.items()
         }
+    add_metrics(sec, res)
     return sec
 
 
@@ -95,7 +97,7 @@ def pesc_section(res: FlockResults) -> dict:
     sizes, base = res["sizes"], res["base_eval_nll"]
     loads = p["expert_load"]
     busiest = max((max(v) * len(v) for v in loads.values()), default=0.0)  # busiest / mean share
-    return {
+    sec = {
         "macro_ppl": macro_perplexity(p["eval_nll"]),
         "tasks": _tasks_block(p["eval_nll"], sizes, base),
         "expert_load": loads,
@@ -105,6 +107,14 @@ def pesc_section(res: FlockResults) -> dict:
         "train_seconds": p["seconds"],
         "curve": p["curve"],
     }
+    if p.get("metrics"):
+        names = sorted({m for v in p["metrics"].values() for m in v})
+        for t, v in p["metrics"].items():
+            sec["tasks"].setdefault(t, {}).update(v)
+        for m in names:
+            got = [v[m] for v in p["metrics"].values() if m in v]
+            sec[f"macro_{m}"] = sum(got) / len(got)
+    return sec
 
 
 def _tau_text(tau) -> str:
@@ -167,6 +177,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
                 f"| **macro** | | {_fmt(base)} | **{_fmt(main)}** |"
                 + "".join(f" {_fmt(v['macro_ppl'])} |" for v in bl.values())
             )
+        lines += [""] + render_metrics_md(fl, report.get("pesc"))
         for t, why in fl.get("failed", {}).items():  # after the table: a line inside it would end it
             lines.append(f"\n**{t}** was stopped: {why}.")
         lines.append("")

@@ -49,7 +49,8 @@ def job_run(tmp_path_factory, local_ray):
                                   "example_format": "prompt_completion"}}],
         "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
         "train": {"steps": 3, "batch_size": 8, "seq_len": 32, "lr": 1e-3, "log_every": 10},
-        "flock": {"tau": 100, "baselines": []},
+        "flock": {"tau": 100, "baselines": ["unified"]},
+        "eval": {"metrics": ["ppl", "exact_match", "rouge_l"], "max_new_tokens": 6},
         "ray": {"num_workers": 1},
     })
     out = tmp / "out"
@@ -93,3 +94,20 @@ def test_many_tasks_get_distributions_in_the_report_and_every_row_in_tasks_csv(j
     assert (out / "plots" / "task_gains.png").is_file() and not (out / "plots" / "bora_per_task.png").exists()
     [skipped] = report["skipped_tasks"]
     assert (skipped["task_set"], skipped["value"]) == ("customers", "lonely") and skipped["reason"]
+
+
+def test_each_task_is_judged_by_its_metrics_for_every_method(job_run):
+    out, report = job_run
+    fl = report["flock"]
+    assert fl["metrics"] == ["exact_match", "rouge_l"]
+    three = fl["tasks"]["three"]
+    assert {"exact_match", "base_exact_match", "rouge_l", "base_rouge_l"} <= set(three)
+    assert 0.0 <= three["exact_match"] <= 1.0 and "exact_match" in fl["baselines"]["unified"]["tasks"]["three"]
+    judged = [t for t in fl["tasks"].values() if "rouge_l" in t]
+    assert len(judged) == N_TASKS + 1
+    assert fl["macro_rouge_l"] == pytest.approx(sum(t["rouge_l"] for t in judged) / len(judged))
+    w = fl["wins"]["unified"]["rouge_l"]
+    assert w["wins"] + w["losses"] + w["ties"] == N_TASKS + 1 and 0.0 <= w["p_value"] <= 1.0
+    assert "Task metrics" in (out / "report.md").read_text()
+    with open(out / "tasks.csv") as f:
+        assert {"flock_exact_match", "base_exact_match", "unified_rouge_l"} <= set(f.readline().strip().split(","))
