@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Sequence
 
@@ -72,10 +73,16 @@ def choice_accuracy(chosen: Sequence[str], references: Sequence[str]) -> float:
     return exact_match(chosen, references)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (``rouge_score.rouge_scorer``, no stemming)."""
+@functools.cache
+def _rouge_l_scorer():
+    """One scorer per process: building one logs "Using default tokenizer." each time."""
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (``rouge_score.rouge_scorer``, no stemming)."""
     _same_length(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = _rouge_l_scorer()
     return _mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)])
