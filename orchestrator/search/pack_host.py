@@ -433,7 +433,7 @@ class PackHostActor:
 
     def state(self, lid: str) -> dict[str, np.ndarray]:
         with self.compute:
-            return {k: v.numpy() for k, v in self.host.state(lid).items()}
+            return {k: v.detach().cpu().numpy() for k, v in self.host.state(lid).items()}  # GPU -> host
 
     def deployed_bytes(self, lid: str) -> dict:
         return self.host.deployed_bytes(lid)

@@ -107,8 +107,11 @@ def build_payload(
     payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split,
                "train_mask": train_mask or [None] * len(train), "eval_mask": eval_mask or [None] * len(evals)}
     if split:
-        payload["train_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in train]
-        payload["eval_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in evals]
+        def host(x):  # the prefix cache travels through Ray as numpy
+            return compute_prefix(model, torch.as_tensor(x), split).detach().cpu().numpy()
+
+        payload["train_prefix"] = [host(x) for x in train]
+        payload["eval_prefix"] = [host(x) for x in evals]
     return payload
 
 
