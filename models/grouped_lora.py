@@ -61,9 +61,9 @@ class GroupedLoraLinear(MultiTaskLoraLinear):
         h = self.dropout(x).to(self.lora_A.dtype)
         if router.single is not None:  # one slot for every row (evaluation)
             t = router.single
-            g = int(self.slot_group[t])
-            a = (self.lora_A_shared[g] + self.lora_A[t]) * (self.scaling[t] * self.rank_mask[t])[:, None]
-            b = self.lora_B_shared[g] + self.lora_B[t]
+            g = self.slot_group[t : t + 1]  # (1,): an index on the device, no host sync per layer
+            a = (self.lora_A_shared[g][0] + self.lora_A[t]) * (self.scaling[t] * self.rank_mask[t])[:, None]
+            b = self.lora_B_shared[g][0] + self.lora_B[t]
             return y + F.linear(F.linear(h, a), b).to(y.dtype)
         ids = router.ids
         if ids is None:

@@ -307,18 +307,29 @@ class HierarchicalPrior:
         Both are sums over tasks, so a Ray flock all-reduces them (SUM) across workers and
         passes the result to :meth:`update_tau` on every worker (same tau everywhere).
         """
+        return self.stats_from_tensor(self.stats_tensor())  # one device sync for all groups
+
+    @torch.no_grad()
+    def stats_tensor(self, stats: Mapping[str, tuple[float, int]] | None = None) -> torch.Tensor:
+        """Statistics as a (G, 2) float64 tensor in group order: ready for ``all_reduce``.
+
+        It lives on the deltas' device (NCCL reduces only GPU tensors); with ``stats=None``
+        it is built there without a host sync.
+        """
+        dev = next(iter(self.layers.values())).lora_A.device
+        if stats is not None:
+            rows = [[float(stats[g][0]), float(stats[g][1])] for g in self.groups]
+            return torch.tensor(rows, dtype=torch.float64, device=dev)
         sums: dict[str, list[torch.Tensor]] = {g: [] for g in self.groups}
         counts = {g: 0 for g in self.groups}
         for name, layer in self.layers.items():
             g = self.group_of[name]
-            sums[g].append(self._layer_sum_sq(layer).double())  # one device sync per group, not per layer
+            sums[g].append(self._layer_sum_sq(layer).double())
             counts[g] += sum(r * (layer.in_features + layer.out_features) for r in self._owned_ranks(layer))
-        return {g: (float(torch.stack(sums[g]).sum()), counts[g]) for g in self.groups}
-
-    def stats_tensor(self, stats: Mapping[str, tuple[float, int]] | None = None) -> torch.Tensor:
-        """Statistics as a (G, 2) float64 tensor in group order: ready for ``all_reduce``."""
-        stats = self.sufficient_stats() if stats is None else stats
-        return torch.tensor([[float(stats[g][0]), float(stats[g][1])] for g in self.groups], dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        sum_sq = torch.stack([torch.stack(sums[g]).sum() if sums[g] else zero for g in self.groups])  # (G,)
+        count = torch.tensor([float(counts[g]) for g in self.groups], dtype=torch.float64, device=dev)
+        return torch.stack([sum_sq, count], dim=1)
 
     def stats_from_tensor(self, packed: torch.Tensor) -> dict[str, tuple[float, int]]:
         """Inverse of :meth:`stats_tensor`."""

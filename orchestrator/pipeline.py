@@ -80,6 +80,9 @@ def init_ray(address: str | None, include_dashboard: bool = False) -> None:
     else:
         say("starting an embedded local Ray (127.0.0.1, dashboard " + ("on" if include_dashboard else "off") + ")")
         ray.init(
+            # "local": always a new instance; a bare init() would join whatever cluster a stale
+            # ray_current_cluster file names and hang for minutes when that head is dead
+            address="local",
             include_dashboard=include_dashboard,
             dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,

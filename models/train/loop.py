@@ -119,17 +119,29 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _sum_sq(params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """sum of ||grad||^2 over ``params`` as a float64 scalar on ``device`` (no host sync)."""
+    if not params:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([p.grad.pow(2).sum() for p in params]).double().sum()
+
+
 def grad_reducer(shared: Sequence[nn.Parameter], sync: bool) -> Callable[[Sequence[nn.Parameter]], float]:
     """All-reduce Theta's gradient (sum of every worker's share) and the squared grad norm.
 
     Returns the squared global norm so that gradient clipping is identical on all workers.
+    Every tensor it reduces lives on the gradients' device (NCCL reduces only GPU tensors),
+    and the norm costs one host sync per step, not one per parameter.
     """
     shared_ids = {id(p) for p in shared}
 
     def reduce(params: Sequence[nn.Parameter]) -> float:
         sh = [p for p in params if id(p) in shared_ids and p.grad is not None]
         local = [p for p in params if id(p) not in shared_ids and p.grad is not None]
-        sq_local = torch.zeros(2)
+        if not sh and not local:
+            return 0.0
+        device = (sh or local)[0].grad.device
+        sq_local = _sum_sq(local, device)
         if _distributed():
             if sync and sh:
                 flat = torch.cat([p.grad.reshape(-1) for p in sh])
@@ -139,11 +151,9 @@ def grad_reducer(shared: Sequence[nn.Parameter], sync: bool) -> Callable[[Sequen
                     n = p.grad.numel()
                     p.grad.copy_(flat[off : off + n].view_as(p.grad))
                     off += n
-            sq_local[0] = sum(float(p.grad.pow(2).sum()) for p in local)
+            sq_local = sq_local.reshape(1)  # (1,), not 0-dim: a shape every backend reduces
             dist.all_reduce(sq_local)
-        else:
-            sq_local[0] = sum(float(p.grad.pow(2).sum()) for p in local)
-        return float(sq_local[0]) + sum(float(p.grad.pow(2).sum()) for p in sh)
+        return float(sq_local.sum() + _sum_sq(sh, device))
 
     return reduce
 
@@ -254,6 +264,7 @@ def train_method(
         params = params + extra_params
         ids |= {id(p) for p in extra_params}
     use_prior = kind == "hierarchical" and prior is not None
+    coll_device = params[0].device if params else device  # every collective's tensors live here (NCCL)
     lazy: LazyRowAdamW | None = None
     if trainable is None and uses_lazy_step(cfg, len(data.owned)):
         rows = {id(p) for p in adapter_params(model, "task")}
@@ -289,7 +300,7 @@ def train_method(
     window: dict[int, list] = {}  # slot -> [sum of per-step task NLL, steps] since the last log
     for step in range(start, cfg.steps + 1):
         pending |= _nonfinite_slots(model, touched)
-        new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes))
+        new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes), coll_device)
         if new:
             _stop_tasks(model, opt, data, sampler, new, failed, step, log)
         pending = set()
@@ -317,7 +328,7 @@ def train_method(
         if use_prior and prior.due(step):
             if lazy is not None:
                 lazy.flush()  # every row current under the old tau before the statistics
-            _update_tau(prior, step)
+            _update_tau(prior, step, coll_device)
         if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
             if lazy is not None:
                 lazy.flush()
@@ -380,23 +391,31 @@ def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed
 
 @torch.no_grad()
 def _nonfinite_slots(model: nn.Module, slots: list[int] | None = None) -> set[int]:
-    """Task slots whose offsets hold NaN/inf (a diverged task), among ``slots`` (None = all)."""
-    bad: set[int] = set()
+    """Task slots whose offsets hold NaN/inf (a diverged task), among ``slots`` (None = all).
+
+    The flags of every layer are or-ed on the device: one host sync per step, not per layer.
+    """
+    bad: torch.Tensor | None = None
     for layer in lora_layers(model).values():
         for p in (layer.lora_A, layer.lora_B):
             rows = p if slots is None else p[slots]
-            ok = torch.isfinite(rows).flatten(1).all(dim=1)
-            found = torch.nonzero(~ok).flatten().tolist()
-            bad |= set(found) if slots is None else {slots[i] for i in found}
-    return bad
+            nonfinite = ~torch.isfinite(rows).flatten(1).all(dim=1)  # (T,) or (len(slots),)
+            bad = nonfinite if bad is None else bad | nonfinite
+    if bad is None:
+        return set()
+    found = torch.nonzero(bad).flatten().tolist()
+    return set(found) if slots is None else {slots[i] for i in found}
 
 
-def _sync_failures(local: set[int], n_tasks: int) -> set[int]:
-    """Union of every worker's newly failed tasks (all workers must sample alike)."""
+def _sync_failures(local: set[int], n_tasks: int, device: torch.device) -> set[int]:
+    """Union of every worker's newly failed tasks (all workers must sample alike).
+
+    ``device``: the gradients' device, where the flags are reduced (NCCL needs GPU tensors).
+    """
     if not _distributed():
         return local
-    flags = torch.zeros(n_tasks)
-    flags[list(local)] = 1.0
+    flags = torch.zeros(n_tasks, device=device)
+    flags[sorted(local)] = 1.0
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return set(torch.nonzero(flags).flatten().tolist())
 
@@ -431,9 +450,9 @@ def _stop_tasks(
     sampler.exclude(sorted(tasks))
 
 
-def _update_tau(prior: Prior, step: int) -> None:
-    """Empirical-Bayes tau update from statistics summed over all workers."""
-    packed = prior.stats_tensor()  # (groups, 2): sum ||delta||^2 and count, this worker's tasks
+def _update_tau(prior: Prior, step: int, device: torch.device) -> None:
+    """Empirical-Bayes tau update from statistics summed over all workers (reduced on ``device``)."""
+    packed = prior.stats_tensor().to(device)  # (groups, 2): sum ||delta||^2 and count, this worker's tasks
     if _distributed():
         dist.all_reduce(packed)
     prior.update_tau(packed, step=step)

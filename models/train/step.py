@@ -213,10 +213,10 @@ def train_step(
             if not skip_nonfinite:
                 raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
             nonfinite = bad
-        nll = (batch.weights * nll_rows).sum() if not nonfinite else torch.zeros(())
+        nll = (batch.weights * nll_rows).sum() if not nonfinite else nll_rows.new_zeros(())
     else:  # a Ray worker may own none of this batch's rows: it still takes the prior step
-        nll_rows = torch.zeros(0)
-        nll = torch.zeros(())
+        nll_rows = torch.zeros(0, device=batch.input_ids.device)
+        nll = nll_rows.new_zeros(())
         nonfinite = []
     loss = nll + extra_loss() if extra_loss is not None else nll
     if not torch.isfinite(loss):
@@ -238,10 +238,11 @@ def train_step(
             if p.grad is not None:
                 p.grad.mul_(coef)
     optimizer.step()
-    with torch.no_grad():
-        per = {}
-        for t in batch.task_ids.unique().tolist():
-            per[int(t)] = float(nll_rows[batch.task_ids == t].mean())
+    with torch.no_grad():  # each task's mean row NLL, reduced on the device: one transfer, not one per task
+        tasks, row_task = batch.task_ids.unique(return_inverse=True)
+        sums = nll_rows.new_zeros(len(tasks)).index_add_(0, row_task, nll_rows.detach())
+        means = sums / torch.bincount(row_task, minlength=len(tasks)).to(sums.dtype)
+        per = {int(t): float(m) for t, m in zip(tasks.tolist(), means.tolist(), strict=True)}
     return StepResult(float(loss.detach()), float(nll.detach()), norm, per, nonfinite)
 
 

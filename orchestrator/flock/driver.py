@@ -69,10 +69,10 @@ def _base_arrays(spec_dict: dict) -> dict:
 
 
 def _cpus_per_worker(spec: JobSpec) -> float:
-    if spec.ray.cpus_per_worker is not None:
-        return spec.ray.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(1.0, float(int(total // spec.ray.num_workers)))
+    """Sized per node (a worker's share never exceeds what one node has); an impossible request raises."""
+    from orchestrator.cluster.nodes import cpus_per_worker
+
+    return cpus_per_worker(spec.ray.cpus_per_worker, spec.ray.num_workers, spec.ray.use_gpu, ray.nodes())
 
 
 def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_name: str | None) -> FlockResults:

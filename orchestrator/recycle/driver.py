@@ -87,10 +87,15 @@ def run_recycle(
     say(f"recycle: {len(dirs)} adapters -> K = {section['k']} principal directions per module, "
          f"explained variance {section['explained_variance']:.3f}, storage {section['storage_ratio']:.1f}x smaller")
     if new_task_data is not None:
+        from orchestrator.cluster.nodes import alive_nodes, check_fits, largest_node
         from orchestrator.recycle.adapt import adapt_new_task
 
-        cpus = max(1.0, float(int(ray.cluster_resources().get("CPU", 1.0))))
-        task = ray.remote(adapt_new_task).options(num_cpus=cpus, num_gpus=1 if spec.ray.use_gpu else 0)
+        nodes = alive_nodes()  # the whole of one node (one with a GPU if asked), never the cluster's sum
+        cpus = max(1.0, float(int(largest_node(nodes, gpu=spec.ray.use_gpu)["CPU"])))
+        gpus = 1 if spec.ray.use_gpu else 0
+        check_fits({"CPU": cpus, "GPU": gpus}, nodes, "recycle's new-task adaptation",
+                   "set ray.use_gpu: false or add a node with a GPU")
+        task = ray.remote(adapt_new_task).options(num_cpus=cpus, num_gpus=gpus)
         ref = task.remote(
             spec,
             str(out / "recycle" / "subspace"),

@@ -47,6 +47,7 @@ from models.train.loop import FlockData, make_batch
 from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from orchestrator.base.load import load_job_base
 from orchestrator.search.pack_settings import base_setting
+from orchestrator.search.trial import trial_device
 from orchestrator.spec import JobSpec
 
 __all__ = ["PackHost", "PackHostActor"]
@@ -337,6 +338,7 @@ class PackHostActor:
                  setting: dict | None = None, gather_s: float = 0.5, idle_s: float = 600.0) -> None:
         self.threads = int(threads)
         torch.set_num_threads(self.threads)
+        device = trial_device(device != "cpu")  # a host holding a GPU it cannot use fails here, clearly
         self.host = PackHost(payload, capacity, max_rank, device, setting)
         self.step_s = self.eval_s = 0.0
         self.cv = threading.Condition()
@@ -433,7 +435,7 @@ class PackHostActor:
 
     def state(self, lid: str) -> dict[str, np.ndarray]:
         with self.compute:
-            return {k: v.numpy() for k, v in self.host.state(lid).items()}
+            return {k: v.detach().cpu().numpy() for k, v in self.host.state(lid).items()}  # GPU -> host
 
     def deployed_bytes(self, lid: str) -> dict:
         return self.host.deployed_bytes(lid)

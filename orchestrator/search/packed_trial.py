@@ -115,9 +115,15 @@ def _host(pack: dict, setting: dict):
         pass
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from orchestrator.cluster.nodes import check_fits
     from orchestrator.search.pack_host import PackHostActor
 
-    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node), 1)
+    here = [n for n in ray.nodes() if n["NodeID"] == node]
+    cpus = here[0]["Resources"].get("CPU", 1) if here else 1
+    if pack["gpu"]:  # the host is pinned to this trial's node: a node without a GPU would pend forever
+        check_fits({"GPU": pack["gpu"]}, here, f"the pack host on node {node[:16]}",
+                   "give search trials a GPU node (search.packing needs one per node it runs on) or set "
+                   "search.packing: false")
     return (
         ray.remote(PackHostActor)
         .options(

@@ -70,13 +70,33 @@ from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
 from orchestrator.base.load import load_job_base
 from orchestrator.contracts import TrialMetrics
+from orchestrator.errors import StageError
 from orchestrator.flock.methods import method_config
 from orchestrator.spec import JobSpec
 
 __all__ = [
     "build_payload", "build_trial_model", "deployed_bytes", "run_trial", "search_trial", "trial_state",
-    "upgrade_trial_state", "mask_tensors", "STATE_FILE", "META_FILE",
+    "upgrade_trial_state", "mask_tensors", "trial_device", "STATE_FILE", "META_FILE",
 ]
+
+def trial_device(use_gpu: bool) -> str:
+    """``"cuda"`` for a trial that holds a GPU, ``"cpu"`` otherwise; never a silent CPU fallback.
+
+    Raises:
+        StageError: ``use_gpu`` while CUDA is unusable here (a CPU build of torch, or a driver
+            older than its CUDA): training on the CPU would hold the GPU idle and run for hours.
+    """
+    if not use_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise StageError(
+            f"ray.use_gpu is true and this trial holds a GPU, but torch {torch.__version__} cannot use CUDA "
+            f"here (torch.cuda.is_available() is False; torch's CUDA build: {torch.version.cuda}): install the "
+            "CUDA build of torch that deploy/Dockerfile pins (see deploy/README.md for the driver it needs), "
+            "or set ray.use_gpu: false"
+        )
+    return "cuda"
+
 
 STATE_FILE = "trial_state.safetensors"  # trained adapter + gate parameters, by name
 META_FILE = "trial.json"  # steps done and the last metrics
@@ -107,8 +127,11 @@ def build_payload(
     payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split,
                "train_mask": train_mask or [None] * len(train), "eval_mask": eval_mask or [None] * len(evals)}
     if split:
-        payload["train_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in train]
-        payload["eval_prefix"] = [compute_prefix(model, torch.as_tensor(x), split).numpy() for x in evals]
+        def host(x):  # the prefix cache travels through Ray as numpy
+            return compute_prefix(model, torch.as_tensor(x), split).detach().cpu().numpy()
+
+        payload["train_prefix"] = [host(x) for x in train]
+        payload["eval_prefix"] = [host(x) for x in evals]
     return payload
 
 
@@ -310,7 +333,7 @@ def run_trial(
     tr = spec.train
     t0 = time.perf_counter()
     names, sizes = payload["names"], payload["sizes"]
-    device = "cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu"
+    device = trial_device(spec.ray.use_gpu)
     steps, target = int(fixed["steps"]), float(config.get("target_sparsity", 0.0))
     gate_lr = fixed.get("gate_lr")
     if target > 0:  # at least fast enough to close the target by the hardening step

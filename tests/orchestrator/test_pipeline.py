@@ -36,6 +36,31 @@ def test_init_ray_uses_the_running_ray_and_starts_no_other(local_ray, monkeypatc
     assert local_ray.is_initialized() and local_ray.get_runtime_context().gcs_address == before
 
 
+@pytest.mark.integration
+def test_without_an_address_a_new_local_ray_starts_even_when_a_dead_cluster_is_on_file():
+    """A killed head leaves ``ray_current_cluster`` behind; a bare ``ray.init()`` would join it
+    and hang in GCS time-outs for minutes. ``init_ray(None)`` starts its own instance."""
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="lf", dir="/tmp"))  # Ray's socket paths must stay < 108 bytes
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    (ray_tmp / "ray_current_cluster").write_text("127.0.0.1:1")  # a head that is long gone
+    code = ("import ray; from orchestrator.pipeline import init_ray; init_ray(None); "
+            "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                             timeout=90)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    gcs = out.stdout.split("GCS ", 1)[1].split()[0]
+    assert not gcs.endswith(":1"), gcs
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "out"

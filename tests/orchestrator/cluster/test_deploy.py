@@ -118,3 +118,14 @@ def test_readme_commands_name_real_files():
     readme = (DEPLOY / "README.md").read_text()
     for path in re.findall(r"\b(deploy/[\w./-]+\.(?:ya?ml|md)|deploy/Dockerfile|examples/[\w.-]+\.yaml)\b", readme):
         assert (ROOT / path).exists(), f"deploy/README.md names {path}, which does not exist"
+
+
+def test_the_image_pins_torch_and_its_cuda_build_and_the_readme_names_the_driver():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    version = re.search(r"^ARG TORCH_VERSION=(\d+\.\d+\.\d+)$", dockerfile, re.M)
+    cuda = re.search(r"^ARG TORCH_CUDA=(cu\d+)$", dockerfile, re.M)
+    assert version and cuda, "deploy/Dockerfile must pin TORCH_VERSION and TORCH_CUDA"
+    assert '"torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in dockerfile
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"torch {version.group(1)}" in readme and f"`{cuda.group(1)}`" in readme
+    assert re.search(r"NVIDIA driver[\s\S]{0,60}\b\d{3} or newer", readme), "name the driver minimum"

@@ -340,3 +340,18 @@ def test_multi_objective_optuna_search_runs_and_writes_its_trials(local_ray, tmp
         assert 1e-3 <= float(t["lr"]) <= 1e-2 and math.isfinite(float(t["macro_ppl"]))
     done = [t for t in trials if t["status"] == "done"]
     assert done and {r["trial_id"] for r in section["pareto"]} <= {t["trial_id"] for t in done}
+
+
+def test_a_trial_holding_a_gpu_refuses_to_fall_back_to_the_cpu(monkeypatch):
+    from orchestrator.errors import StageError
+    from orchestrator.search.trial import run_trial, trial_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trial_device(False) == "cpu"
+    spec = tiny_job_spec().model_dump()
+    spec["ray"] = {**spec["ray"], "use_gpu": True}
+    payload = {"spec": spec, "names": ["a"], "sizes": [4]}
+    with pytest.raises(StageError, match=r"ray.use_gpu is true .* cannot use CUDA .*ray.use_gpu: false"):
+        run_trial({"_search": {"steps": 2, "quantizer": "nf", "lq_iters": 1}}, payload, lambda m, s: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trial_device(True) == "cuda"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 from models.grouped_lora import initial_adapter_state
 from models.lora import lora_layers
-from orchestrator.search.pack_host import PackHost
+from orchestrator.search.pack_host import PackHost, PackHostActor
 from orchestrator.search.pack_settings import packable
 from orchestrator.search.trial import build_payload, build_trial_model, run_trial
 from orchestrator.spec import JobSpec
@@ -163,3 +165,25 @@ def test_quantised_trials_share_one_quantised_host(payload):
         for k, v in host.state(lid).items():
             torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=1e-6)
         assert host.deployed_bytes(lid).items() <= ref_metrics.items()
+
+
+class _DeviceTensor(torch.Tensor):
+    """A tensor that, like a CUDA one, refuses ``.numpy()`` until it is copied to the host."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy: use Tensor.cpu() first")
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.cpu:
+            return out.as_subclass(torch.Tensor)
+        return out
+
+
+def test_a_packed_trials_state_leaves_a_gpu_host_as_numpy():
+    actor = object.__new__(PackHostActor)  # its state read only: no base, no Ray
+    actor.compute = threading.Lock()
+    trained = torch.nn.Parameter(torch.ones(2, 3)).as_subclass(_DeviceTensor)
+    actor.host = type("Host", (), {"state": lambda self, lid: {"w": trained}})()
+    out = actor.state("lease-0")
+    assert isinstance(out["w"], np.ndarray) and out["w"].shape == (2, 3)
