@@ -50,7 +50,7 @@ def with_metrics(hooks: TrainHooks | None, log: Callable[[str], None], sink: Met
         if inner_log is not None:
             inner_log(step, loss, per_task)
         sink.log({f"{method}/train_loss": loss, f"{method}/gate_sparsity": _sparsity(model)}
-                 | {f"{method}/train_loss/{tasks[s]}": v for s, v in per_task.items()} | tau(), step)
+                 | {f"{method}/task_train_loss/{tasks[s]}": v for s, v in per_task.items()} | tau(), step)
 
     return replace(hooks, on_eval=on_eval, on_log=on_log), log
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,15 +83,33 @@ class MetricSink:
         if not clean:
             return
         if self._tb is not None:
-            for k, v in clean.items():
-                self._tb.add_scalar(k, v, step)
+            self._guard("tensorboard", lambda: [self._tb.add_scalar(k, v, step) for k, v in clean.items()])
         if self._mlflow is not None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self._mlflow.log_batch(self._run_id, metrics=[Metric(k, v, now, step) for k, v in clean.items()])
+            metrics = [Metric(k, v, now, step) for k, v in clean.items()]
+            self._guard("mlflow", lambda: self._mlflow.log_batch(self._run_id, metrics=metrics))
         if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+            self._guard("wandb", lambda: self._wandb.log(clean, step=step))
+
+    def _guard(self, backend: str, write) -> None:
+        """Write to one backend; a failing backend is switched off with one warning, never the job.
+
+        Live metrics are a view of the run: a full disk or an unreachable tracking server must not
+        stop hours of training (the report at the end holds every figure anyway).
+        """
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 (any backend error: the job goes on)
+            print(f"[loraflock] report_to {backend}: writing failed ({type(e).__name__}: {e}); "
+                  f"{backend} is off for this stream, training goes on", file=sys.stderr, flush=True)
+            if backend == "tensorboard":
+                self._tb = None
+            elif backend == "mlflow":
+                self._mlflow = None
+            else:
+                self._wandb = None
 
     def close(self) -> None:
         """Flush and finish every backend's run."""

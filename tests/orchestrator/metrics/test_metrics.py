@@ -102,7 +102,7 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     assert [s for s, _ in tb["independent/train_loss"]] == [4, 8]
     assert any(k.startswith("hierarchical/tau/") for k in tb)
     # per-task training loss at every log_every step (the tasks that had rows in that window)
-    per_task = [k for k in tb if k.startswith("hierarchical/train_loss/")]
+    per_task = [k for k in tb if k.startswith("hierarchical/task_train_loss/")]
     assert per_task and all(s in (4, 8) for k in per_task for s, _ in tb[k])
     # the driver, after the stage: every task's eval curve (one per dataset) and final loss
     for task in ("json", "http", "email"):
@@ -128,3 +128,22 @@ def test_wandb_offline_run_holds_the_scalars(tmp_path):
     sink.close()
     runs = list((tmp_path / "wandb").rglob("run-*.wandb"))
     assert runs and any(b"hierarchical/train_loss" in r.read_bytes() for r in runs)
+
+
+def test_a_failing_backend_is_switched_off_and_the_job_goes_on(tmp_path, capsys):
+    from orchestrator.metrics.sink import MetricSink
+
+    class Broken:
+        def add_scalar(self, *a):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    sink = MetricSink(["tensorboard"], tmp_path, "tiny", "flock/hierarchical")
+    sink._tb = Broken()
+    sink.log({"hierarchical/train_loss": 3.5}, 4)  # no exception reaches the training loop
+    sink.log({"hierarchical/train_loss": 3.0}, 8)
+    sink.close()
+    err = capsys.readouterr().err
+    assert err.count("report_to tensorboard: writing failed (OSError: disk full)") == 1
