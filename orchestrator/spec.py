@@ -28,7 +28,8 @@ from orchestrator.specs.base import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F40
 from orchestrator.specs.eval import EvalSpec
 from orchestrator.specs.gates import GatesSpec
 from orchestrator.specs.search import SearchSpec
-from tasks.spec import Strict, TaskSetSpec, TaskSpec
+from tasks.spec import TaskSetSpec, TaskSpec
+from tasks.strict import Strict
 
 __all__ = [
     "BaseSpec",

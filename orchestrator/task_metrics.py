@@ -1,7 +1,7 @@
 """Each task's own metrics (``eval:`` / per-task ``metrics:``) for the flock, its baselines and PESC.
 
 The driver prepares, once, what judging needs (:func:`metric_plan`): every task's resolved
-:class:`tasks.spec.MetricSettings` and its eval prompts, references and label set
+:class:`tasks.metric_spec.MetricSettings` and its eval prompts, references and label set
 (:func:`tasks.evaluate.eval_examples`), for the tasks that ask for more than ``ppl``. The plan
 travels to the workers with the token ids; each worker judges its own tasks after every method
 and once on the untuned base (:func:`judge`), all its tasks mixed in every generation batch.
@@ -26,7 +26,7 @@ def job_tokenizer(spec: JobSpec):
 
 
 def _settings_of(spec: JobSpec, data) -> Any:
-    """A built task's settings: its task set's (``stats['task_set']['set']``) or its own entry's."""
+    """A built task's settings: its task set's (``stats['task_set']['set']``), its own entry's, or the job's."""
     sets = {s.name: s for s in spec.task_sets}
     origin = (data.stats or {}).get("task_set") or {}
     if origin.get("set") in sets:
@@ -34,7 +34,9 @@ def _settings_of(spec: JobSpec, data) -> Any:
     tasks = {t.name: t for t in spec.tasks}
     if data.name in tasks:
         return spec.eval.for_task(tasks[data.name])
-    return spec.eval.for_task(spec.tasks[0]) if spec.tasks else None
+    from tasks.spec import TaskOptions
+
+    return spec.eval.for_task(TaskOptions())  # no entry of its own (a new task): the job's defaults
 
 
 def metric_plan(spec: JobSpec, data: list, tokenizer=None) -> dict[str, dict]:
@@ -47,7 +49,7 @@ def metric_plan(spec: JobSpec, data: list, tokenizer=None) -> dict[str, dict]:
     plan: dict[str, dict] = {}
     for d in data:
         settings = _settings_of(spec, d)
-        if settings is None or set(settings.metrics) <= {"ppl"}:
+        if set(settings.metrics) <= {"ppl"}:
             continue
         tokenizer = tokenizer or job_tokenizer(spec)
         plan[d.name] = {"settings": settings.model_dump(mode="json"),
@@ -58,7 +60,7 @@ def metric_plan(spec: JobSpec, data: list, tokenizer=None) -> dict[str, dict]:
 def judge(model, plan: dict[str, dict], slot_of: dict[str, int], tokenizer, batch_size: int) -> dict[str, dict]:
     """``{task: {metric: value}}`` of ``model`` on the planned tasks in ``slot_of`` (a worker's own)."""
     from tasks.evaluate import evaluate_metrics
-    from tasks.spec import MetricSettings
+    from tasks.metric_spec import MetricSettings
 
     mine = {t: p for t, p in plan.items() if t in slot_of}
     if not mine:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from tasks import metrics as string_metrics
 from tasks.errors import TaskDataError
-from tasks.spec import MAX_LABELS, MetricSettings
+from tasks.metric_spec import MAX_LABELS, MetricSettings
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ def evaluate_metrics(
     Args:
         model: a ``transformers`` causal LM.
         examples: task -> :func:`eval_examples` of it.
-        settings: task -> its :class:`tasks.spec.MetricSettings` (``EvalSpec.for_task``).
+        settings: task -> its :class:`tasks.metric_spec.MetricSettings` (``EvalSpec.for_task``).
         tokenizer: the tokenizer the rows were made with.
         slot_of: task -> adapter slot (the unified baseline: every task -> 0); default: the
             order of ``examples``.

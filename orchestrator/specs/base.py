@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.spec import Strict
+from tasks.strict import Strict
 
 __all__ = ["QUANT_BITS", "QuantSpec", "BaseSpec"]
 

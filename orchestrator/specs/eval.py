@@ -2,7 +2,7 @@
 
 Each task or task set may override ``metrics``, ``max_new_tokens`` and ``stop`` and give
 ``choice_accuracy``'s ``labels`` (:class:`tasks.spec.TaskOptions`); :meth:`EvalSpec.for_task`
-resolves them to one :class:`tasks.spec.MetricSettings`. Metrics are defined in
+resolves them to one :class:`tasks.metric_spec.MetricSettings`. Metrics are defined in
 :mod:`tasks.metrics`.
 
 Example (YAML, inside a job)::
@@ -25,7 +25,9 @@ from collections.abc import Iterable
 
 from pydantic import Field, field_validator
 
-from tasks.spec import Metric, MetricSettings, Strict, TaskOptions, TaskSetSpec, TaskSpec, example_format_of
+from tasks.metric_spec import Metric, MetricSettings
+from tasks.spec import TaskOptions, TaskSetSpec, TaskSpec, example_format_of
+from tasks.strict import Strict
 
 __all__ = ["EvalSpec"]
 

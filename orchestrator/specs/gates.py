@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tasks.spec import Strict
+from tasks.strict import Strict
 
 __all__ = ["GatesSpec"]
 

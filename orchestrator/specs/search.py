@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.spec import Strict
+from tasks.strict import Strict
 
 __all__ = ["PickSpec", "SearchSpec"]
 
