@@ -6,7 +6,9 @@ and every stage (flock, search, recycle, ``loraflock adapt``) trains on the same
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 from orchestrator.console import say
 from orchestrator.spec import JobSpec
@@ -14,7 +16,7 @@ from orchestrator.spec import JobSpec
 __all__ = ["build_job_data"]
 
 
-def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
+def build_job_data(spec: JobSpec, tasks: list | None = None, rows_dir: Path | None = None) -> list:
     """Tokenise every task of ``spec`` (explicit tasks, then each task set's), once, on the driver.
 
     Args:
@@ -22,6 +24,9 @@ def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
             seed, ``chat_template`` overrides the tokenizer's for ``messages`` sources.
         tasks: task specs to build instead of ``spec.tasks`` and ``spec.task_sets`` (the
             recycle stage's new task).
+        rows_dir: write the rows to a row store there (:mod:`tasks.row_store`), task by task
+            as they are built, and keep only views of it: the driver never holds every task's
+            rows, and the flock's workers map the same files. ``None``: rows stay in memory.
 
     Returns:
         A :class:`tasks.TaskDataList`: one :class:`tasks.TaskData` per task, in order; its
@@ -37,10 +42,14 @@ def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
 
     t = time.perf_counter()
     tokenizer = job_tokenizer(spec)
-    data = build_task_data(
-        tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed,
-        task_sets=() if tasks else spec.task_sets, chat_template=spec.chat_template,
-    )
+
+    def build(sink=None):
+        return build_task_data(
+            tasks or spec.tasks, tokenizer, spec.train.seq_len, spec.train.seed,
+            task_sets=() if tasks else spec.task_sets, chat_template=spec.chat_template, sink=sink,
+        )
+
+    data = build() if rows_dir is None else _build_stored(build, Path(rows_dir), spec.train.seq_len)
     shown = data if len(data) <= 20 else data[:20]
     sizes = ", ".join(f"{d.name} {d.train_examples}/{len(d.eval_ids)}" for d in shown) + (
         f", ... ({len(data)} tasks)" if len(data) > 20 else ""
@@ -56,4 +65,33 @@ def build_job_data(spec: JobSpec, tasks: list | None = None) -> list:
             f"{total['dropped']} dropped; "
             f"{total['empty']} rows with an empty completion skipped ({len(cut)} tasks; most: {worst})"
         )
+    skipped = {f"{s}:{v}": why for s, m in getattr(data, "task_sets", {}).items() for v, why in m["skipped"].items()}
+    if skipped:
+        shown = "; ".join(f"{k} ({why})" for k, why in list(skipped.items())[:5])
+        say(f"warning: {len(skipped)} tasks of task sets skipped (listed in report.json skipped_tasks): {shown}"
+            + (", ..." if len(skipped) > 5 else ""))
+    return data
+
+
+def _build_stored(build, rows_dir: Path, seq_len: int) -> list:
+    """Build through a :class:`tasks.row_store.RowStoreWriter` into ``rows_dir`` (written whole or not at all)."""
+    from models.files import atomic_dir
+    from tasks.row_store import RowStore, RowStoreWriter, attach_rows
+
+    made = [p for p in (rows_dir.parent, *rows_dir.parent.parents) if not p.exists()]
+    try:
+        with atomic_dir(rows_dir) as tmp:
+            writer = RowStoreWriter(tmp, seq_len)
+            try:
+                data = build(writer.add)
+            finally:
+                writer.finish()
+    except BaseException:
+        for p in made:  # a failed data check leaves no folder behind
+            shutil.rmtree(p, ignore_errors=True)
+        raise
+    store = RowStore(rows_dir)
+    attach_rows(data, store)
+    data.rows_dir = rows_dir
+    say(f"rows written to {rows_dir} ({store.nbytes() / 2**20:,.1f} MiB, memory-mapped by the flock's workers)")
     return data

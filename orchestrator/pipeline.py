@@ -25,7 +25,9 @@ from orchestrator.data import build_job_data
 from orchestrator.errors import ClusterAddressError, OutputDirError
 from orchestrator.spec import JobSpec
 
-__all__ = ["run_job", "StageState", "init_ray"]
+__all__ = ["run_job", "StageState", "init_ray", "ROWS_DIR"]
+
+ROWS_DIR = ".rows"  # the job's row store (tasks/row_store.py), inside --out
 
 
 class StageState(str, Enum):
@@ -138,7 +140,9 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         + (f" + {len(spec.task_sets)} task sets" if spec.task_sets else "")
         + f", output {out}"
     )
-    data = build_job_data(spec)  # bad data files fail here, before Ray starts
+    # Bad data files fail here, before Ray starts. The rows go to a row store in the run's folder
+    # (a dot name: claiming the folder ignores it), which every node sees and the flock maps.
+    data = build_job_data(spec, rows_dir=out / ROWS_DIR)
     new_task = None
     if spec.recycle.enabled and spec.recycle.new_task is not None:
         (new_task,) = build_job_data(spec, [spec.recycle.new_task])

@@ -8,6 +8,7 @@ right-padded row with a scored-token mask (:mod:`tasks.examples`, :mod:`tasks.ro
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,13 @@ class BuildContext:
     eos: int
     pad: int
     tok_fp: str
+    # Where each task goes once built (``tasks.row_store.RowStoreWriter.add``: its rows are
+    # written out and dropped); None: tasks keep their rows in memory.
+    sink: Callable[[TaskData], TaskData] | None = None
+
+    def keep(self, task: TaskData) -> TaskData:
+        """A freshly built task, through the sink if there is one."""
+        return task if self.sink is None else self.sink(task)
 
     @classmethod
     def make(

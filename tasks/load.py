@@ -7,13 +7,13 @@ combines them, so neither has to import the other's caller.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from tasks.build import BuildContext, build_instruct_task, build_text_task
 from tasks.errors import TaskDataError
 from tasks.spec import TaskSetSpec, TaskSpec, example_format_of
-from tasks.task_data import TaskDataList
+from tasks.task_data import TaskData, TaskDataList
 from tasks.task_sets import expand_with
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def build_task_data(
     *,
     task_sets: Sequence[TaskSetSpec] = (),
     chat_template: str | None = None,
+    sink: Callable[[TaskData], TaskData] | None = None,
 ) -> TaskDataList:
     """Load, split, tokenise, make rows and cap every task's data; task sets expand into tasks.
 
@@ -40,6 +41,8 @@ def build_task_data(
         seed: seeds the hold-outs, the row caps and ``pick: sample``.
         task_sets: sets that expand into many tasks each (one pass over each table).
         chat_template: the job's override for ``messages`` sources (``chatml`` or jinja).
+        sink: each task passes through it as soon as it is built (``tasks.row_store.RowStoreWriter.add``
+            writes its rows out and drops them, so the rows of thousands of tasks are never all resident).
 
     Returns:
         The explicit tasks in order, then each set's tasks, as a :class:`tasks.TaskDataList`
@@ -58,8 +61,10 @@ def build_task_data(
     if dup:
         raise TaskDataError(f"task names must be unique; repeated: {dup}")
     ctx = BuildContext.make(tokenizer, seq_len, seed, chat_template)
+    ctx.sink = sink
     out = TaskDataList(
-        build_text_task(s, ctx) if example_format_of(s.source) == "text" else build_instruct_task(s, ctx) for s in tasks
+        ctx.keep(build_text_task(s, ctx) if example_format_of(s.source) == "text" else build_instruct_task(s, ctx))
+        for s in tasks
     )
     if task_sets:
         expanded, report = expand_with(ctx, task_sets, taken=set(names))

@@ -7,6 +7,7 @@ import the package (or another builder) to name its result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,9 +31,10 @@ class TaskData:
 
     Attributes:
         name: the task's name.
-        train: ``input_ids`` column, fixed length L (N rows), plus ``scored`` when masked.
+        train: ``input_ids`` column, fixed length L (N rows), plus ``scored`` when masked;
+            ``None`` once the rows live in a row store (:mod:`tasks.row_store`).
         eval: likewise (M rows), from held-out documents / examples.
-        train_ids: (N, L) int64 tensor of ``train``.
+        train_ids: (N, L) int64 tensor of ``train`` (with a row store: a view of its file).
         eval_ids: (M, L) int64 tensor of ``eval``.
         train_examples: N_d, BoRA's task size: training examples (instruction formats, one
             per row) or packed rows (text).
@@ -53,8 +55,8 @@ class TaskData:
     """
 
     name: str
-    train: Dataset
-    eval: Dataset
+    train: Dataset | None
+    eval: Dataset | None
     train_ids: torch.Tensor
     eval_ids: torch.Tensor
     train_examples: int
@@ -76,8 +78,11 @@ class TaskDataList(list):
     Attributes:
         task_sets: ``{set name: {"field": column or "file", "tasks": {original value: task
             name}, "skipped": {original value: reason}, "null_rows": n}}`` for the report.
+        rows_dir: the row store (:mod:`tasks.row_store`) the tasks' rows were written to, or
+            ``None`` when they are held in memory.
     """
 
     def __init__(self, items=()):
         super().__init__(items)
         self.task_sets: dict = {}
+        self.rows_dir: Path | None = None

@@ -299,9 +299,10 @@ def _expand_one(plan: TaskSetPlan, ctx: BuildContext) -> list[TaskData]:
         tr, ev, how = split
         extra["task_set"]["eval"] = how
         if text:
-            out.append(text_task_data(name, tokens, ex_rows[pos[tr]], tokens, ex_rows[pos[ev]], ts, ctx, extra))
+            built = text_task_data(name, tokens, ex_rows[pos[tr]], tokens, ex_rows[pos[ev]], ts, ctx, extra)
         else:
-            out.append(instruct_task_data(name, ex, pos[tr], ex, pos[ev], ts, ctx, plan.where, extra))
+            built = instruct_task_data(name, ex, pos[tr], ex, pos[ev], ts, ctx, plan.where, extra)
+        out.append(ctx.keep(built))  # written out now (a row store), not held for the whole set
     plan.chosen = [g for g in plan.chosen if g in plan.names]
     if not out:
         raise TaskDataError(f"task set {ts.name!r}: no task of {plan.where!r} has a usable example; check the data")

@@ -50,6 +50,11 @@ class FlockData:
         train_mask / eval_mask: slot -> (N_d, L) bool scored-token masks (instruction rows score
             their completions, padding is never scored; see ``models.train.step.Batch``);
             ``None`` for the whole dict or one slot: every token after the first is scored.
+
+    The row tensors may live anywhere: the flock's workers give CPU views of the job's
+    memory-mapped row store (``tasks.row_store``), so nothing is read until a batch asks.
+    Read rows through :meth:`train_rows` / :meth:`eval_rows` / :meth:`batch_rows`, which copy
+    only the rows asked for to the device asked for.
     """
 
     sizes: list[int]
@@ -62,6 +67,42 @@ class FlockData:
     train_mask: dict[int, torch.Tensor | None] | None = None
     eval_mask: dict[int, torch.Tensor | None] | None = None
 
+    def train_count(self, slot: int) -> int:
+        """N rows of a slot's training side (its row count, not its N_d for text rows with a cap)."""
+        return int(self.train[slot].shape[0])
+
+    def eval_count(self, slot: int) -> int:
+        return int(self.eval[slot].shape[0])
+
+    def train_rows(self, slot: int, rows: np.ndarray | slice, device: torch.device | str | None = None) -> torch.Tensor:
+        """(n, L) int64 token ids of these training rows of ``slot``, on ``device`` (None: where they live)."""
+        return _moved(self.train[slot][rows], device)
+
+    def train_mask_rows(self, slot: int, rows: np.ndarray | slice,
+                        device: torch.device | str | None = None) -> torch.Tensor | None:
+        """(n, L) bool scored-token mask of these training rows, or ``None`` (every token after the first)."""
+        m = self.train_mask.get(slot) if self.train_mask is not None else None
+        return None if m is None else _moved(m[rows], device)
+
+    def eval_rows(self, slot: int, start: int = 0, stop: int | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """(stop - start, L) token ids of eval rows ``start:stop`` of ``slot``."""
+        return _moved(self.eval[slot][start:stop], device)
+
+    def eval_mask_rows(self, slot: int, start: int = 0, stop: int | None = None,
+                       device: torch.device | str | None = None) -> torch.Tensor | None:
+        m = self.eval_mask.get(slot) if self.eval_mask is not None else None
+        return None if m is None else _moved(m[start:stop], device)
+
+    def batch_rows(self, slots: Sequence[int], rows: np.ndarray,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A mixed batch's token ids (B, L) and scored mask (B, L) or ``None``: row ``rows[i]`` of ``slots[i]``.
+
+        One copy of B rows (from the store's pages when the rows are a memory-mapped view).
+        """
+        ids = torch.stack([self.train[s][int(r)] for s, r in zip(slots, rows)])
+        return _moved(ids, device), _moved(self.train_scored(slots, rows), device)
+
     def train_scored(self, slots: Sequence[int], rows: np.ndarray) -> torch.Tensor | None:
         """The (B, L) scored-token mask of these training rows, or ``None`` if all are full rows."""
         masks = self.train_mask
@@ -72,6 +113,10 @@ class FlockData:
         full[0] = False
         got = [masks.get(s) for s in slots]
         return torch.stack([full if m is None else m[r] for m, r in zip(got, rows)])
+
+
+def _moved(t: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor | None:
+    return t if t is None or device is None else t.to(device)
 
 
 @dataclass
@@ -185,11 +230,10 @@ def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> 
         pre = data.train_prefix[0][:0] if data.train_prefix else None
         return Batch(empty.to(device), torch.zeros(0, dtype=torch.long, device=device),
                      torch.zeros(0, device=device), None if pre is None else pre.to(device), data.split)
-    ids = torch.stack([data.train[s][r] for s, r in zip(slots, rows)])
+    ids, scored = data.batch_rows(slots, rows)
     pre = None
     if data.train_prefix is not None:
         pre = torch.stack([data.train_prefix[s][r] for s, r in zip(slots, rows)])
-    scored = data.train_scored(slots, rows)
     return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored).to(
         device
     )

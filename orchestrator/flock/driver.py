@@ -1,10 +1,10 @@
 """The flock stage on the driver: split tasks over Ray Train workers, run, collect.
 
-Data is tokenised once on the driver and put in the object store; each worker reads its
-tasks' rows from there. Tasks are assigned to workers by size (longest-processing-time
-greedy), so workers finish together. Results and the flock's adapters come back through
-the final Ray Train checkpoint (merged from every worker), so this works on a multi-node
-cluster with any ``storage_path``.
+Data is tokenised once on the driver into the job's row store (``tasks.row_store``, in the
+run's folder); each worker is sent its path and maps only its own tasks' rows. Tasks are
+assigned to workers by size (longest-processing-time greedy), so workers finish together.
+Results come back through the final Ray Train checkpoint (merged from every worker), so this
+works on a multi-node cluster with any ``storage_path``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -29,7 +28,7 @@ from orchestrator.pesc.stage import merge_pesc
 from orchestrator.spec import JobSpec
 from orchestrator.task_metrics import metric_plan
 
-__all__ = ["assign_tasks", "run_flock"]
+__all__ = ["assign_tasks", "run_flock", "worker_payloads"]
 
 
 def assign_tasks(sizes: list[int], workers: int) -> list[list[int]]:
@@ -87,17 +86,10 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
     """
     names = [d.name for d in data]
     sizes = [int(d.train_examples) for d in data]
-    payload = {
-        "names": names,
-        "sizes": sizes,
-        "train": [np.ascontiguousarray(d.train_ids.numpy()) for d in data],
-        "eval": [np.ascontiguousarray(d.eval_ids.numpy()) for d in data],
-        # scored-token masks (instruction formats, padded rows); None: every token is scored
-        "train_mask": [None if d.train_mask is None else d.train_mask.numpy() for d in data],
-        "eval_mask": [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
-    }
-    payload["metric_plan"] = metric_plan(spec, data)  # tasks judged beyond ppl: prompts, references, labels
     assignment = assign_tasks(sizes, spec.ray.num_workers)
+    rows_dir = getattr(data, "rows_dir", None) or _write_rows(data, storage / "rows")
+    plan = metric_plan(spec, data)  # tasks judged beyond ppl: prompts, references, labels
+    payloads = [ray.put(p) for p in worker_payloads(names, sizes, assignment, rows_dir, plan)]
     # The frozen base goes into the object store once (as numpy, returned by a Ray task so the
     # driver owns it); every flock worker on a node maps those pages instead of loading a copy.
     base_ref = _base_arrays.remote(spec.model_dump(mode="json")) if spec.ray.share_base else None
@@ -106,7 +98,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         flock_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
-            "data_ref": ray.put(payload),
+            "payloads": payloads,  # one small object per rank: the row store's path, never rows
             "assignment": assignment,
             "base_model_name": base_model_name,
             "base_ref": base_ref,
@@ -160,6 +152,35 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         log_flock_results(lambda stream: MetricSink(spec.report_to, metrics_dir(out), spec.name, stream),
                           cast(dict, merged))
     return merged
+
+
+def worker_payloads(names: list[str], sizes: list[int], assignment: list[list[int]], rows_dir: Path,
+                    plan: dict[str, dict]) -> list[dict]:
+    """What each flock worker is sent about the data: a few numbers per task and a path, no rows.
+
+    Every worker gets every task's name and size (the sampler and the prior's N_d need the
+    global view) and the row store's folder, from which it maps only its own tasks' rows; the
+    metric plan (prompts and references of tasks judged beyond ppl) is cut to its own tasks.
+    """
+    out = []
+    for owned in assignment:
+        mine = {names[g] for g in owned}
+        out.append({"names": names, "sizes": sizes, "rows_dir": str(rows_dir),
+                    "metric_plan": {t: p for t, p in plan.items() if t in mine}})
+    return out
+
+
+def _write_rows(data: list, rows_dir: Path) -> Path:
+    """Rows held in memory (a caller that built the data itself): write them to a row store for the workers."""
+    from models.files import atomic_dir
+    from tasks.row_store import RowStoreWriter
+
+    with atomic_dir(rows_dir) as tmp:
+        writer = RowStoreWriter(tmp, int(data[0].train_ids.shape[1]))
+        for d in data:
+            writer.add(d)
+        writer.finish()
+    return rows_dir
 
 
 def _deliver(outputs: Path, out: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.peft_io import save_adapter
@@ -36,18 +35,19 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
     from models.train.step import Batch, row_nll
 
     g, bs = spec.gates, spec.train.batch_size
+    device = next(model.parameters()).device
     if g.init in ("importance", "taylor"):
         def forward() -> torch.Tensor:
             left, total = g.calibration_batches, torch.zeros(())
-            for s, ids in data.train.items():
-                for i in range(0, len(ids), bs):
+            for s in data.train:
+                for i in range(0, data.train_count(s), bs):
                     if left == 0:
                         return total
-                    rows = ids[i : i + bs]
+                    rows = data.train_rows(s, slice(i, i + bs), device)  # only these rows, from the store
                     pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
-                    scored = data.train_scored([s] * len(rows), np.arange(i, i + len(rows)))
-                    tid = torch.full((len(rows),), s, dtype=torch.long, device=rows.device)
-                    batch = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split, scored)
+                    scored = data.train_mask_rows(s, slice(i, i + bs), device)
+                    tid = torch.full((len(rows),), s, dtype=torch.long, device=device)
+                    batch = Batch(rows, tid, torch.ones(len(rows), device=device), pre, data.split, scored)
                     total = total + row_nll(model, batch).mean()
                     left -= 1
             return total

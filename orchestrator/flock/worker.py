@@ -44,6 +44,7 @@ from orchestrator.metrics.sink import MetricSink
 from orchestrator.pesc.stage import run_pesc
 from orchestrator.spec import JobSpec
 from orchestrator.task_metrics import job_tokenizer, judge
+from tasks.row_store import RowStore, owned_rows
 
 __all__ = ["flock_worker"]
 
@@ -78,10 +79,10 @@ def flock_worker(config: dict) -> None:
         sys.stdout.write(f"[flock w{rank}] {msg}\n")
         sys.stdout.flush()
 
-    data_all = ray.get(config["data_ref"])
+    payload = ray.get(config["payloads"][rank])  # names, sizes, the row store's path: no rows
     owned: list[int] = config["assignment"][rank]
-    names: list[str] = data_all["names"]
-    sizes: list[int] = data_all["sizes"]
+    names: list[str] = payload["names"]
+    sizes: list[int] = payload["sizes"]
     device = ray.train.torch.get_device() if spec.ray.use_gpu else torch.device("cpu")
     t0 = time.perf_counter()
     seed_everything(spec.train.seed)
@@ -134,13 +135,13 @@ def flock_worker(config: dict) -> None:
         )
     )
 
-    # Object-store arrays are read-only views; token ids are small, so take private copies.
-    train = {s: torch.tensor(data_all["train"][g], device=device) for s, g in enumerate(owned)}
-    evals = {s: torch.tensor(data_all["eval"][g], device=device) for s, g in enumerate(owned)}
-    train_mask, eval_mask = (
-        {s: None if m[g] is None else torch.tensor(m[g], device=device) for s, g in enumerate(owned)}
-        for m in (data_all.get("train_mask") or [None] * len(names), data_all.get("eval_mask") or [None] * len(names))
-    )
+    # This worker's tasks only, as views of the job's memory-mapped row store: training rows are
+    # read batch by batch (FlockData.batch_rows); eval rows, few per task, go to the device.
+    store = RowStore(payload["rows_dir"])
+    train, evals, train_mask, eval_mask = owned_rows(store, owned)
+    if device.type != "cpu":
+        evals = {s: x.to(device) for s, x in evals.items()}
+        eval_mask = {s: None if m is None else m.to(device) for s, m in eval_mask.items()}
     split = layers[0] if layers and layers[0] > 0 else 0
     if gates is not None and gates.layers == "all":
         split = 0  # gated lower blocks change: nothing below the adapters is frozen
@@ -151,7 +152,7 @@ def flock_worker(config: dict) -> None:
         say(f"running the frozen blocks 0..{split - 1} once for {n} sequences (cached for every method)")
         tp, ep = {}, {}
         for s in train:
-            tp[s] = compute_prefix(model, train[s], split)
+            tp[s] = compute_prefix(model, train[s].to(device), split)
             ep[s] = compute_prefix(model, evals[s], split)
             say(
                 f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, "
@@ -167,7 +168,7 @@ def flock_worker(config: dict) -> None:
             f"in {time.perf_counter() - t1:.1f}s"
         )
 
-    plan = data_all.get("metric_plan") or {}  # tasks judged beyond ppl (orchestrator.task_metrics)
+    plan = payload.get("metric_plan") or {}  # this worker's tasks judged beyond ppl (orchestrator.task_metrics)
     tokenizer = job_tokenizer(spec) if any(names[g] in plan for g in owned) else None
 
     def judge_owned() -> dict:
