@@ -114,6 +114,10 @@ class WorkerResults(TypedDict):
         owned: this worker's tasks.
         quant: the quantised base's summary (rank 0, quantised jobs).
         pesc: this worker's PESC part (when the pesc stage ran).
+        timing: this worker's phases in this invocation: ``started_at`` (wall clock), seconds
+            ``startup_s`` (base + adapters), ``prefix_s``, ``base_eval_s``, ``steps_s`` (step
+            loops), ``eval_s`` (final and periodic evaluations, metrics), ``save_s`` (adapters,
+            prior, checkpoints), and ``peak_rss_mb``.
     """
 
     base_eval_nll: dict[str, float]
@@ -122,6 +126,7 @@ class WorkerResults(TypedDict):
     owned: list[str]
     quant: NotRequired[dict]
     pesc: NotRequired[PescPart]
+    timing: NotRequired[dict[str, float]]
 
 
 class FlockResults(TypedDict):
@@ -132,6 +137,8 @@ class FlockResults(TypedDict):
         pesc: merged PESC results (when enabled).
         assignment: ``worker<i>`` -> its tasks.
         sizes: task -> training sequences.
+        workers: ``worker<i>`` -> its ``timing`` (see :class:`WorkerResults`) plus ``launch_s``:
+            seconds from the stage's start until the worker began (Ray Train's start-up).
     """
 
     base_eval_nll: dict[str, float]
@@ -141,6 +148,7 @@ class FlockResults(TypedDict):
     pesc: NotRequired[PescResult]
     assignment: dict[str, list[str]]
     sizes: dict[str, int]
+    workers: NotRequired[dict[str, dict[str, float]]]
 
 
 class TrialMetrics(TypedDict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import cast
 
@@ -84,6 +85,7 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         storage: Ray Train storage path (checkpoints).
         base_model_name: recorded in every adapter_config.json.
     """
+    started = time.time()
     names = [d.name for d in data]
     sizes = [int(d.train_examples) for d in data]
     assignment = assign_tasks(sizes, spec.ray.num_workers)
@@ -125,9 +127,14 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         raise StageError(f"the flock finished without a checkpoint: see the worker logs under {storage}/flock")
     merged = cast(FlockResults, {"base_eval_nll": {}, "methods": {}})  # assignment and sizes come last
     pesc_parts: list[PescPart] = []
+    workers: dict[str, dict[str, float]] = {}
     with result.checkpoint.as_directory() as d:
         for f in sorted((Path(d) / "results").glob("rank*.json")):
             part = cast(WorkerResults, json.loads(f.read_text()))
+            if part.get("timing"):
+                t = dict(part["timing"])
+                t["launch_s"] = max(0.0, t.pop("started_at", started) - started)
+                workers[f"worker{f.stem.removeprefix('rank')}"] = t
             merged["base_eval_nll"].update(part["base_eval_nll"])
             if part.get("base_metrics"):
                 merged.setdefault("base_metrics", {}).update(part["base_metrics"])
@@ -148,6 +155,8 @@ def run_flock(spec: JobSpec, data: list, out: Path, storage: Path, base_model_na
         merged["pesc"] = merge_pesc(pesc_parts)
     merged["assignment"] = {f"worker{i}": [names[t] for t in a] for i, a in enumerate(assignment)}
     merged["sizes"] = dict(zip(names, sizes))
+    if workers:
+        merged["workers"] = workers
     if spec.report_to:  # every task's curves (all workers' results), tau, expert load
         log_flock_results(lambda stream: MetricSink(spec.report_to, metrics_dir(out), spec.name, stream),
                           cast(dict, merged))

@@ -79,6 +79,7 @@ def flock_worker(config: dict) -> None:
         sys.stdout.write(f"[flock w{rank}] {msg}\n")
         sys.stdout.flush()
 
+    clock = {"started_at": time.time()}  # this worker's phase seconds (results["timing"], the benchmark's)
     payload = ray.get(config["payloads"][rank])  # names, sizes, the row store's path: no rows
     owned: list[int] = config["assignment"][rank]
     names: list[str] = payload["names"]
@@ -142,6 +143,7 @@ def flock_worker(config: dict) -> None:
     if device.type != "cpu":
         evals = {s: x.to(device) for s, x in evals.items()}
         eval_mask = {s: None if m is None else m.to(device) for s, m in eval_mask.items()}
+    clock["startup_s"] = time.perf_counter() - t0
     split = layers[0] if layers and layers[0] > 0 else 0
     if gates is not None and gates.layers == "all":
         split = 0  # gated lower blocks change: nothing below the adapters is frozen
@@ -158,6 +160,7 @@ def flock_worker(config: dict) -> None:
                 f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, "
                 f"{time.perf_counter() - t1:.0f}s"
             )
+        clock["prefix_s"] = time.perf_counter() - t1
         say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
     data = FlockData(sizes, owned, train, evals, tp, ep, split, train_mask, eval_mask)
     if gates is not None:
@@ -177,6 +180,7 @@ def flock_worker(config: dict) -> None:
             return {}
         t1 = time.perf_counter()
         out = judge(model, plan, {names[g]: s for s, g in enumerate(owned)}, tokenizer, spec.eval.batch_size)
+        clock["eval_s"] = clock.get("eval_s", 0.0) + time.perf_counter() - t1
         say(f"judged {len(out)} tasks on their metrics in {time.perf_counter() - t1:.1f}s")
         return out
 
@@ -200,8 +204,10 @@ def flock_worker(config: dict) -> None:
         base_metrics = judge_owned()  # the untuned base: every slot's adapter is still B = 0
         if base_metrics:
             results["base_metrics"] = base_metrics
+        clock["base_eval_s"] = time.perf_counter() - t1
         say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
     results.setdefault("methods", {})
+    results["timing"] = clock  # this invocation's phases (a resumed worker reports only its own)
     results["owned"] = [names[g] for g in owned]
     if quant is not None and rank == 0:
         results["quant"] = quant
@@ -222,6 +228,7 @@ def flock_worker(config: dict) -> None:
         sink, log = _metric_sink(spec, config, rank, f"flock/{mname}"), say
         if sink is not None:  # report_to: rank 0 streams the loss, its tasks' eval losses, tau, gate sparsity
             hooks, log = with_metrics(hooks, say, sink, mname, [names[g] for g in owned], model, prior)
+        t1 = time.perf_counter()
         try:
             out = train_method(model, data, cfg, init_state, prior, log, device, hooks=hooks, state_dir=partial,
                                checkpoint_every=tr.checkpoint_every,
@@ -230,6 +237,8 @@ def flock_worker(config: dict) -> None:
             if sink is not None:
                 sink.close()
         shutil.rmtree(partial, ignore_errors=True)
+        clock["steps_s"] = clock.get("steps_s", 0.0) + out["seconds"]  # the step loop alone
+        clock["eval_s"] = clock.get("eval_s", 0.0) + time.perf_counter() - t1 - out["seconds"]  # + final eval
         gate_res = gate_results(model, names, owned) if gates is not None else None
         results["methods"][mname] = _method_record(
             kind, tau, out, [names[g] for g in owned], prior is not None, gate_res
@@ -237,21 +246,23 @@ def flock_worker(config: dict) -> None:
         judged = judge_owned()
         if judged:
             results["methods"][mname]["metrics"] = judged
+        t1 = time.perf_counter()
         if mname == "hierarchical":  # the flock's adapters: what the job delivers
-            t1 = time.perf_counter()
             _save_adapters(model, owned, names, kept / "adapters", config["base_model_name"], quant)
             say(f"saved {len(owned)} adapters in {time.perf_counter() - t1:.1f}s")
             if gates is not None and gates.export:
-                t1 = time.perf_counter()
+                t2 = time.perf_counter()
                 export_gated(model, kept / "export", names, owned, rank, gates.scope)
-                say(f"exported the pruned model and its adapters in {time.perf_counter() - t1:.1f}s")
+                say(f"exported the pruned model and its adapters in {time.perf_counter() - t2:.1f}s")
             if rank == 0:  # Theta is replicated: one copy, with the prior's state
                 save_adapter(model, 0, kept / "prior" / "theta", config["base_model_name"], state=theta_state(model))
                 _note_quant(quant, kept / "prior" / "theta")
                 if prior is not None:
                     (kept / "prior").mkdir(parents=True, exist_ok=True)
                     (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
+        clock["peak_rss_mb"] = _peak_rss_mb()
         _report(rank, results, kept, mname)
+        clock["save_s"] = clock.get("save_s", 0.0) + time.perf_counter() - t1  # adapters, prior, checkpoint
 
     if spec.pesc.enabled and "pesc" not in results:
         if gates is not None:
@@ -277,6 +288,13 @@ def flock_worker(config: dict) -> None:
             )
             _note_quant(quant, kept / "pesc" / "attention_lora")
         _report(rank, results, kept, "pesc")
+
+
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far (MiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _metric_sink(spec: JobSpec, config: dict, rank: int, stream: str) -> MetricSink | None:

@@ -47,6 +47,8 @@ def flock_section(res: FlockResults, tau: Any, tau_sweep: list[float] | None = N
         "tokens_per_s": main["tokens_per_s"],
         "assignment": res.get("assignment"),
     }
+    if res.get("workers"):  # each worker's phase seconds and peak memory
+        sec["workers"] = res["workers"]
     if main.get("tau_history"):
         sec["tau_history"] = main["tau_history"]
     for b in ("independent", "unified"):
