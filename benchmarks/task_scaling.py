@@ -145,7 +145,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rows", type=int, default=8, help="training examples per task")
     p.add_argument("--eval-rows", type=int, default=2, help="held-out examples per task")
-    p.add_argument("--words", type=int, default=6, help="words per prompt and per completion")
+    p.add_argument("--words", type=int, default=None,
+                   help="words per prompt and per completion (default: 3 tiny (byte tokens), 8 smollm2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # run one size in this process
     args = p.parse_args()
+    args.words = args.words or (3 if args.model == "tiny" else 8)
     if args.one is not None:
         print(json.dumps(run_one(args, args.one)), flush=True)
         return

@@ -166,12 +166,20 @@ def rows_dataset(rows: np.ndarray, mask: np.ndarray | None = None) -> Dataset:
     """(R, L) token rows (and their scored mask) -> a Dataset with fixed-length columns.
 
     Columns: ``input_ids`` (int32), and ``scored`` (bool) when ``mask`` is given. Built from
-    Arrow arrays directly (``Dataset.from_dict`` on 2-D numpy takes ~10 ms a task).
+    Arrow arrays directly (``Dataset.from_dict`` on 2-D numpy takes ~10 ms a task), with a
+    fingerprint hashed from the rows' bytes: left to ``datasets``, it pickles the table with
+    dill, 7 ms a task (90% of loading 1,024 small tasks, measured).
     """
+    import hashlib
+
     from datasets.table import InMemoryTable
 
     length = int(rows.shape[1])
     cols = {"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.int32).ravel()), length)}
     if mask is not None:
         cols["scored"] = pa.FixedSizeListArray.from_arrays(pa.array(mask.astype(bool).ravel()), length)
-    return Dataset(InMemoryTable(pa.table(cols)))
+    h = hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16)
+    if mask is not None:
+        h.update(np.ascontiguousarray(mask).tobytes())
+    h.update(repr(rows.shape).encode())
+    return Dataset(InMemoryTable(pa.table(cols)), fingerprint=h.hexdigest())

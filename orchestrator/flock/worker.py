@@ -128,7 +128,8 @@ def flock_worker(config: dict) -> None:
     ad = {id(p) for p in adapter_params(model)}
     init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
     say(
-        f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; tasks {[names[g] for g in owned]}"
+        f"base loaded and adapters injected in {time.perf_counter() - t0:.1f}s; {len(owned)} tasks "
+        + (f"{[names[g] for g in owned]}" if len(owned) <= 20 else f"({names[owned[0]]} ... {names[owned[-1]]})")
         + (
             f"; base quantised to {quant['bits_per_weight']:.2f} bits/weight ({quant['matrices_count']} matrices)"
             if quant
