@@ -1,0 +1,134 @@
+"""The compression search on a task metric: the seeded rows every trial judges, and a real Tune run on local Ray
+whose trials report the metric at every rung, whose front and pick use it, and whose reported value is the
+picked model's metric recomputed."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.spec import JobSpec
+from tests.conftest import TINY_LLAMA
+
+SPACE = """\
+dimensions:
+  rank: {value: 4}
+  bits: {grid: [4, 16]}
+  tau: {value: 100.0}
+  lr: {grid: [0.003, 0.03]}
+"""
+TASKS = ("rev", "rot1", "rot2")
+
+
+def _write_tasks(tmp: Path) -> None:
+    """Each task's completion is a fixed function of its prompt's word (its own rule)."""
+    rng = np.random.default_rng(0)
+    for t, name in enumerate(TASKS):
+        with open(tmp / f"{name}.jsonl", "w") as f:
+            for _ in range(40):
+                w = "".join(rng.choice(list("abcdefgh"), size=4))
+                out = w[::-1] if t == 0 else w[t:] + w[:t]
+                f.write(json.dumps({"prompt": f"say {w}: ", "completion": out}) + "\n")
+
+
+def _job(tmp: Path, **search) -> JobSpec:
+    _write_tasks(tmp)
+    (tmp / "space.yaml").write_text(SPACE)
+    return JobSpec.model_validate({
+        "name": "metric-search",
+        "base": {"random_init": {**TINY_LLAMA, "vocab_size": 257}, "tokenizer": "bytes"},
+        "tasks": [{"name": n, "source": {"kind": "files", "path": str(tmp / f"{n}.jsonl"),
+                                         "example_format": "prompt_completion"}, "eval_fraction": 0.25}
+                  for n in TASKS],
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "top_layers": 1},
+        "train": {"steps": 6, "batch_size": 8, "seq_len": 32, "lr": 3e-3, "log_every": 100},
+        "eval": {"metrics": ["ppl", "rouge_l"], "max_new_tokens": 6},
+        "flock": {"enabled": False},
+        "search": {"enabled": True, "space": str(tmp / "space.yaml"), "num_samples": 1, "steps": 6,
+                   "eval_every": 2, "eval_subset": 2, "grace_period": 2, "max_concurrent_trials": 1,
+                   "metric": "rouge_l", "metric_rows": 4, **search},
+    })
+
+
+def test_every_trial_judges_the_same_seeded_rows_of_each_task(tmp_path):
+    from orchestrator.data import build_job_data
+    from orchestrator.search.judge import trial_judge_plan
+
+    spec = _job(tmp_path)
+    data = build_job_data(spec)
+    plan = trial_judge_plan(spec, spec.search, data)
+    again = trial_judge_plan(spec, spec.search, list(reversed(data)))  # task order does not move a task's rows
+    other = trial_judge_plan(spec, spec.search.model_copy(update={"seed": 1}), data)
+    assert plan["metric"] == "rouge_l" and sorted(plan["plan"]) == sorted(TASKS)
+    assert plan["slots"] == {d.name: i for i, d in enumerate(data)}
+    for name, p in plan["plan"].items():
+        ex = p["examples"]
+        assert len(ex) == 4 and p["settings"]["metrics"] == ["rouge_l"]  # only the searched metric is judged
+        assert ex.prompts == again["plan"][name]["examples"].prompts
+        full = next(d for d in data if d.name == name)
+        assert len(full.eval_prompt_lens) > 4  # a real subset of the task's eval rows
+    assert any(plan["plan"][n]["examples"].prompts != other["plan"][n]["examples"].prompts for n in TASKS)
+    assert trial_judge_plan(spec, spec.search.model_copy(update={"metric": "ppl"}), data) is None
+
+
+@pytest.mark.integration
+def test_search_on_rouge_l_reports_it_at_every_rung_and_the_front_and_pick_use_it(local_ray, tmp_path):
+    from orchestrator.data import build_job_data
+    from orchestrator.report.search import render_search_md
+    from orchestrator.search.driver import run_search
+    from orchestrator.search.judge import trial_judge_plan
+    from orchestrator.search.pick import load_picked_model
+    from orchestrator.task_metrics import job_tokenizer
+    from tasks.evaluate import evaluate_metrics
+    from tasks.metric_spec import MetricSettings
+
+    spec = _job(tmp_path, pick={"min_metric": {"rouge_l": 0.0}})
+    data = build_job_data(spec)
+    out = tmp_path / "out"
+    section = run_search(spec, spec.search, data, out, "tiny")
+
+    # every report of every trial (each rung and the final one) holds the metric
+    results = glob.glob(str(out / "ray" / "search" / "*" / "result.json"))
+    assert len(results) == 4
+    for f in results:
+        reports = [json.loads(line) for line in Path(f).read_text().splitlines()]
+        assert reports and all(0.0 <= r["macro_rouge_l"] <= 1.0 and r["judge_s"] > 0 for r in reports)
+        assert [r["step"] for r in reports] == [2, 4, 6][: len(reports)]
+    with open(out / "search" / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0])
+    assert header[header.index("macro_ppl") + 1] == "macro_rouge_l"
+    assert section["metric"] == "rouge_l" and section["objective"] == {
+        "key": "macro_rouge_l", "mode": "max", "rows_per_task": 4, "tasks": sorted(TASKS)}
+
+    # the front: the finished trials no other beats on (rouge_l up, bytes down), by the definition
+    done = [r for r in section["trials"] if r["status"] == "done"]
+    assert done
+
+    def beats(p, q):
+        return (p["macro_rouge_l"] >= q["macro_rouge_l"] and p["model_bytes"] <= q["model_bytes"]
+                and (p["macro_rouge_l"] > q["macro_rouge_l"] or p["model_bytes"] < q["model_bytes"]))
+
+    want = sorted(r["trial_id"] for r in done if not any(beats(o, r) for o in done))
+    assert sorted(r["trial_id"] for r in section["pareto"]) == want
+    # the pick: the smallest point of the front with macro rouge_l >= 0 (every point: the smallest)
+    picked = section["picked"]
+    assert picked["met"] and picked["rule"]["min_metric"] == {"rouge_l": 0.0}
+    assert picked["model_bytes"] == min(r["model_bytes"] for r in section["pareto"])
+
+    # the reported metric is the picked trial's trained model judged on the plan's rows
+    model = load_picked_model(spec, picked, out / "search" / "pick")
+    plan = trial_judge_plan(spec, spec.search, data)
+    got = evaluate_metrics(model, {t: p["examples"] for t, p in plan["plan"].items()},
+                           {t: MetricSettings.model_validate(p["settings"]) for t, p in plan["plan"].items()},
+                           job_tokenizer(spec), slot_of=plan["slots"])
+    assert picked["macro_rouge_l"] == pytest.approx(np.mean([m["rouge_l"] for m in got.values()]), abs=1e-6)
+
+    md = "\n".join(render_search_md(section))
+    assert "macro rouge l" in md and "higher is better" in md and "rouge_l >= 0" in md
+    assert (out / "plots" / "pareto.png").is_file()
