@@ -232,7 +232,9 @@ def _score_shared(model, prompts, slots, choices, pad_id: int, batch_size: int, 
         where = torch.as_tensor([offset[rows[r]] + k for r, k in pairs], dtype=torch.long)
         heads = torch.as_tensor([choices[rows[r]][k][0] for r, k in pairs], dtype=torch.long, device=device)
         flat[where] = first[torch.as_tensor([r for r, _ in pairs], device=device), heads].cpu()
-        rest = [(r, k) for r, k in pairs if len(choices[rows[r]][k]) > 1]
+        # labels of similar length together: less right-padding in the label passes
+        width_of = {(r, k): len(choices[rows[r]][k]) for r, k in pairs}
+        rest = sorted((rk for rk in pairs if width_of[rk] > 1), key=width_of.__getitem__)
         for c0 in range(0, len(rest), 4 * batch_size):
             chunk = rest[c0 : c0 + 4 * batch_size]
             labels = [choices[rows[r]][k] for r, k in chunk]
