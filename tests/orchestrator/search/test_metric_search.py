@@ -175,3 +175,45 @@ def test_search_on_rouge_l_reports_it_at_every_rung_and_the_front_and_pick_use_i
     md = "\n".join(render_search_md(section))
     assert "macro rouge l" in md and "higher is better" in md and "rouge_l >= 0.99" in md
     assert (out / "plots" / "pareto.png").is_file()
+
+
+class _Result:
+    """What the driver reads of a Tune ``Result``: last metrics, config, path, error, checkpoint."""
+
+    def __init__(self, path: Path, config: dict, metrics: dict) -> None:
+        from ray.tune import Checkpoint
+
+        (path / "ckpt").mkdir(parents=True)
+        (path / "ckpt" / "trial_state.safetensors").write_bytes(b"")
+        self.path, self.config, self.metrics, self.error = str(path), config, metrics, None
+        self.checkpoint = Checkpoint.from_directory(str(path / "ckpt"))
+
+
+def test_the_driver_writes_the_metric_column_and_its_front_and_picks_on_it(tmp_path):
+    """The driver's collection of finished trials (no Ray run): CSV column, front on (rouge_l up, bytes down),
+    the section's objective, and min_metric picks (met and closest)."""
+    from orchestrator.report.search import render_search_md
+    from orchestrator.search.driver import _collect  # noqa: PLC2701 (the driver's collection step)
+    from orchestrator.specs.search import SearchSpec
+
+    trials = {"a": (0.30, 900, True), "b": (0.50, 1000, True), "c": (0.20, 500, True), "d": (0.25, 950, True),
+              "e": (0.90, 100, False)}  # e: stopped early, never on the front
+    results = [_Result(tmp_path / "ray" / t, {"rank": 4, "bits": 16, "lr": 0.01},
+                       {"trial_id": t, "final": fin, "step": 30 if fin else 10, "macro_ppl": 10.0 + i,
+                        "macro_rouge_l": m, "model_bytes": b, "judge_s": 0.5, "sparsity": 0.0})
+               for i, (t, (m, b, fin)) in enumerate(trials.items())]
+    quant = {"quantizer": "nf", "lq_iters": 2}
+    for bound, want, met in [(0.25, "a", True), (0.45, "b", True), (0.95, "b", False)]:
+        search = SearchSpec(metric="rouge_l", pick={"min_metric": {"rouge_l": bound}})
+        out = tmp_path / f"out{bound}"
+        sec = _collect(results, search, "space.yaml", 30, out, "tiny", 1.0, quant, ["x", "y"], ["x", "y"])
+        assert [r["trial_id"] for r in sec["pareto"]] == ["b", "a", "c"]  # d is beaten by a; e is not done
+        assert (sec["picked"]["trial_id"], sec["picked"]["met"]) == (want, met)
+        assert sec["objective"] == {"key": "macro_rouge_l", "mode": "max", "rows_per_task": 32, "tasks": ["x", "y"]}
+        with open(out / "search" / "trials.csv", newline="") as f:
+            header = next(csv.reader(f))
+        assert header[header.index("macro_ppl") + 1] == "macro_rouge_l" and "judge_s" in header
+    md = "\n".join(render_search_md(sec))
+    assert "| macro rouge l | macro ppl |" in md and "rouge_l >= 0.95" in md and "none of the front meets it" in md
+    by_ppl = _collect(results, SearchSpec(), "space.yaml", 30, tmp_path / "ppl", "tiny", 1.0, quant, ["x"], [])
+    assert [r["trial_id"] for r in by_ppl["pareto"]] == ["a", "c"]  # on perplexity a is best, c smallest
