@@ -20,7 +20,9 @@ rows of any tasks): its last position's logits score every label's first token, 
 cache is copied to the row's (row, label) pairs, which then run only the label tokens (right-
 padded, positions continuing the prompt's) to score the rest. Before, every (prompt, label)
 pair ran the whole prompt: K times the prompt's FLOPs (``share_prompt=False`` still does,
-the reference the shared path is tested and benchmarked against).
+the reference the shared path is tested and benchmarked against). Memory: a label pass holds
+the KV cache of at most ``4 * batch_size`` (row, label) pairs (copies of their rows' prompt
+caches), not of all K labels of every row at once.
 
 Model code only: torch + transformers, no Ray.
 
