@@ -261,9 +261,9 @@ def flock_worker(config: dict) -> None:
                 if prior is not None:
                     (kept / "prior").mkdir(parents=True, exist_ok=True)
                     (kept / "prior" / "prior.json").write_text(json.dumps(prior.state_dict(), indent=2))
+        clock["save_s"] = clock.get("save_s", 0.0) + time.perf_counter() - t1  # adapters, prior (before the report)
         clock["peak_rss_mb"] = _peak_rss_mb()
         _report(rank, results, kept, mname)
-        clock["save_s"] = clock.get("save_s", 0.0) + time.perf_counter() - t1  # adapters, prior, checkpoint
 
     if spec.pesc.enabled and "pesc" not in results:
         if gates is not None:
