@@ -117,7 +117,7 @@ class WorkerResults(TypedDict):
         timing: this worker's phases in this invocation: ``started_at`` (wall clock), seconds
             ``startup_s`` (base + adapters), ``prefix_s``, ``base_eval_s``, ``steps_s`` (step
             loops), ``eval_s`` (final and periodic evaluations, metrics), ``save_s`` (adapters,
-            prior, checkpoints), and ``peak_rss_mb``.
+            prior), and ``peak_rss_mb``.
     """
 
     base_eval_nll: dict[str, float]
