@@ -41,6 +41,7 @@ from orchestrator.errors import StageError
 from orchestrator.metrics.sink import metrics_dir
 from orchestrator.metrics.tune import tune_callbacks
 from orchestrator.report.search import plot_pareto
+from orchestrator.search.frozen_base import space_settings
 from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.search.trial import build_payload, search_trial
 from orchestrator.spec import JobSpec
@@ -102,7 +103,7 @@ def trial_rows(results) -> list[dict]:
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status, **cfg}
         for k in ("step", "macro_ppl", "model_bytes", "sparsity", "adapter_bytes", "seconds"):
             row[k] = _num(m.get(k))
-        row["bits"] = int(cfg.get("bits", 16))
+        row["bits"] = int(m.get("bits") or cfg.get("bits", 16))  # a bit_budget trial reports its rounded budget
         row["timestamp"] = m.get("timestamp")
         row["checkpoint"] = r.checkpoint.path if r.checkpoint is not None else None
         rows.append(row)
@@ -214,6 +215,8 @@ def run_search(
             threads,
             [None if d.train_mask is None else d.train_mask.numpy() for d in data],
             [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
+            space_settings(space.dimensions) if search.quantize_layers == "all" else None,
+            trial_quant(search, spec)["quantizer"],
         )
     )
     resources = {"cpu": search.cpus_per_trial, **({"gpu": 1} if spec.ray.use_gpu else {})}
@@ -239,6 +242,7 @@ def run_search(
         fixed = {
             "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, **trial_quant(search, spec),
             "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr, "threads": search.cpus_per_trial,
+            "quantize_layers": search.quantize_layers,
         }
         tuner = tune.Tuner(
             trainable,
