@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--metric", choices=["ppl", "accuracy"], default="ppl",
                     help="accuracy: train and judge on stdlib-instruct's classification subset (gates_accuracy.py)")
     ap.add_argument("--max-new-tokens", type=int, default=12, help="answer length cap of the accuracy arm")
+    ap.add_argument("--eval-examples", type=int, default=1000, help="accuracy arm: at most ~this many eval examples")
+    ap.add_argument("--base-accuracy", action="store_true", help="accuracy arm: also judge the untuned base (slow)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -300,6 +302,7 @@ def main() -> None:
     masks = judge = None
     if args.metric == "accuracy":  # instruction rows (completion scored) + greedy answers judged by accuracy
         train_pairs, eval_pairs = classification_split()
+        eval_pairs = eval_pairs[:: max(1, math.ceil(len(eval_pairs) / args.eval_examples))]  # every package kept
         train_ids, train_mask = example_rows(tokenize, train_pairs, args.seq, eos_id, pad_id)
         eval_ids, eval_mask = example_rows(tokenize, eval_pairs, args.seq, eos_id, pad_id)
         masks = (train_mask, eval_mask)
@@ -323,7 +326,7 @@ def main() -> None:
     models = {}
     probe = make_model(args, base_state, top, False, train_ids[:0])  # B = 0: the base itself
     results["base"] = {"eval_ppl": math.exp(evaluate(probe, {0: eval_ids}, 8, masks=eval_masks)[0])}
-    if judge is not None:
+    if judge is not None and args.base_accuracy:
         results["base"]["accuracy"] = judge(probe)
     del probe
     oneshot = {}
@@ -385,7 +388,8 @@ def main() -> None:
     exp_nll = evaluate(pruned, {0: eval_ids}, 8, masks=eval_masks)[0]
     accuracy_fields = {}
     if judge is not None:  # the exported (pruned) model, still with its adapter unmerged
-        acc = {k: results[k]["accuracy"] for k in ("base", "lora", "gated")} | {"exported": judge(pruned)}
+        acc = {k: results[k]["accuracy"] for k in ("base", "lora", "gated") if "accuracy" in results[k]}
+        acc["exported"] = judge(pruned)
         accuracy_fields = {
             "metric": "accuracy (stdlib-instruct submodule, greedy, first line normalised)",
             "eval_examples": len(refs),
