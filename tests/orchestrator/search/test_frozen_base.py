@@ -54,9 +54,9 @@ def built():
     calls = []
     real = frozen_base._quantize_frozen
 
-    def counting(model, lower, setting, quantizer, top):
+    def counting(model, lower, setting, quantizer, top, calib):
         calls.append(dict(setting))
-        return real(model, lower, setting, quantizer, top)
+        return real(model, lower, setting, quantizer, top, calib)
 
     frozen_base._quantize_frozen = counting
     try:
