@@ -21,7 +21,7 @@ from models.files import atomic_write_bytes  # noqa: E402
 __all__ = ["render_search_md", "plot_pareto", "PARETO_PNG"]
 
 PARETO_PNG = "plots/pareto.png"
-_HPARAMS = ("rank", "target_sparsity", "bits", "quantizer", "tau", "lr")
+_HPARAMS = ("rank", "target_sparsity", "bits", "bit_budget", "quantizer", "tau", "lr")
 
 
 def _fmt(v) -> str:
