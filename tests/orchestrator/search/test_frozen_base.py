@@ -121,6 +121,8 @@ def test_search_settings_validate():
     SearchSpec(enabled=True, space="demo", quantize_layers="all")
     with pytest.raises(ValueError, match="search.pick with search.quantize_layers: all"):
         SearchSpec(enabled=True, space="demo", quantize_layers="all", pick={"max_bytes": 10**8})
+    with pytest.raises(ValueError, match="search.metric 'exact_match' with search.quantize_layers: all"):
+        SearchSpec(enabled=True, space="demo", quantize_layers="all", metric="exact_match")
     with pytest.raises(SpaceError, match="bit_budget"):
         parse_space({"dimensions": {"bit_budget": {"choice": [3.0]}}})
     with pytest.raises(SpaceError, match="bit_budget is discrete"):
