@@ -38,23 +38,28 @@ __all__ = ["PrefixCache", "CachePlan", "plan_prefix_cache"]
 
 @dataclass
 class CachePlan:
-    """Whether caching pays and how many rows the budget holds (see :func:`plan_prefix_cache`)."""
+    """Which rows are worth keeping and how many the budget holds (see :func:`plan_prefix_cache`)."""
 
-    use: bool
+    kinds: tuple[str, ...]  # "train" and/or "eval": the kinds of rows kept (empty: no cache)
     capacity: int  # rows the slab holds (0 when off)
     reason: str  # one line for the worker's log
+
+    @property
+    def use(self) -> bool:
+        return bool(self.kinds)
 
 
 def plan_prefix_cache(mode: str, budget_bytes: int, row_bytes: int, train_rows: int, eval_rows: int,
                       draws: int, methods: int, eval_passes: int) -> CachePlan:
-    """Decide from the job's steps, rows and budget whether the cache pays at all.
+    """Decide from the job's steps, rows and budget whether caching pays, and for which rows.
 
     Without a cache every use of a row runs the frozen blocks: ``methods * draws`` training
-    uses and ``eval_passes * eval_rows`` eval uses. With one, a row runs them once while it is
-    kept: the methods share their draws (same seed), so about ``distinct`` training rows
-    (uniform-draw estimate ``N (1 - exp(-draws / N))``) and ``eval_rows`` eval rows, the
-    excess over ``capacity`` counted as recomputed at every use. ``auto`` caches when that
-    saves at least 20% of the frozen-block forwards.
+    uses and ``eval_passes * eval_rows`` eval uses. A kept row runs them once: the methods
+    share their draws (same seed), so about ``distinct`` training rows (uniform-draw estimate
+    ``N (1 - exp(-draws / N))``) and ``eval_rows`` eval rows; the share the budget cannot hold
+    is counted as recomputed at every use. ``auto`` keeps a kind of row only if it is used
+    1.25 times or more per row, and caches at all only if that saves at least 20% of the
+    frozen-block forwards; ``on`` keeps both kinds, ``off`` neither.
 
     Args:
         mode: ``auto``, ``on`` or ``off``.
@@ -62,22 +67,30 @@ def plan_prefix_cache(mode: str, budget_bytes: int, row_bytes: int, train_rows: 
         train_rows / eval_rows: this worker's rows; draws: its training rows drawn per method.
         methods: training runs replaying the same draws; eval_passes: full evaluations.
     """
-    cap_rows = min(budget_bytes // max(row_bytes, 1), train_rows + eval_rows)
     distinct = train_rows * -math.expm1(-draws / train_rows) if train_rows else 0.0
-    without = methods * draws + eval_passes * eval_rows
-    keep = min(1.0, cap_rows / max(distinct + eval_rows, 1.0))  # share of the reused rows the slab holds
-    with_ = (distinct + eval_rows) + (1.0 - keep) * (without - distinct - eval_rows)
-    gb = cap_rows * row_bytes / 2**30
-    figures = (f"{methods} methods x {draws} draws + {eval_passes} evals x {eval_rows} rows = {without:,.0f} "
-               f"frozen-block row forwards without a cache, ~{with_:,.0f} with one holding {cap_rows:,} rows "
-               f"({gb:.2f} GB)")
-    if mode == "off":
-        return CachePlan(False, 0, f"prefix cache off (flock.prefix_cache.mode): {figures}")
+    uses = {"train": methods * draws, "eval": eval_passes * eval_rows}
+    computed = {"train": distinct, "eval": float(eval_rows)}
     if mode == "on":
-        return CachePlan(True, cap_rows, f"prefix cache on (flock.prefix_cache.mode): {figures}")
-    if with_ <= 0.8 * without:
-        return CachePlan(True, cap_rows, f"prefix cache on (auto, saves {1 - with_ / max(without, 1):.0%}): {figures}")
-    return CachePlan(False, 0, f"prefix cache off (auto, each row is used about once): {figures}")
+        kinds = ("train", "eval")
+    elif mode == "auto":
+        kinds = tuple(k for k in ("train", "eval") if computed[k] and uses[k] >= 1.25 * computed[k])
+    else:
+        kinds = ()
+    rows = {"train": train_rows, "eval": eval_rows}
+    cap_rows = min(budget_bytes // max(row_bytes, 1), sum(rows[k] for k in kinds))
+    without = sum(uses.values())
+    reused = sum(computed[k] for k in kinds)
+    keep = min(1.0, cap_rows / reused) if reused else 0.0  # share of the reused rows the slab holds
+    with_ = without - keep * sum(uses[k] - computed[k] for k in kinds)
+    figures = (f"{methods} methods x {draws:,} draws + {eval_passes} evals x {eval_rows:,} rows = {without:,.0f} "
+               f"frozen-block row forwards without a cache, ~{with_:,.0f} keeping {'+'.join(kinds) or 'no'} rows "
+               f"({cap_rows:,} rows, {cap_rows * row_bytes / 2**30:.2f} GiB)")
+    if mode != "auto":
+        return CachePlan(kinds, cap_rows if kinds else 0, f"prefix cache {mode} (flock.prefix_cache.mode): {figures}")
+    if kinds and with_ <= 0.8 * without:
+        return CachePlan(kinds, cap_rows, f"prefix cache on (auto, saves {1 - with_ / without:.0%}): {figures}")
+    return CachePlan((), 0, f"prefix cache off (auto, each row is used about once or the budget holds too few): "
+                            f"{figures}")
 
 
 class PrefixCache:
@@ -93,6 +106,7 @@ class PrefixCache:
         rows: kind -> rows of each slot (e.g. ``{"train": [N_0, N_1], "eval": [M_0, M_1]}``).
         capacity: rows the slab may hold (0: compute every batch, keep nothing).
         scores: kind -> each slot's expected uses of one row (default 1 everywhere).
+        keep: the kinds whose rows are kept (default all); others are computed at every use.
         pinned: keep the slab in pinned host memory (default: when the model is on a GPU).
 
     Example::
@@ -102,8 +116,10 @@ class PrefixCache:
     """
 
     def __init__(self, model: nn.Module, split: int, rows: Mapping[str, Sequence[int]], capacity: int,
-                 scores: Mapping[str, Sequence[float]] | None = None, pinned: bool | None = None) -> None:
+                 scores: Mapping[str, Sequence[float]] | None = None, pinned: bool | None = None,
+                 keep: Sequence[str] | None = None) -> None:
         self.model, self.split, self.capacity = model, split, int(capacity)
+        self.keep = set(rows if keep is None else keep)
         device = next(model.parameters()).device
         self.pinned = device.type == "cuda" if pinned is None else pinned
         self.offsets = {k: np.concatenate([[0], np.cumsum(n, dtype=np.int64)]) for k, n in rows.items()}
@@ -168,7 +184,7 @@ class PrefixCache:
 
     def _admit(self, kind: str, rows: np.ndarray, fresh: torch.Tensor) -> None:
         """Keep new rows: free slab positions first, then in place of lower-scored rows."""
-        if self.capacity == 0:
+        if self.capacity == 0 or kind not in self.keep:
             return
         if self.slab is None:
             self.slab = torch.empty((self.capacity, *fresh.shape[1:]), dtype=fresh.dtype, pin_memory=self.pinned)

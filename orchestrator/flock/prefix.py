@@ -35,7 +35,7 @@ def check_prefix_budget(spec: JobSpec, hidden: int, itemsize: int, seq_len: int 
         raise SpecError(
             f"flock.prefix_cache.budget_gb: {pc.budget_gb:g} GiB cannot hold one batch's frozen-prefix states "
             f"({max(tr.batch_size, tr.eval_batch_size)} rows x {seq_len or tr.seq_len} tokens x {hidden} x "
-            f"{itemsize} bytes = {need / 2**30:.4f} GiB); set budget_gb to at least {need / 2**30:.4f}, "
+            f"{itemsize} bytes = {need / 2**30:.3g} GiB); set budget_gb to at least {need / 2**30:.3g}, "
             "or prefix_cache.mode: off"
         )
 
@@ -72,4 +72,5 @@ def worker_prefix_cache(model: nn.Module, spec: JobSpec, split: int, sizes: list
         return None
     per_row = tr.steps * tr.batch_size * methods * p[owned] / n[owned]
     return PrefixCache(model, split, {"train": train_rows, "eval": eval_rows}, plan.capacity,
-                       scores={"train": per_row.tolist(), "eval": [float(eval_passes)] * len(eval_rows)})
+                       scores={"train": per_row.tolist(), "eval": [float(eval_passes)] * len(eval_rows)},
+                       keep=plan.kinds)

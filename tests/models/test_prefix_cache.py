@@ -123,18 +123,19 @@ def test_the_cache_runs_the_frozen_blocks_without_dropout_even_in_training_mode(
 
 
 @pytest.mark.parametrize(
-    "mode,draws,methods,passes,budget_rows,use",
+    "mode,draws,methods,passes,budget_rows,kinds",
     [
-        ("auto", 160, 1, 1, 10_000, False),  # 160 draws of 6,000 rows, one method, one eval: each row seen once
-        ("auto", 160, 3, 4, 10_000, True),  # three methods replay the draws; four evals read the eval rows
-        ("auto", 20_000, 1, 1, 10_000, True),  # epochs over the same rows
-        ("auto", 20_000, 1, 1, 10, False),  # ... but the budget holds almost nothing
-        ("on", 160, 1, 1, 10_000, True),
-        ("off", 20_000, 3, 4, 10_000, False),
+        ("auto", 160, 1, 1, 10_000, ()),  # 160 draws of 6,000 rows, one method, one eval: each row seen once
+        ("auto", 160, 3, 4, 10_000, ("train", "eval")),  # three methods replay the draws; four evals
+        ("auto", 160, 1, 4, 10_000, ("eval",)),  # one method: its draws are seen once, the eval rows four times
+        ("auto", 20_000, 1, 1, 10_000, ("train",)),  # epochs over the same rows
+        ("auto", 20_000, 1, 1, 10, ()),  # ... but the budget holds almost nothing
+        ("on", 160, 1, 1, 10_000, ("train", "eval")),
+        ("off", 20_000, 3, 4, 10_000, ()),
     ],
 )
-def test_the_plan_caches_only_when_rows_are_used_again_and_fit(mode, draws, methods, passes, budget_rows, use):
+def test_the_plan_caches_only_rows_used_again_and_only_when_they_fit(mode, draws, methods, passes, budget_rows, kinds):
     plan = plan_prefix_cache(mode, budget_rows * 100, 100, 6_000, 600, draws, methods, passes)
-    assert plan.use is use
-    assert ("prefix cache on" if use else "prefix cache off") in plan.reason and "\n" not in plan.reason
-    assert plan.capacity == (min(budget_rows, 6_600) if use else 0)
+    assert plan.kinds == kinds and plan.use is bool(kinds)
+    assert plan.reason.startswith(f"prefix cache {'on' if kinds else 'off'}") and "\n" not in plan.reason
+    assert plan.capacity == (min(budget_rows, sum({"train": 6_000, "eval": 600}[k] for k in kinds)))
