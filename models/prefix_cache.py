@@ -135,23 +135,24 @@ class PrefixCache:
         self.stats = {"hits": 0, "computed": 0, "evicted": 0, "seconds": 0.0}
 
     def get(self, kind: str, slots: np.ndarray, rows: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) states of these rows on ``ids``' device; ``ids`` are the rows' (B, L) tokens."""
+        """(B, L, H) states of these rows on the model's device; ``ids`` are the rows' (B, L) tokens (any device)."""
+        device = next(self.model.parameters()).device
         g = self.offsets[kind][np.asarray(slots, dtype=np.int64)] + np.asarray(rows, dtype=np.int64)
         pos = self.where[kind][g]
         hit = pos >= 0
         self.stats["hits"] += int(hit.sum())
         if hit.all():
-            return self._gather(pos, ids.device)
+            return self._gather(pos, device)
         miss = np.flatnonzero(~hit)
         uniq, first, back = np.unique(g[miss], return_index=True, return_inverse=True)  # a row drawn twice: once
         t0 = time.perf_counter()
-        fresh = self._compute(ids[torch.from_numpy(miss[first]).to(ids.device)])  # (U, L, H)
+        fresh = self._compute(ids[torch.from_numpy(miss[first]).to(ids.device)].to(device))  # (U, L, H)
         self.stats["seconds"] += time.perf_counter() - t0
         self.stats["computed"] += len(uniq)
-        out = torch.empty((len(g), *fresh.shape[1:]), dtype=fresh.dtype, device=ids.device)
+        out = torch.empty((len(g), *fresh.shape[1:]), dtype=fresh.dtype, device=device)
         if hit.any():  # before admitting: a new row may take the place of one of this batch's hits
-            out[torch.from_numpy(np.flatnonzero(hit)).to(ids.device)] = self._gather(pos[hit], ids.device)
-        out[torch.from_numpy(miss).to(ids.device)] = fresh[torch.from_numpy(back.reshape(-1)).to(fresh.device)]
+            out[torch.from_numpy(np.flatnonzero(hit)).to(device)] = self._gather(pos[hit], device)
+        out[torch.from_numpy(miss).to(device)] = fresh[torch.from_numpy(back.reshape(-1)).to(device)]
         self._admit(kind, uniq, fresh)
         return out
 

@@ -289,12 +289,12 @@ def evaluate(
     for i, t in enumerate(tasks):
         if len(sets[t]):
             by_len.setdefault(sets[t].shape[1], []).append(i)
+    device = next(model.parameters()).device  # rows may arrive on the CPU (a memory-mapped store): moved per batch
     for members in by_len.values():
-        device = sets[tasks[members[0]]].device
         total = torch.zeros(len(tasks), dtype=torch.float64, device=device)
         count = torch.zeros(len(tasks), dtype=torch.float64, device=device)
         for runs in _mixed_batches([(i, len(sets[tasks[i]])) for i in members], batch_size):
-            b = _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn)
+            b = _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device)
             nll, n = row_nll_sum(model, b)
             pos = torch.cat([torch.full((e - a,), i, device=device) for i, a, e in runs])
             total.index_add_(0, pos, nll.double())
@@ -322,24 +322,24 @@ def _mixed_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[t
     return batches if batches[0] else []
 
 
-def _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn) -> Batch:
-    """One mixed eval batch from its runs of consecutive rows (one slice per task, no per-row loop)."""
+def _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device: torch.device) -> Batch:
+    """One mixed eval batch on ``device`` from its runs of consecutive rows (a slice per task, no per-row loop)."""
     ids = torch.cat([sets[tasks[i]][a:e] for i, a, e in runs])
-    device = ids.device
-    tid = torch.cat([torch.full((e - a,), slot_of(tasks[i]) if slot_of else tasks[i], dtype=torch.long,
-                                device=device) for i, a, e in runs])
+    src = ids.device  # where the rows are kept; the batch moves to ``device`` whole
+    tid = torch.cat([torch.full((e - a,), slot_of(tasks[i]) if slot_of else tasks[i], dtype=torch.long, device=src)
+                     for i, a, e in runs])
     pre = None
     if prefix_fn is not None:
         keys = np.concatenate([np.full(e - a, tasks[i], dtype=np.int64) for i, a, e in runs])
         rows = np.concatenate([np.arange(a, e, dtype=np.int64) for i, a, e in runs])
         pre = prefix_fn(keys, rows, ids)
     elif prefixes is not None:
-        pre = torch.cat([prefixes[tasks[i]][a:e] for i, a, e in runs])
+        pre = torch.cat([prefixes[tasks[i]][a:e].to(device) for i, a, e in runs])
     scored = None
     got = [masks.get(tasks[i]) for i, _, _ in runs] if masks is not None else []
     if any(m is not None for m in got):
-        full = torch.ones(ids.shape[1], dtype=torch.bool, device=device)
+        full = torch.ones(ids.shape[1], dtype=torch.bool, device=src)
         full[0] = False
-        scored = torch.cat([full.expand(e - a, -1) if m is None else m[a:e]
+        scored = torch.cat([full.expand(e - a, -1) if m is None else m[a:e].to(src)
                             for m, (_, a, e) in zip(got, runs, strict=True)])
-    return Batch(ids, tid, torch.ones(len(ids), device=device), pre, split, scored)
+    return Batch(ids, tid, torch.ones(len(ids), device=src), pre, split, scored).to(device)

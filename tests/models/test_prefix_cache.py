@@ -139,3 +139,26 @@ def test_the_plan_caches_only_rows_used_again_and_only_when_they_fit(mode, draws
     assert plan.kinds == kinds and plan.use is bool(kinds)
     assert plan.reason.startswith(f"prefix cache {'on' if kinds else 'off'}") and "\n" not in plan.reason
     assert plan.capacity == (min(budget_rows, sum({"train": 6_000, "eval": 600}[k] for k in kinds)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host memory, non_blocking copies)")
+def test_on_a_gpu_the_slab_is_pinned_host_memory_and_rows_reach_the_device_exact():
+    from models.train.step import evaluate
+
+    model, _ = _model()
+    train, evals, masks = _rows()
+    ref = {s: compute_prefix(model, x, 2) for s, x in train.items()}  # on the CPU
+    ref_eval = evaluate(model, evals, 4, masks=masks)
+    model.cuda()
+    cache = _cache(model, train, evals, capacity=8)  # rows stay on the CPU, as a memory-mapped store keeps them
+    assert cache.pinned
+    for slots, rows in ([0, 1, 2], [3, 4, 5]), ([0, 2, 1], [3, 5, 4]), ([2, 2], [0, 1]):
+        ids = torch.stack([train[s][r] for s, r in zip(slots, rows, strict=True)])
+        got = cache.get("train", np.array(slots), np.array(rows), ids)
+        assert got.is_cuda
+        want = torch.stack([ref[s][r] for s, r in zip(slots, rows, strict=True)])
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    assert cache.slab.is_pinned() and cache.slab.device.type == "cpu" and cache.stats["hits"] == 3
+    got_eval = evaluate(model, evals, 4, None, 2, masks=masks, prefix_fn=lambda k, r, x: cache.get("eval", k, r, x))
+    for t in evals:
+        assert got_eval[t] == pytest.approx(ref_eval[t], rel=1e-4)
