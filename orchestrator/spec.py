@@ -59,8 +59,8 @@ class LoraSpec(Strict):
         alpha: scaling numerator (delta W = alpha / r * B A).
         dropout: dropout on the adapter input (one mask per row for all slots).
         target_modules: module leaf names to adapt.
-        top_layers: adapt only the top N blocks (the frozen blocks below are run once per
-            sequence and cached: the big saving on CPU). ``None`` = every block.
+        top_layers: adapt only the top N blocks (the frozen blocks below run once per sequence
+            while it is cached, see ``flock.prefix_cache``: the big saving on CPU). ``None`` = every block.
         ranks: per-task rank overrides ``{task: r}``.
     """
 

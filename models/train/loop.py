@@ -201,8 +201,9 @@ def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> 
     if not slots:
         some = data.train[0]
         empty = some[:0]
+        pre = data.train_prefix[0][:0] if data.train_prefix else None  # (0, L, H): callers may concatenate it
         return Batch(empty.to(device), torch.zeros(0, dtype=torch.long, device=device),
-                     torch.zeros(0, device=device), None, data.split)
+                     torch.zeros(0, device=device), None if pre is None else pre.to(device), data.split)
     ids = torch.stack([data.train[s][r] for s, r in zip(slots, rows)])
     pre = data.train_prefix_rows(slots, rows, ids)
     scored = data.train_scored(slots, rows)
