@@ -296,7 +296,7 @@ def evaluate(
         for runs in _mixed_batches([(i, len(sets[tasks[i]])) for i in members], batch_size):
             b = _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device)
             nll, n = row_nll_sum(model, b)
-            pos = torch.cat([torch.full((e - a,), i, device=device) for i, a, e in runs])
+            pos = torch.cat([torch.full((e - a,), i, dtype=torch.long, device=device) for i, a, e in runs])
             total.index_add_(0, pos, nll.double())
             count.index_add_(0, pos, n.double())
         sums, counts = total.tolist(), count.tolist()  # one transfer
