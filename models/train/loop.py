@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch import nn
 
 from models.lora import adapter_params, lora_layers, set_trainable
+from models.prefix_cache import PrefixCache
 from models.train.hooks import Prior, TrainHooks
 from models.train.lazy import LazyRowAdamW
 from models.train.results import MethodResult
 from models.train.state import load_train_state, save_train_state
-from models.train.step import Batch, BatchSampler, evaluate, train_step
+from models.train.step import Batch, BatchSampler, PrefixFn, evaluate, train_step
 
 __all__ = ["FlockData", "MethodConfig", "train_method", "make_batch", "grad_reducer", "average_shared",
            "uses_lazy_step", "LAZY_ABOVE"]
@@ -46,7 +47,9 @@ class FlockData:
         owned: global indices of the tasks this worker trains; slot = position in ``owned``.
         train: slot -> (N_d, L) token ids.
         eval: slot -> (M_d, L) token ids.
-        train_prefix / eval_prefix: slot -> cached hidden states entering block ``split``.
+        train_prefix / eval_prefix: slot -> precomputed hidden states entering block ``split``.
+        prefix_cache: instead, those states computed on demand (``"train"`` / ``"eval"`` rows),
+            kept within a memory budget (:class:`models.prefix_cache.PrefixCache`).
         train_mask / eval_mask: slot -> (N_d, L) bool scored-token masks (instruction rows score
             their completions, padding is never scored; see ``models.train.step.Batch``);
             ``None`` for the whole dict or one slot: every token after the first is scored.
@@ -61,6 +64,22 @@ class FlockData:
     split: int = 0
     train_mask: dict[int, torch.Tensor | None] | None = None
     eval_mask: dict[int, torch.Tensor | None] | None = None
+    prefix_cache: PrefixCache | None = None
+
+    def train_prefix_rows(self, slots: Sequence[int], rows: np.ndarray, ids: torch.Tensor) -> torch.Tensor | None:
+        """The (B, L, H) frozen-prefix states of these training rows (``ids``: their tokens), or ``None``."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache.get("train", np.asarray(slots), np.asarray(rows), ids)
+        if self.train_prefix is None:
+            return None
+        return torch.stack([self.train_prefix[s][r] for s, r in zip(slots, rows)]).to(ids.device)
+
+    def eval_prefix_fn(self) -> PrefixFn | None:
+        """:func:`models.train.step.evaluate`'s on-demand states of eval rows (``None``: precomputed or none)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return None
+        return lambda slots, rows, ids: cache.get("eval", slots, rows, ids)
 
     def train_scored(self, slots: Sequence[int], rows: np.ndarray) -> torch.Tensor | None:
         """The (B, L) scored-token mask of these training rows, or ``None`` if all are full rows."""
@@ -182,13 +201,11 @@ def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> 
     if not slots:
         some = data.train[0]
         empty = some[:0]
-        pre = data.train_prefix[0][:0] if data.train_prefix else None
+        pre = data.train_prefix[0][:0] if data.train_prefix else None  # (0, L, H): callers may concatenate it
         return Batch(empty.to(device), torch.zeros(0, dtype=torch.long, device=device),
                      torch.zeros(0, device=device), None if pre is None else pre.to(device), data.split)
     ids = torch.stack([data.train[s][r] for s, r in zip(slots, rows)])
-    pre = None
-    if data.train_prefix is not None:
-        pre = torch.stack([data.train_prefix[s][r] for s, r in zip(slots, rows)])
+    pre = data.train_prefix_rows(slots, rows, ids)
     scored = data.train_scored(slots, rows)
     return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored).to(
         device
@@ -386,7 +403,7 @@ def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed
     masks = None
     if data.eval_mask is not None:
         masks = {s: None if m is None else (m[:rows] if rows else m) for s, m in data.eval_mask.items() if s in keep}
-    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split, masks=masks)
+    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split, masks=masks, prefix_fn=data.eval_prefix_fn())
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ __all__ = [
     "row_nll_sum",
     "train_step",
     "evaluate",
+    "PrefixFn",
     "seed_everything",
     "perplexity",
     "macro_perplexity",
@@ -246,6 +247,10 @@ def train_step(
     return StepResult(float(loss.detach()), float(nll.detach()), norm, per, nonfinite)
 
 
+# A function giving the (B, L, H) frozen-prefix states of eval rows: (task keys, row indices, (B, L) ids).
+PrefixFn = Callable[[np.ndarray, np.ndarray, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -255,8 +260,15 @@ def evaluate(
     split: int = 0,
     slot_of: Callable[[int], int] | None = None,
     masks: dict[int, torch.Tensor | None] | None = None,
+    prefix_fn: PrefixFn | None = None,
 ) -> dict[int, float]:
-    """Mean NLL per scored token of each task's held-out sequences.
+    """Mean NLL per scored token of each task's held-out sequences, all tasks in mixed batches.
+
+    The tasks' rows are laid end to end and cut into batches of ``batch_size`` rows, each row
+    through its own adapter slot (as training batches are), so thousands of tasks with a few
+    eval rows each cost ``rows / batch_size`` forwards, not one short batch per task. Each
+    task's NLL is its scored tokens' summed NLL over their count (token-weighted, as a loop
+    over each task's own batches gives), accumulated in float64 on the device, read once.
 
     Args:
         sets: task -> (M, L) eval token ids.
@@ -264,24 +276,70 @@ def evaluate(
         slot_of: adapter slot used for a task (default: the task's own; unified = 0).
         masks: task -> (M, L) bool scored-token mask (see :class:`Batch`); missing or
             ``None``: every token after the first (full raw-text rows).
+        prefix_fn: instead of ``prefixes``, the states of a batch's rows on demand
+            (``models.prefix_cache.PrefixCache.get`` bound to the eval rows).
 
     Returns:
-        task -> mean NLL (perplexity is ``exp`` of it).
+        task -> mean NLL (perplexity is ``exp`` of it; 0 for a task with no scored token).
     """
     model.eval()
-    out = {}
-    for t, ids in sets.items():
-        slot = slot_of(t) if slot_of else t
-        total, count = 0.0, 0
-        for i in range(0, len(ids), batch_size):
-            rows = ids[i : i + batch_size]
-            pre = prefixes[t][i : i + batch_size] if prefixes is not None else None
-            mask = masks.get(t) if masks is not None else None
-            tid = torch.full((len(rows),), slot, dtype=torch.long, device=rows.device)
-            b = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, split,
-                      None if mask is None else mask[i : i + batch_size])
+    tasks = list(sets)
+    out = {t: 0.0 for t in tasks}
+    by_len: dict[int, list[int]] = {}  # rows of different lengths cannot share a batch
+    for i, t in enumerate(tasks):
+        if len(sets[t]):
+            by_len.setdefault(sets[t].shape[1], []).append(i)
+    device = next(model.parameters()).device  # rows may arrive on the CPU (a memory-mapped store): moved per batch
+    for members in by_len.values():
+        total = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+        count = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+        for runs in _mixed_batches([(i, len(sets[tasks[i]])) for i in members], batch_size):
+            b = _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device)
             nll, n = row_nll_sum(model, b)
-            total += float(nll.sum())
-            count += int(n.sum())
-        out[t] = total / max(count, 1)
+            pos = torch.cat([torch.full((e - a,), i, dtype=torch.long, device=device) for i, a, e in runs])
+            total.index_add_(0, pos, nll.double())
+            count.index_add_(0, pos, n.double())
+        sums, counts = total.tolist(), count.tolist()  # one transfer
+        for i in members:
+            out[tasks[i]] = sums[i] / max(counts[i], 1.0)
     return out
+
+
+def _mixed_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Cut tasks' rows laid end to end into batches: each a list of (task index, first row, end row)."""
+    batches: list[list[tuple[int, int, int]]] = [[]]
+    room = batch_size
+    for i, n in sizes:
+        a = 0
+        while a < n:
+            if room == 0:
+                batches.append([])
+                room = batch_size
+            e = min(n, a + room)
+            batches[-1].append((i, a, e))
+            room -= e - a
+            a = e
+    return batches if batches[0] else []
+
+
+def _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device: torch.device) -> Batch:
+    """One mixed eval batch on ``device`` from its runs of consecutive rows (a slice per task, no per-row loop)."""
+    ids = torch.cat([sets[tasks[i]][a:e] for i, a, e in runs])
+    src = ids.device  # where the rows are kept; the batch moves to ``device`` whole
+    tid = torch.cat([torch.full((e - a,), slot_of(tasks[i]) if slot_of else tasks[i], dtype=torch.long, device=src)
+                     for i, a, e in runs])
+    pre = None
+    if prefix_fn is not None:
+        keys = np.concatenate([np.full(e - a, tasks[i], dtype=np.int64) for i, a, e in runs])
+        rows = np.concatenate([np.arange(a, e, dtype=np.int64) for i, a, e in runs])
+        pre = prefix_fn(keys, rows, ids)
+    elif prefixes is not None:
+        pre = torch.cat([prefixes[tasks[i]][a:e].to(device) for i, a, e in runs])
+    scored = None
+    got = [masks.get(tasks[i]) for i, _, _ in runs] if masks is not None else []
+    if any(m is not None for m in got):
+        full = torch.ones(ids.shape[1], dtype=torch.bool, device=src)
+        full[0] = False
+        scored = torch.cat([full.expand(e - a, -1) if m is None else m[a:e].to(src)
+                            for m, (_, a, e) in zip(got, runs, strict=True)])
+    return Batch(ids, tid, torch.ones(len(ids), device=src), pre, split, scored).to(device)
