@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.lora import task_ids
 from models.prefix import use_prefix
@@ -36,6 +37,8 @@ __all__ = [
     "NonFiniteLossError",
     "row_nll",
     "row_nll_sum",
+    "token_nll",
+    "CE_CHUNK_ELEMENTS",
     "train_step",
     "evaluate",
     "seed_everything",
@@ -135,29 +138,81 @@ class BatchSampler:
         return tasks, idx, self.row_weight[tasks]
 
 
-def row_nll_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def row_nll_sum(model: nn.Module, batch: Batch, chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL of each row's scored tokens and their count: two (N,) tensors.
 
     Unscored targets (prompt tokens, padding) enter the cross-entropy as ``ignore_index``, so
-    they add nothing to the sum and their logits get exactly zero gradient.
+    they add nothing to the sum and their logits get exactly zero gradient. The fp32 logits
+    exist one chunk of tokens at a time (:func:`token_nll`), never whole.
     """
     ctx = use_prefix(model, batch.split, batch.prefix) if batch.prefix is not None else nullcontext()
     ids = batch.task_ids
     route = int(ids[0]) if bool((ids == ids[0]).all()) else ids  # one task: no gather
-    with ctx, task_ids(model, route):
-        logits = model(input_ids=batch.input_ids).logits  # (N, L, V)
     # Shift by padding the targets (ignored last position) rather than slicing the logits:
     # a (N, L-1, V) slice would copy the largest tensor of the step (V = 49k on SmolLM2).
-    n, length = batch.input_ids.shape
     nxt = batch.input_ids[:, 1:]
     if batch.scored is not None:
         nxt = nxt.masked_fill(~batch.scored[:, 1:], -100)
     target = F.pad(nxt, (0, 1), value=-100)  # (N, L): the target of position t is token t + 1
-    nll = F.cross_entropy(
-        logits.reshape(n * length, -1).float(), target.reshape(-1), reduction="none", ignore_index=-100
-    )
+    with ctx, task_ids(model, route):
+        nll = token_nll(model, batch.input_ids, target, chunk_tokens)
     count = (target != -100).sum(dim=1)
-    return nll.view(n, length).sum(dim=1), count
+    return nll.sum(dim=1), count
+
+
+# Model types whose causal-LM head is exactly ``lm_head(last hidden state)`` (no soft-capping,
+# logit scale or multiplier): their loss can run the head chunk by chunk from the hidden states.
+_PLAIN_HEAD_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gpt2", "gpt_neox", "phi3", "smollm3",
+    "olmo", "olmo2", "starcoder2",
+})
+CE_CHUNK_ELEMENTS = 2**26  # fp32 logits alive at once in the loss: 256 MB (~1.4k tokens at SmolLM2's 49k vocab)
+
+
+def _chunk_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, reduction="none", ignore_index=-100)
+
+
+def _head_chunk_nll(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _chunk_nll(head(hidden), target)
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor, target: torch.Tensor,
+              chunk_tokens: int | None = None) -> torch.Tensor:
+    """Next-token NLL of every position, fp32 (N, L); 0 where ``target`` is -100.
+
+    Why chunks: the fp32 upcast of whole (N, L, V) logits is the largest tensor of a step
+    (16 GB at 32k tokens x 128k vocab), and ``log_softmax`` saves another for backward. Here
+    the tokens go through the loss ``chunk_tokens`` at a time (default: ``CE_CHUNK_ELEMENTS``
+    logits), each chunk under activation checkpointing, so backward recomputes its logits
+    instead of keeping them: only one chunk's fp32 logits ever exist. For a plain head
+    (``_PLAIN_HEAD_TYPES``, head an unadapted linear layer) even the model-dtype logits are
+    never whole: the backbone's hidden states go through ``lm_head`` chunk by chunk. Per
+    token the arithmetic is the unchunked loss's (same head matmul row, same fp32 softmax).
+    """
+    n, length = input_ids.shape
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, "base_model", None)
+    plain = (
+        head is not None and backbone is not None and backbone is not model
+        and getattr(getattr(model, "config", None), "model_type", None) in _PLAIN_HEAD_TYPES
+        and (type(head) is nn.Linear or getattr(head, "is_quantized_linear", False))  # no adapter: no router
+    )
+    if plain:
+        source = backbone(input_ids=input_ids).last_hidden_state.reshape(n * length, -1)
+        vocab = head.out_features
+    else:
+        source = model(input_ids=input_ids).logits.reshape(n * length, -1)
+        vocab = source.shape[-1]
+    flat_target = target.reshape(-1)
+    step = chunk_tokens or max(1, CE_CHUNK_ELEMENTS // vocab)
+    recompute = torch.is_grad_enabled() and source.requires_grad
+    parts = []
+    for i in range(0, n * length, step):
+        args = (source[i : i + step], flat_target[i : i + step])
+        fn = (lambda h, t: _head_chunk_nll(head, h, t)) if plain else _chunk_nll
+        parts.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
+    return torch.cat(parts).view(n, length)
 
 
 def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
