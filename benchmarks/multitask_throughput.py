@@ -78,10 +78,19 @@ TINY = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512,
 }
 
+# SmolLM2-135M's architecture with random weights: the GPU check's model (no download, same FLOPs).
+SMOLLM2_SHAPED = {
+    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+}
+
 
 def _load(args) -> nn.Module:
     if args.model == "tiny":
         return load_base(random_init=TINY, device=args.device)
+    if args.model == "smollm2-shaped":
+        return load_base(random_init=SMOLLM2_SHAPED, device=args.device)
     return load_base(args.model, device=args.device)
 
 
@@ -256,7 +265,8 @@ def summarise(result: dict, tokens: int, flops, peak: float | None, timed_tokens
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny | any load_base name")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m | smollm2-shaped (its architecture, random weights) | tiny | any load_base name")
     ap.add_argument("--seqs-per-task", type=int, default=4, help="training sequences of each task")
     ap.add_argument("--epochs", type=int, default=4, help="passes over each task's sequences")
     ap.add_argument("--batch", type=int, default=1, help="rows per task per step (the flock's batch is tasks*batch)")
