@@ -119,7 +119,7 @@ class FlopsModel:
 
 def flops_model(
     blocks: dict[int, int], head: int, seq: int, attn_dim: int, adapters: list[tuple[int, int, int]],
-    lowest_adapted: int, split: int = 0,
+    lowest_adapted: int, split: int = 0, head_recompute: bool = False,
 ) -> FlopsModel:
     """The FLOPs model of a LoRA training step.
 
@@ -131,6 +131,8 @@ def flops_model(
         adapters: (d_in, d_out, rank) of every adapted matrix.
         lowest_adapted: the lowest block with an adapter (backward stops below it).
         split: first block that runs every step (prefix cache); 0 = no cache.
+        head_recompute: the chunked loss recomputes the head in backward (a batch's logits over
+            one chunk, ``models.train.chunked_loss``): one more head forward per token.
     """
     n_layers = len(blocks)
     n = sum(blocks.values()) + head
@@ -142,7 +144,7 @@ def flops_model(
     hardware = (
         2.0 * (sum(blocks[b] for b in fwd_blocks) + head) + attn_fwd * len(fwd_blocks)
         + 2.0 * (sum(blocks[b] for b in bwd_blocks) + head) + 2 * attn_fwd * len(bwd_blocks)
-        + adapter
+        + adapter + (2.0 * head if head_recompute else 0.0)
     )
     lower = [b for b in blocks if b < split]
     prefix = 2.0 * sum(blocks[b] for b in lower) + attn_fwd * len(lower)

@@ -71,6 +71,7 @@ from models.base import load_base, top_block_indices  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, set_trainable  # noqa: E402
 from models.peft_io import save_adapter  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
+from models.train.chunked_loss import CE_CHUNK_ELEMENTS  # noqa: E402
 from models.train.step import Batch, seed_everything, train_step  # noqa: E402
 
 TINY = {
@@ -226,8 +227,9 @@ def run_single_adapter(args, data: torch.Tensor, out: Path) -> dict:
     return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
 
 
-def arm_flops(model: nn.Module, args, split: int):
-    """The FLOPs model (``benchmarks/mfu.py``) of a step of ``model`` (adapters injected), cache from ``split``."""
+def arm_flops(model: nn.Module, args, split: int, ours: bool = True):
+    """The FLOPs model (``benchmarks/mfu.py``) of a step of ``model`` (adapters injected), cache from ``split``;
+    ``ours``: our loss (chunked, recomputing the head in backward when a batch's logits exceed one chunk)."""
     layers = lora_layers(model)
     lowest = min(int(p) for n in layers for p in n.split(".") if p.isdigit())
     blocks, head = linear_params(model)
@@ -236,7 +238,8 @@ def arm_flops(model: nn.Module, args, split: int):
         getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     )
     adapters = [(m.in_features, m.out_features, args.rank) for m in layers.values()]
-    return flops_model(blocks, head, args.seq, attn_dim, adapters, lowest, split)
+    chunked = ours and args.tasks * args.batch * args.seq * cfg.vocab_size > CE_CHUNK_ELEMENTS
+    return flops_model(blocks, head, args.seq, attn_dim, adapters, lowest, split, head_recompute=chunked)
 
 
 def summarise(result: dict, tokens: int, flops, peak: float | None, timed_tokens: int, prefix_tokens: int) -> dict:
@@ -251,7 +254,7 @@ def summarise(result: dict, tokens: int, flops, peak: float | None, timed_tokens
            "loss_first_last": [round(x, 4) for x in result["loss_first_last"]]}
     if flops is not None:
         split = result.get("split", 0)
-        fm = flops(split)
+        fm = flops(split, "split" in result)  # PEFT arms: transformers' own loss, no recomputed head
         hw = fm.hardware_per_token * timed_tokens + (fm.prefix_per_token * prefix_tokens if split else 0.0)
         row["model_flops_per_token"] = fm.model_per_token
         row["hardware_flops_per_token"] = fm.hardware_per_token
@@ -335,7 +338,7 @@ def main() -> None:
                 res = runners[arm]()
                 if "model" in res:
                     model = res.pop("model")
-                    flops = flops or (lambda split, m=model: arm_flops(m, args, split))
+                    flops = flops or (lambda split, ours=True, m=model: arm_flops(m, args, split, ours))
                 secs = sum(res["clock"].phases.values())
                 if arm not in results or secs < sum(results[arm]["clock"].phases.values()):
                     results[arm] = res

@@ -96,3 +96,11 @@ def test_benchmark_times_warmup_apart_and_reports_mfu_or_says_why_not():
     timed = 2 * 3 * 16
     work = row["prefix_s"] + row["train_s"]
     assert row["mfu_model"] == pytest.approx(row["model_flops_per_token"] * timed / work / 1e9, rel=0.02, abs=1e-4)
+
+
+def test_a_recomputed_head_counts_as_hardware_work_only():
+    blocks, head = linear_params(_tiny(["q_proj"], None))
+    plain = flops_model(blocks, head, 32, 64, [(64, 64, 4)] * 2, lowest_adapted=0)
+    chunked = flops_model(blocks, head, 32, 64, [(64, 64, 4)] * 2, lowest_adapted=0, head_recompute=True)
+    assert chunked.model_per_token == plain.model_per_token
+    assert chunked.hardware_per_token == plain.hardware_per_token + 2 * head
