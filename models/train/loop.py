@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.lora import adapter_params, lora_layers, set_trainable
+from models.train.checks import StepChecks
 from models.train.hooks import Prior, TrainHooks
 from models.train.lazy import LazyRowAdamW
 from models.train.results import MethodResult
@@ -307,7 +308,7 @@ def train_method(
     # the device (NaN-safe), so nothing it touched is poisoned. The lazy step still reads the
     # gradient norm every step (its closed-form catch-up needs the clip factors on the host).
     n_slots = max([len(data.owned)] + [layer.lora_A.shape[0] for layer in lora_layers(model).values()])
-    checks = _Checks(n_slots, coll_device, lazy is not None)
+    checks = StepChecks(n_slots, coll_device, lazy is not None)
 
     def read_point(step: int) -> None:
         new = _sync_failures({data.owned[s] for s in checks.read(model, step)} - set(failed), len(data.sizes),
@@ -405,77 +406,6 @@ def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed
     if data.eval_mask is not None:
         masks = {s: None if m is None else (m[:rows] if rows else m) for s, m in data.eval_mask.items() if s in keep}
     return evaluate(model, keep, cfg.eval_batch_size, pre, data.split, masks=masks)
-
-
-class _Checks:
-    """What the steps measured since the last read point, on the device; read in one transfer.
-
-    ``add`` accumulates a :class:`models.train.step.StepResult`'s non-finite flags, per-slot
-    training NLL and dropped-gradient flag; ``read`` adds the scan of the adapters for NaN/inf
-    offsets and returns the slots to stop; ``window`` gives the per-task training NLL since the
-    last log (then starts a new window).
-    """
-
-    def __init__(self, num_slots: int, device: torch.device, lazy: bool) -> None:
-        z = lambda: torch.zeros(num_slots, dtype=torch.float64, device=device)  # noqa: E731
-        self.bad, self.win_sum, self.win_n = z(), z(), z()
-        self.skipped = torch.zeros((), device=device)
-        self.lazy, self.scan_all = lazy, True  # the first read scans every slot (a poisoned initial state)
-        self.touched: set[int] = set()  # lazy: only the slots moved since the last read can turn NaN
-
-    def touch(self, slots: list[int]) -> None:
-        self.touched |= set(slots)
-
-    @torch.no_grad()
-    def add(self, res) -> None:
-        if res.bad is not None:
-            self.bad += res.bad.to(self.bad.dtype)
-        if res.skipped is not None:
-            self.skipped += res.skipped
-        present = res.counts > 0
-        self.win_sum += torch.where(present, res.sums / res.counts.clamp(min=1), 0.0).to(self.win_sum.dtype)
-        self.win_n += present.to(self.win_n.dtype)
-
-    def read(self, model: nn.Module, step: int) -> set[int]:
-        """Slots whose loss or offsets became NaN/inf since the last read (one host read)."""
-        slots = None if self.scan_all else sorted(self.touched)
-        scan = _nonfinite_flags(model, slots)
-        flags = self.bad > 0 if scan is None else scan | (self.bad > 0)
-        packed = torch.cat([flags.to(torch.float32), self.skipped.reshape(1).to(torch.float32)]).tolist()
-        found, skipped = {i for i, f in enumerate(packed[:-1]) if f}, packed[-1]
-        self.bad.zero_()
-        self.skipped.zero_()
-        self.touched.clear()
-        self.scan_all = not self.lazy
-        if skipped and not found:
-            raise FloatingPointError(
-                f"by step {step} the loss's extra terms (prior, gates or expert balance) became NaN/inf with every "
-                "task's adapter finite: training diverged; lower train.lr or train.max_grad_norm"
-            )
-        return found
-
-    def window(self) -> dict[int, float]:
-        rows = torch.stack([self.win_sum, self.win_n]).tolist()
-        self.win_sum.zero_()
-        self.win_n.zero_()
-        return {s: tot / n for s, (tot, n) in enumerate(zip(*rows, strict=True)) if n > 0}
-
-
-@torch.no_grad()
-def _nonfinite_flags(model: nn.Module, slots: list[int] | None = None) -> torch.Tensor | None:
-    """(T,) bool on the device: slots whose offsets hold NaN/inf, among ``slots`` (None = all)."""
-    bad: torch.Tensor | None = None
-    for layer in lora_layers(model).values():
-        for p in (layer.lora_A, layer.lora_B):
-            rows = p if slots is None else p[slots]
-            nonfinite = ~torch.isfinite(rows).flatten(1).all(dim=1)  # (T,) or (len(slots),)
-            bad = nonfinite if bad is None else bad | nonfinite
-            n = p.shape[0]
-    if bad is None or slots is None:
-        return bad
-    full = torch.zeros(n, dtype=torch.bool, device=bad.device)
-    full[slots] = bad
-    return full
 
 
 def _sync_failures(local: set[int], n_tasks: int, device: torch.device) -> set[int]:
