@@ -46,6 +46,14 @@ def test_have_file_leaves_out_what_the_gpu_machine_has(tmp_path):
     plan = _plan(tmp_path / "w", "--have", str(have))
     assert "ray" in plan["packages"]
     assert not {"numpy", "scipy", "pyyaml"} & set(plan["packages"])
+    assert "ray" not in _plan(tmp_path / "x", "--exclude", "ray")["packages"]
+
+
+def test_modules_a_python_cannot_import_are_named():
+    from benchmarks.gpu_check import _missing_modules
+
+    assert _missing_modules(["json", "surely_not_a_module_x", "ray.train"], dict(os.environ)) == [
+        "surely_not_a_module_x"]
 
 
 def test_a_bad_python_version_is_refused(tmp_path, capsys):
