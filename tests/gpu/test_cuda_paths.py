@@ -110,10 +110,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_flock_loop_on_a_world_size_one_nccl_group():
-    """The flock's per-worker loop with real NCCL collectives (clip norm, failure flags, tau statistics)."""
+def test_flock_loop_on_a_world_size_one_nccl_group(monkeypatch):
+    """The flock's per-worker loop with real NCCL collectives (Theta's gradient, clip norm, failure flags,
+    tau statistics): NCCL refuses a CPU tensor, so a collective fed from host memory fails here."""
     import torch.distributed as dist
 
+    import models.train.loop as loop
     from models.prior import HierarchicalPrior
     from models.train.loop import train_method
     from tests.models.train.test_loop import SIZES, _cfg, _data, _model
@@ -126,7 +128,8 @@ def test_flock_loop_on_a_world_size_one_nccl_group():
         data = _data([0, 1, 2, 3])
         data.train = {k: v.to(device) for k, v in data.train.items()}
         data.eval = {k: v.to(device) for k, v in data.eval.items()}
-        prior = HierarchicalPrior(m, SIZES, mode="infer", tau_init=100.0, update_every=2, a=1.0, b=0.01)
+        prior = HierarchicalPrior(m, SIZES, mode="infer", tau_init=100.0, update_every=2, a=1.0, b=0.01,
+                                  owned_tasks=[0, 1, 2, 3])
         return train_method(m, data, _cfg("hierarchical", steps=6), init, prior=prior, log=lambda s: None,
                             device=device)
 
@@ -137,10 +140,15 @@ def test_flock_loop_on_a_world_size_one_nccl_group():
         dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device(DEV, 0))
     else:
         dist.init_process_group("gloo", rank=0, world_size=1)
+    monkeypatch.setattr(loop, "_distributed", lambda: True)  # world size 1 would skip every collective
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.device.type), real(t, *a, **k))[1])
     try:
         out = run(DEV)
     finally:
         dist.destroy_process_group()
+    assert calls and set(calls) == {torch.device(DEV).type}
     for t, v in ref["eval_nll"].items():
         assert out["eval_nll"][t] == pytest.approx(v, rel=3e-2)
     assert out["failed"] == {}
