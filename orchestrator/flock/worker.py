@@ -29,6 +29,7 @@ from models.base import resolve_dtype, top_block_indices
 from models.lora import adapter_params, inject
 from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
+from models.precision import fast_matmul
 from models.train.loop import FlockData, train_method
 from models.train.results import MethodResult
 from models.train.step import evaluate, seed_everything
@@ -93,6 +94,10 @@ def flock_worker(config: dict) -> None:
         model = load_base_shared(state, b.name, b.gguf_file, b.random_init)  # quantised layers stay packed
         factors, quant = lq_factors(state), (state.get("quant") or {}).get("summary")
         if device.type != "cpu":
+            # The store holds the workers' dtype (flock driver: store_dtype), so this is one
+            # host-to-device copy per tensor, straight from the shared pages: no dtype change,
+            # no intermediate host copy. A GPU per worker needs its own device copy regardless.
+            fast_matmul(device)
             model = model.to(device=device, dtype=resolve_dtype(b.dtype, str(device)))
     else:
         model = load_job_base(spec, str(device))
