@@ -22,6 +22,11 @@ READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "non
 ROOT = str(Path(__file__).resolve().parents[3])
 
 
+def _ours(filename: str) -> bool:
+    """Whether ``filename`` is the project's own code (a venv inside the checkout, as ``make`` makes, is not)."""
+    return filename.startswith(ROOT) and "site-packages" not in filename
+
+
 class CountReads(HostTensors):
     """Counts the reads of device memory made by the project's own code (its caller's file is here).
 
@@ -36,7 +41,7 @@ class CountReads(HostTensors):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if (getattr(func, "__name__", "") in READS and args and not getattr(args[0], "_host", False)
-                and sys._getframe(1).f_code.co_filename.startswith(ROOT)):
+                and _ours(sys._getframe(1).f_code.co_filename)):
             self.n += 1
         return super().__torch_function__(func, types, args, kwargs)
 
