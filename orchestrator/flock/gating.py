@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.peft_io import save_adapter
@@ -44,7 +45,8 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
                     if left == 0:
                         return total
                     rows = data.train_rows(s, slice(i, i + bs), device)  # only these rows, from the store
-                    pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
+                    at = np.arange(i, i + len(rows))
+                    pre = data.train_prefix_rows([s] * len(rows), at, rows)
                     scored = data.train_mask_rows(s, slice(i, i + bs), device)
                     tid = torch.full((len(rows),), s, dtype=torch.long, device=device)
                     batch = Batch(rows, tid, torch.ones(len(rows), device=device), pre, data.split, scored)

@@ -62,6 +62,7 @@ from torch import nn
 from models.base import top_block_indices
 from models.gates.layer import GatedLinear, gate_params, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
+from models.precision import cast_frozen
 from models.prefix import compute_prefix
 from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
@@ -70,7 +71,7 @@ from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData, train_method
 from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
-from orchestrator.base.load import load_job_base
+from orchestrator.base.load import load_job_base, run_dtype
 from orchestrator.contracts import TrialMetrics
 from orchestrator.errors import StageError
 from orchestrator.flock.methods import method_config
@@ -193,15 +194,18 @@ def build_trial_model(
         (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
     """
     seed_everything(spec.train.seed)
-    model = load_job_base(spec, device, "float32")
+    bits = int(config.get("bits", 16))
+    quantised = bits < 16 or bool(top_bits)
+    run = run_dtype(spec, device)
+    # A quantised trial quantises the fp32 weights (LQ reads them), then runs its base in ``run``.
+    model = load_job_base(spec, device, "float32" if quantised else run)
     layers = top_block_indices(model, spec.lora.top_layers)
     torch.manual_seed(spec.train.seed)  # the same initial adapters as the flock at the same rank
     rank = int(config.get("rank", spec.lora.rank))
     inject(model, spec.lora.target_modules, num_tasks=num_tasks, rank=rank, alpha=spec.lora.alpha,
            dropout=spec.lora.dropout, layers=layers)
     info: dict = {"layers": layers, "quant": None, "gated": []}
-    bits = int(config.get("bits", 16))
-    if bits < 16 or top_bits:
+    if quantised:
         q = quantize_model(
             model,
             "all-linear",
@@ -212,6 +216,8 @@ def build_trial_model(
             cache_weight=True,  # frozen weights: the cache is exact
         )
         info["quant"] = {k: v for k, v in q.as_dict().items() if k != "matrices"}
+        if run != "float32":  # the rest of the base (embeddings, norms, unquantised layers) in bf16
+            cast_frozen(model, getattr(torch, run))
     if float(config.get("target_sparsity", 0.0)) > 0:
         g = spec.gates
         info["gated"] = inject_gates(model, g.target_modules, layers=layers, scope="shared",
