@@ -42,28 +42,39 @@ def spec_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _claim_output(out: Path, spec: JobSpec) -> dict:
-    """Create/verify ``out``; return its saved state (empty for a new job)."""
-    out.mkdir(parents=True, exist_ok=True)
+def _check_output(out: Path, spec: JobSpec) -> dict | None:
+    """Refuse ``out`` if it is another job's or not loraflock's; return its saved state (None: a new job).
+
+    Reads only, so it can run before anything (the row store included) is written there.
+    """
     marker = out / "job.json"
-    fp = spec_fingerprint(spec)
     if marker.is_file():
         try:
             prev = json.loads(marker.read_text())
         except json.JSONDecodeError:
             prev = {}
-        if prev.get("fingerprint") != fp:
+        if prev.get("fingerprint") != spec_fingerprint(spec):
             raise OutputDirError(
                 f"{out} holds the results of another job ({prev.get('name', 'unknown')!r}, a different spec); "
                 "choose a new --out directory, or delete this one to start over"
             )
         state_file = out / "state.json"
         return json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if any(p for p in out.iterdir() if not p.name.startswith(".")):
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise OutputDirError(
             f"{out} is not empty and was not written by loraflock: choose an empty or new --out directory"
         )
-    atomic_write_json(marker, {"name": spec.name, "fingerprint": fp, "spec": spec.model_dump(mode="json")})
+    return None
+
+
+def _claim_output(out: Path, spec: JobSpec) -> dict:
+    """Create/verify ``out``; return its saved state (empty for a new job)."""
+    state = _check_output(out, spec)
+    if state is not None:
+        return state
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "job.json", {"name": spec.name, "fingerprint": spec_fingerprint(spec),
+                                         "spec": spec.model_dump(mode="json")})
     return {}
 
 
@@ -140,6 +151,7 @@ def run_job(spec: JobSpec, out: str | Path, address: str | None = None) -> dict:
         + (f" + {len(spec.task_sets)} task sets" if spec.task_sets else "")
         + f", output {out}"
     )
+    _check_output(out, spec)  # another job's or a foreign folder is refused before the row store goes there
     # Bad data files fail here, before Ray starts. The rows go to a row store in the run's folder
     # (a dot name: claiming the folder ignores it), which every node sees and the flock maps.
     data = build_job_data(spec, rows_dir=out / ROWS_DIR)
