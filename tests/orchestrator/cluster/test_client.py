@@ -268,6 +268,9 @@ def test_cli_parses_and_reports_user_errors(no_ray_token, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     a = build_parser().parse_args(["submit", str(TINY), "--wait", "--working-dir", "."])
     assert a.address == "http://127.0.0.1:8265" and a.wait and a.working_dir == "."
+    assert a.ship_code and not a.pip_deps  # the code travels by default; the dependencies only on request
+    a = build_parser().parse_args(["submit", str(TINY), "--no-ship-code", "--pip-deps"])
+    assert not a.ship_code and a.pip_deps
     a = build_parser().parse_args(["logs", "jid", "-f", "--address", "http://h:8265"])
     assert a.follow and a.address == "http://h:8265"
     port = _free_port()
