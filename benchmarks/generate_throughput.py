@@ -5,6 +5,8 @@ prompts each, 32 new tokens, LoRA r=8 on all 7 projections of every block; ~2 mi
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generate_throughput.py
 Quick (tiny random llama and the bytes tokenizer):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generate_throughput.py --model tiny
+Label scoring (``choice_accuracy``) instead of generation:
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generate_throughput.py --choices
 
 Both arms generate greedily from the same prompts with the same adapters (random, B != 0, so
 the tasks differ), the same stop ids and ``max_new_tokens``, with a KV cache:
@@ -19,6 +21,15 @@ Loading is not timed; each arm is warmed up once. Tokens are the generated ones 
 row's stop (the same count for both arms when their tokens agree; ``same_tokens`` says
 whether they do). Prints ONE JSON object with tokens/s of each arm and
 ``ratio_vs_peft_task_by_task``.
+
+``--choices``: ``choice_accuracy``'s label scoring on the classification set of
+``examples/instruct.yaml`` (builtin ``stdlib-instruct`` ``submodule`` subset, ``messages``
+through the chat template; each task's labels are its distinct training completions), all
+tasks' rows mixed, with :func:`models.generate.score_choices` two ways on the same model and
+rows: ``before`` runs one whole (prompt, label) sequence per pair (``share_prompt=False``, the
+code before the shared prompt), ``after`` runs each prompt once and every label from its KV
+cache. Prints ONE JSON object with both times, ``speedup`` (before / after), the largest
+score difference and whether every row picks the same label.
 """
 
 from __future__ import annotations
@@ -63,6 +74,64 @@ def _prompts(args, tok) -> list[list[list[int]]]:
     return out
 
 
+def _choice_rows(args, tok):
+    """(prompts, slots, label ids per row) of the classification tasks: every eval row of each task."""
+    from tasks import build_task_data
+    from tasks.evaluate import eval_examples
+    from tasks.metric_spec import MetricSettings
+    from tasks.spec import STDLIB_PACKAGES, TaskSpec
+
+    specs = [TaskSpec(name=p, source={"kind": "builtin", "suite": "stdlib-instruct", "subset": "submodule",
+                                      "package": p, "example_format": "messages"}, eval_fraction=0.2)
+             for p in STDLIB_PACKAGES[: args.tasks]]
+    data = build_task_data(specs, tok, seq_len=args.seq if args.model != "tiny" else 4 * args.seq,
+                           chat_template="chatml" if args.model == "tiny" else None)  # bytes: no template
+    settings = MetricSettings(metrics=["choice_accuracy"])
+    prompts, slots, choices = [], [], []
+    for t, d in enumerate(data):
+        ex = eval_examples(d, tok, settings, max_examples=args.rows)
+        prompts += ex.prompts
+        slots += [t] * len(ex)
+        choices += [ex.choices.ids] * len(ex)
+    return prompts, slots, choices
+
+
+def choices_main(args, tok, model) -> None:
+    """The ``--choices`` arm (see the module docstring)."""
+    from models.generate import score_choices
+
+    prompts, slots, choices = _choice_rows(args, tok)
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    kw = dict(pad_id=pad, batch_size=args.batch)
+    score_choices(model, prompts[:2], slots[:2], choices[:2], **kw)  # warm-up
+    times, scores = {}, {}
+    for arm, share in (("before", False), ("after", True)):
+        t0 = time.perf_counter()
+        scores[arm] = score_choices(model, prompts, slots, choices, share_prompt=share, **kw)
+        times[arm] = time.perf_counter() - t0
+    diff = max(float((a - b).abs().max()) for a, b in zip(scores["before"], scores["after"]))
+    same = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(scores["before"], scores["after"]))
+    print(json.dumps({
+        "benchmark": "score_choices",
+        "compared": "choice_accuracy label scoring: one (prompt, label) sequence per pair (before) vs each prompt "
+                    "once + every label from its KV cache (after), tasks mixed, per-row adapter slots",
+        "model": args.model,
+        "tasks": len(set(slots)),
+        "rows": len(prompts),
+        "pairs": sum(len(c) for c in choices),
+        "labels_per_row_mean": round(sum(len(c) for c in choices) / len(choices), 2),
+        "prompt_tokens_mean": round(sum(len(p) for p in prompts) / len(prompts), 1),
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "before_s": round(times["before"], 3),
+        "after_s": round(times["after"], 3),
+        "speedup": round(times["before"] / times["after"], 2),
+        "max_abs_score_diff": diff,
+        "same_choice_rows": same,
+    }))
+
+
 def _model(args):
     if args.model == "tiny":
         return load_base(random_init=TINY, seed=0)
@@ -78,6 +147,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="rows per generate call of the mixed arm")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seq", type=int, default=160, help="tokens per example (prompt cut from the left; x4 for tiny)")
+    ap.add_argument("--choices", action="store_true", help="time choice_accuracy's label scoring instead")
     args = ap.parse_args()
     from peft import PeftModel
 
@@ -97,6 +167,8 @@ def main() -> None:
     with torch.no_grad():  # "trained" adapters: B != 0, each task its own
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
+    if args.choices:
+        return choices_main(args, tok, model)
     kw = dict(pad_id=pad, stop_ids=[eos], max_new_tokens=args.max_new_tokens)
     generate(model, prompts[:2], slots[:2], **{**kw, "max_new_tokens": 2})  # warm-up
     t0 = time.perf_counter()

@@ -14,9 +14,15 @@ A row stops at any of ``stop_ids`` (EOS, a chat template's end of turn) or, with
 tokenizer, at any of ``stop`` strings (``transformers``' ``StopStringCriteria``); finished
 rows are padded until the whole batch is done.
 
-:func:`score_choices` ranks a fixed label set by log-likelihood instead of generating: each
-(prompt, label) pair is one left-padded row, so every label sits at the end of its row and
-only the last ``max label length + 1`` positions need logits (``logits_to_keep``).
+:func:`score_choices` ranks a fixed label set by log-likelihood instead of generating. A
+task's K labels share their prompt, so the prompt runs once per row (left-padded, a batch of
+rows of any tasks): its last position's logits score every label's first token, and its KV
+cache is copied to the row's (row, label) pairs, which then run only the label tokens (right-
+padded, positions continuing the prompt's) to score the rest. Before, every (prompt, label)
+pair ran the whole prompt: K times the prompt's FLOPs (``share_prompt=False`` still does,
+the reference the shared path is tested and benchmarked against). Memory: a label pass holds
+the KV cache of at most ``4 * batch_size`` (row, label) pairs (copies of their rows' prompt
+caches), not of all K labels of every row at once.
 
 Model code only: torch + transformers, no Ray.
 
@@ -151,6 +157,17 @@ def generate(
     return Generations(out, texts)
 
 
+def _check_choices(prompts, slots, choices) -> list[int]:
+    slots = [int(slots)] * len(prompts) if isinstance(slots, int) else [int(s) for s in slots]
+    if len(slots) != len(prompts) or len(choices) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts, {len(slots)} slots and {len(choices)} label sets: one each per row")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt: every row needs at least one token to score labels after")
+    if any(len(c) == 0 for cs in choices for c in cs):
+        raise ValueError("an empty choice: every label needs at least one token")
+    return slots
+
+
 @torch.no_grad()
 def score_choices(
     model: nn.Module,
@@ -159,6 +176,7 @@ def score_choices(
     choices: Sequence[Sequence[Sequence[int]]],
     pad_id: int,
     batch_size: int = 16,
+    share_prompt: bool = True,
 ) -> list[torch.Tensor]:
     """Log-likelihood of every choice after its prompt: ``sum_j log p(c_j | prompt, c_<j)``.
 
@@ -168,35 +186,100 @@ def score_choices(
         slots: each row's adapter slot, or one for all.
         choices: per row, its candidate continuations as token ids (a task's label set,
             terminator included); rows may have different sets.
-        pad_id: left padding (masked out).
-        batch_size: (prompt, choice) sequences per forward pass, tasks mixed.
+        pad_id: padding id (masked out).
+        batch_size: prompts per prefill (their (row, label) pairs then run ``4 * batch_size``
+            at a time); with ``share_prompt=False``, (prompt, label) sequences per forward.
+        share_prompt: run each prompt once and the labels from its KV cache (see the module
+            docstring); ``False``: one whole (prompt, label) sequence per pair.
 
     Returns:
         Per row, a float32 (K_row,) tensor of summed log-probabilities; ``argmax`` is the choice.
     """
-    slots = [int(slots)] * len(prompts) if isinstance(slots, int) else [int(s) for s in slots]
-    pairs = [(i, k) for i, cs in enumerate(choices) for k in range(len(cs))]
-    if any(len(c) == 0 for cs in choices for c in cs):
-        raise ValueError("an empty choice: every label needs at least one token")
-    scores = [torch.zeros(len(cs)) for cs in choices]
+    slots = _check_choices(prompts, slots, choices)
     device, was_training = _device(model), model.training
     model.eval()
     try:
-        for batch in _batches([len(prompts[i]) + len(choices[i][k]) for i, k in pairs], batch_size):
-            rows = [pairs[b] for b in batch]
-            seqs = [[*prompts[i], *choices[i][k]] for i, k in rows]
-            ids, mask = left_pad(seqs, pad_id, device)
-            keep = max(len(choices[i][k]) for i, k in rows) + 1  # logits at the last `keep` positions
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            with task_ids(model, _route([slots[i] for i, _ in rows], device)):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                               logits_to_keep=keep).logits  # (B, keep, V)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts the last keep - 1 tokens
-            targets = ids[:, -(keep - 1):]
-            tok_logp = logp.gather(-1, targets[..., None])[..., 0]  # (B, keep - 1)
-            for r, (i, k) in enumerate(rows):
-                n = len(choices[i][k])
-                scores[i][k] = tok_logp[r, -n:].sum().cpu()
+        if share_prompt:
+            return _score_shared(model, prompts, slots, choices, pad_id, batch_size, device)
+        return _score_pairs(model, prompts, slots, choices, pad_id, batch_size, device)
     finally:
         model.train(was_training)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _score_shared(model, prompts, slots, choices, pad_id: int, batch_size: int, device) -> list[torch.Tensor]:
+    """Prompt once per row (prefill), then every label's tokens from a copy of the row's KV cache."""
+    from transformers import DynamicCache
+
+    offset = [0]
+    for cs in choices:
+        offset.append(offset[-1] + len(cs))
+    flat = torch.zeros(offset[-1])  # every (row, label) pair's score, rows in order
+    for rows in _batches([len(p) for p in prompts], batch_size):
+        ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with task_ids(model, _route([slots[i] for i in rows], device)):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                        logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (R, V): each label's first token
+        prefix = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        kv = [(layer.keys, layer.values) for layer in prefix.layers]  # each (R, H, P, D)
+        pairs = [(r, k) for r, i in enumerate(rows) for k in range(len(choices[i]))]
+        where = torch.as_tensor([offset[rows[r]] + k for r, k in pairs], dtype=torch.long)
+        heads = torch.as_tensor([choices[rows[r]][k][0] for r, k in pairs], dtype=torch.long, device=device)
+        flat[where] = first[torch.as_tensor([r for r, _ in pairs], device=device), heads].cpu()
+        # labels of similar length together: less right-padding in the label passes
+        width_of = {(r, k): len(choices[rows[r]][k]) for r, k in pairs}
+        rest = sorted((rk for rk in pairs if width_of[rk] > 1), key=width_of.__getitem__)
+        for c0 in range(0, len(rest), 4 * batch_size):
+            chunk = rest[c0 : c0 + 4 * batch_size]
+            labels = [choices[rows[r]][k] for r, k in chunk]
+            width = max(len(c) for c in labels) - 1
+            # inputs c_0 .. c_{n-2} predict targets c_1 .. c_{n-1}; right-padded after every real token
+            tail_ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
+            targets = torch.zeros((len(chunk), width), dtype=torch.long)
+            tail_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, c in enumerate(labels):
+                tail_ids[b, : len(c) - 1] = torch.as_tensor(c[:-1])
+                targets[b, : len(c) - 1] = torch.as_tensor(c[1:])
+                tail_mask[b, : len(c) - 1] = 1
+            tail_ids, targets, tail_mask = tail_ids.to(device), targets.to(device), tail_mask.to(device)
+            pick = torch.as_tensor([r for r, _ in chunk], dtype=torch.long, device=device)
+            cache = DynamicCache([(key.index_select(0, pick), val.index_select(0, pick)) for key, val in kv],
+                                 config=model.config)
+            pos = mask.sum(-1).index_select(0, pick)[:, None] + torch.arange(width, device=device)[None, :]
+            with task_ids(model, _route([slots[rows[r]] for r, _ in chunk], device)):
+                logits = model(input_ids=tail_ids, attention_mask=torch.cat([mask.index_select(0, pick), tail_mask], 1),
+                               position_ids=pos, use_cache=True, **{_cache_kwarg(model): cache}).logits  # (C, W, V)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]  # (C, W)
+            at = torch.as_tensor([offset[rows[r]] + k for r, k in chunk], dtype=torch.long)
+            flat[at] += (logp * tail_mask).sum(-1).cpu()
+    return list(flat.split([len(cs) for cs in choices]))
+
+
+def _score_pairs(model, prompts, slots, choices, pad_id: int, batch_size: int, device) -> list[torch.Tensor]:
+    """One left-padded (prompt, label) sequence per pair: only the last ``max label + 1`` positions need logits."""
+    pairs = [(i, k) for i, cs in enumerate(choices) for k in range(len(cs))]
+    scores = [torch.zeros(len(cs)) for cs in choices]
+    for batch in _batches([len(prompts[i]) + len(choices[i][k]) for i, k in pairs], batch_size):
+        rows = [pairs[b] for b in batch]
+        seqs = [[*prompts[i], *choices[i][k]] for i, k in rows]
+        ids, mask = left_pad(seqs, pad_id, device)
+        keep = max(len(choices[i][k]) for i, k in rows) + 1  # logits at the last `keep` positions
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with task_ids(model, _route([slots[i] for i, _ in rows], device)):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                           logits_to_keep=keep).logits  # (B, keep, V)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts the last keep - 1 tokens
+        targets = ids[:, -(keep - 1):]
+        tok_logp = logp.gather(-1, targets[..., None])[..., 0]  # (B, keep - 1)
+        for r, (i, k) in enumerate(rows):
+            n = len(choices[i][k])
+            scores[i][k] = tok_logp[r, -n:].sum().cpu()
     return scores

@@ -158,6 +158,9 @@ class TrialMetrics(TypedDict):
             ParetoASHA records a result only when ``rung_bytes`` is present).
         quant_rel_error: LQ reconstruction error (quantised bases), else None.
         seconds: since the trial started.
+        macro_<metric> / judge_s: with a task ``search.metric`` (``orchestrator.search.judge``):
+            its mean over the judged tasks on their seeded ``search.metric_rows`` rows, and
+            the seconds judging took.
     """
 
     step: int
@@ -175,3 +178,8 @@ class TrialMetrics(TypedDict):
     rung_bytes: NotRequired[int]
     quant_rel_error: float | None
     seconds: float
+    macro_exact_match: NotRequired[float]
+    macro_accuracy: NotRequired[float]
+    macro_choice_accuracy: NotRequired[float]
+    macro_rouge_l: NotRequired[float]
+    judge_s: NotRequired[float]

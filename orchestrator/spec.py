@@ -315,6 +315,8 @@ class JobSpec(Strict):
         if dup:
             raise ValueError(f"task names must be unique; repeated: {dup}")
         self.eval.check([*self.tasks, *self.task_sets, *([self.recycle.new_task] if self.recycle.new_task else [])])
+        if self.search.enabled:
+            self.search.check_metric(self.eval, [*self.tasks, *self.task_sets])
         if self.recycle.new_task is not None and self.recycle.new_task.name in names:
             raise ValueError(f"recycle.new_task {self.recycle.new_task.name!r} must be held out of the flock's tasks")
         picks = self.search.enabled and self.search.pick is not None  # recycle then uses the picked trial

@@ -68,6 +68,14 @@ class EvalExamples:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def subset(self, rows: list[int]) -> EvalExamples:
+        """These examples restricted to ``rows`` (indices, in the given order); labels and stop ids kept."""
+        return EvalExamples(
+            prompts=[self.prompts[i] for i in rows], references=[self.references[i] for i in rows],
+            stop_ids=self.stop_ids, pad_id=self.pad_id, choices=self.choices,
+            targets=[self.targets[i] for i in rows] if self.targets else [],
+        )
+
 
 def _completions(ids: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) per row: the completion runs from its start to the last scored token."""

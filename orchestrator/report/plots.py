@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from models.files import atomic_write_bytes  # noqa: E402
 
-__all__ = ["make_plots"]
+__all__ = ["make_plots", "metric_gains", "size_binned_mean"]
 
 _COLORS = {"base": "#9e9e9e", "hierarchical": "#1f77b4", "independent": "#ff7f0e", "unified": "#2ca02c"}
 
@@ -152,6 +152,56 @@ def _gains(out: Path, rows: list[dict], baselines: list[str]) -> str:
     return "plots/task_gains.png"
 
 
+def size_binned_mean(xs, ys, bins: int = 12):
+    """Mean of ``ys`` in log-spaced bins of ``xs`` (bins with a point): the trend a dense cloud hides."""
+    import numpy as np
+
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    if len(xs) < 2 or xs.min() <= 0 or xs.min() == xs.max():
+        return xs, ys
+    edges = np.geomspace(xs.min(), xs.max() * 1.0001, bins + 1)
+    at = np.digitize(xs, edges) - 1
+    keep = [b for b in range(bins) if (at == b).any()]
+    return (np.array([np.exp(np.log(xs[at == b]).mean()) for b in keep]),
+            np.array([ys[at == b].mean() for b in keep]))
+
+
+def metric_gains(out: Path, rows: list[dict], metrics: list[str], baselines: list[str]) -> str:
+    """Each task metric: the flock's gain over the base and each baseline (points) against task size.
+
+    One panel per metric; a task's gain is ``flock - reference`` on that task (metrics are in
+    [0, 1], so in points, not relative). Per-task points are small and translucent past 500
+    tasks, and a line joins each reference's mean gain in log-spaced size bins, so the plot
+    stays readable at 10,000 tasks where metric values (k / eval rows) pile up on a few levels.
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        n_tasks = 0
+        for ref in ["base", *baselines]:
+            pts = [(x["train_examples"], 100 * (x[f"flock_{m}"] - x[f"{ref}_{m}"])) for x in rows
+                   if x.get(f"flock_{m}") is not None and x.get(f"{ref}_{m}") is not None and x.get("train_examples")]
+            if not pts:
+                continue
+            n_tasks = max(n_tasks, len(pts))
+            xs, ys = zip(*pts)
+            many = len(pts) > 500
+            ax.scatter(xs, ys, s=5 if many else 14, alpha=0.25 if many else 0.6, color=_COLORS.get(ref), linewidths=0)
+            bx, by = size_binned_mean(xs, ys)
+            mean = sum(ys) / len(ys)
+            ax.plot(bx, by, color=_COLORS.get(ref), linewidth=1.8, label=f"vs {ref} (mean {mean:+.1f} pts)")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("training examples of the task (log)")
+        ax.set_ylabel(f"flock's {m} gain (points)")
+        ax.set_title(f"{m}: gain against task size ({n_tasks} tasks)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, out / "plots" / "metric_gains.png")
+    return "plots/metric_gains.png"
+
+
 def make_plots(out: Path, report: dict) -> dict[str, str]:
     """Draw every plot the report's data allows; return {key: relative path}."""
     files: dict[str, str] = {}
@@ -163,6 +213,8 @@ def make_plots(out: Path, report: dict) -> dict[str, str]:
             files["task_gains"] = _gains(out, task_rows(report), list(fl.get("baselines", {})))
         else:
             files["bora_per_task"] = _per_task(out, fl)
+        if fl.get("metrics"):  # each task's own metric (eval:): gain over each baseline against size
+            files["metric_gains"] = metric_gains(out, task_rows(report), fl["metrics"], list(fl.get("baselines", {})))
         files["curves"] = _curves(out, fl)
         t = _tau(out, fl)
         if t:

@@ -188,7 +188,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
             lines += ["", _u_shape(fl["tau_sweep"]), ""]
         if fl.get("gates"):
             lines += _gates_md(fl["gates"], job.get("gates"))
-        for key in ("bora_per_task", "task_gains", "curves", "tau"):
+        for key in ("bora_per_task", "task_gains", "metric_gains", "curves", "tau"):
             if key in plot_files:
                 lines += [f"![{key}]({plot_files[key]})", ""]
     if quant:

@@ -3,9 +3,11 @@
 ``run_search`` builds the shared payload once (token ids plus the frozen lower blocks'
 activations, computed by one Ray task and handed to every trial through
 ``tune.with_parameters``, i.e. one object-store copy), runs a ``ray.tune.Tuner`` over
-:func:`orchestrator.search.trial.search_trial` with two-objective ASHA on (``macro_ppl``, size), and writes
+:func:`orchestrator.search.trial.search_trial` with two-objective ASHA on (the objective, size), and writes
 ``out/search/trials.csv`` (every trial) and ``out/search/pareto.csv`` (the non-dominated
-completed trials in (macro_ppl, model_bytes), both minimised). An interrupted search
+completed trials in (objective, model_bytes)). The objective is ``macro_ppl`` (minimised), or
+with a task ``search.metric`` ``macro_<metric>`` (maximised), judged by every trial at every
+report on the same seeded rows (:mod:`orchestrator.search.judge`; the payload carries them). An interrupted search
 resumes with ``Tuner.restore`` from ``<storage>/search``: finished trials are kept, not
 re-run; unfinished ones continue from their last checkpoint.
 
@@ -41,10 +43,11 @@ from orchestrator.errors import StageError
 from orchestrator.metrics.sink import metrics_dir
 from orchestrator.metrics.tune import tune_callbacks
 from orchestrator.report.search import plot_pareto
+from orchestrator.search.judge import trial_judge_plan
 from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.search.trial import build_payload, search_trial
 from orchestrator.spec import JobSpec
-from orchestrator.specs.search import SearchSpec
+from orchestrator.specs.search import SearchSpec, objective
 from tune_spaces.loader import Dimension, SearchSpace, load_space, to_optuna, to_tune
 
 __all__ = ["run_search", "trial_rows", "write_csv", "trial_resources", "trial_concurrency", "TRIAL_COLUMNS"]
@@ -53,31 +56,41 @@ TRIAL_COLUMNS = [
     "trial_id", "status", "rank", "target_sparsity", "bits", "quantizer", "tau", "lr", "step",
     "macro_ppl", "model_bytes", "sparsity", "adapter_bytes", "seconds",
 ]
+METRIC_KEYS = ("macro_exact_match", "macro_accuracy", "macro_choice_accuracy", "macro_rouge_l", "judge_s")
+
+
+def columns(search: SearchSpec) -> list[str]:
+    """The CSV columns: :data:`TRIAL_COLUMNS`, with the task metric's after ``macro_ppl``."""
+    key, _ = objective(search.metric)
+    if search.metric == "ppl":
+        return list(TRIAL_COLUMNS)
+    at = TRIAL_COLUMNS.index("macro_ppl") + 1
+    return [*TRIAL_COLUMNS[:at], key, *TRIAL_COLUMNS[at:], "judge_s"]
 
 
 def _scheduler(search: SearchSpec, steps: int):
-    """Two-objective ASHA (see :mod:`orchestrator.search.scheduler`) on (macro_ppl, rung_bytes)."""
+    """Two-objective ASHA (see :mod:`orchestrator.search.scheduler`) on (the objective, rung_bytes)."""
     from orchestrator.search.scheduler import ParetoASHA
 
-    return ParetoASHA("step", ("macro_ppl", "rung_bytes"), max_t=steps,
-                      grace_period=min(search.grace_period, steps), reduction_factor=search.reduction_factor)
+    key, mode = objective(search.metric)
+    return ParetoASHA("step", (key, "rung_bytes"), max_t=steps, grace_period=min(search.grace_period, steps),
+                      reduction_factor=search.reduction_factor, modes=(mode, "min"))
 
 
-def _optuna_search(seed: int, space):
+def _optuna_search(seed: int, space, metric: str = "ppl"):
     from orchestrator.search.scheduler import FinalOnlyOptunaSearch
 
     try:
         import optuna  # noqa: F401
     except ImportError:
         raise StageError("search.algorithm 'optuna' needs optuna: pip install 'loraflock[optuna]'") from None
-    return FinalOnlyOptunaSearch(
-        space=to_optuna(space), metric=["macro_ppl", "model_bytes"], mode=["min", "min"], seed=seed
-    )
+    key, mode = objective(metric)
+    return FinalOnlyOptunaSearch(space=to_optuna(space), metric=[key, "model_bytes"], mode=[mode, "min"], seed=seed)
 
 
 def _search_alg(search: SearchSpec, concurrent: int, space):
     if search.algorithm == "optuna":
-        return _optuna_search(search.seed, space)
+        return _optuna_search(search.seed, space, search.metric)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(max_concurrent=concurrent, random_state=search.seed)
@@ -102,6 +115,7 @@ def trial_rows(results) -> list[dict]:
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status, **cfg}
         for k in ("step", "macro_ppl", "model_bytes", "sparsity", "adapter_bytes", "seconds"):
             row[k] = _num(m.get(k))
+        row.update({k: _num(m[k]) for k in METRIC_KEYS if k in m})
         row["bits"] = int(cfg.get("bits", 16))
         row["timestamp"] = m.get("timestamp")
         row["checkpoint"] = r.checkpoint.path if r.checkpoint is not None else None
@@ -233,6 +247,9 @@ def run_search(
             [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
         )
     )
+    judged = trial_judge_plan(spec, search, data)  # search.metric beyond ppl: the rows every trial judges
+    if judged is not None:
+        payload["judge"] = judged
     resources = trial_resources(search, spec)
     pack = None
     if search.packing:  # trial packing: see orchestrator/search/packed_trial.py
@@ -282,7 +299,7 @@ def run_search(
         if pack is not None:
             pack.stop()
     section = _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0,
-                       trial_quant(search, spec), names)
+                       trial_quant(search, spec), names, sorted(judged["plan"]) if judged else [])
     return {**section, "packing": packing} if packing is not None else section
 
 
@@ -296,17 +313,24 @@ def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict) -> dict
     if search.pick is None:
         return None
     rule = search.pick.model_dump(exclude_none=True, exclude={"on_miss"})
-    row = pick_point(front, **rule)
+    key, mode = objective(search.metric)
+    row = pick_point(front, **rule, objective=key, mode=mode)
     met = row is not None
     if row is None:
-        what = ", ".join(f"{k} = {v:g}" for k, v in rule.items())
+        what = ", ".join(f"{k} = {v}" for k, v in rule.items())
         if search.pick.on_miss == "error" or not front:
             raise StageError(
                 f"search.pick ({what}): no point of the Pareto front meets it ({len(front)} finished trials; "
                 f"see {out}/search/pareto.csv): relax the rule, or set search.pick.on_miss: closest"
             )
-        key = "model_bytes" if "max_bytes" in rule else "macro_ppl"  # the nearest to the budget
-        row = min(front, key=lambda r: (float(r[key]), float(r["macro_ppl"]), float(r["model_bytes"])))
+        # the nearest to the rule: the smallest model, the lowest perplexity, the highest metric
+        if "max_bytes" in rule:
+            key, sign = "model_bytes", 1.0
+        elif "max_ppl" in rule:
+            key, sign = "macro_ppl", 1.0
+        else:
+            key, sign = f"macro_{next(iter(rule['min_metric']))}", -1.0
+        row = min(front, key=lambda r: (sign * float(r[key]), float(r["macro_ppl"]), float(r["model_bytes"])))
         print(f"[loraflock] search.pick ({what}): no point of the front meets it; picked the closest, trial "
               f"{row['trial_id']} ({key} {row[key]:.4g})", flush=True)
     if not row.get("checkpoint"):
@@ -321,19 +345,20 @@ def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict) -> dict
 
 def _collect(
     results, search: SearchSpec, source: str, steps: int, out: Path, base_model_name: str | None, seconds: float,
-    quant: dict, names: list[str],
+    quant: dict, names: list[str], judged_tasks: list[str],
 ) -> dict:
     rows = trial_rows(results)
     if not rows:
         raise StageError(f"the search produced no trials: see the logs under {out}/ray/search")
     done = [r for r in rows if r["status"] == "done"]
-    front = pareto_front(done)
+    key, mode = objective(search.metric)
+    front = pareto_front(done, (key, "model_bytes"), (mode, "min"))
     front_ids = {r["trial_id"] for r in front}
     for r in rows:
         r["pareto"] = r["trial_id"] in front_ids
     (out / "search").mkdir(parents=True, exist_ok=True)
-    write_csv(out / "search" / "trials.csv", rows, TRIAL_COLUMNS)
-    write_csv(out / "search" / "pareto.csv", front, TRIAL_COLUMNS)
+    write_csv(out / "search" / "trials.csv", rows, columns(search))
+    write_csv(out / "search" / "pareto.csv", front, columns(search))
     picked = _pick(search, front, out, quant)
 
     def public(r: dict) -> dict:
@@ -343,6 +368,9 @@ def _collect(
     section = {
         "space": source,
         "algorithm": search.algorithm,
+        "metric": search.metric,
+        "objective": {"key": key, "mode": mode, **({"rows_per_task": search.metric_rows,
+                                                    "tasks": judged_tasks} if judged_tasks else {})},
         "base": base_model_name,
         "num_trials": len(rows),
         "steps": steps,

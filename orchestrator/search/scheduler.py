@@ -46,7 +46,8 @@ class ParetoASHA(FIFOScheduler):
 
     Args:
         time_attr: the monotonic progress key of the results (``step``).
-        metrics: the minimised keys (``macro_ppl``, ``rung_bytes``).
+        metrics: the objectives (``macro_ppl`` or ``macro_<task metric>``, ``rung_bytes``).
+        modes: ``min`` or ``max`` per metric (``None``: all minimised).
         max_t: the trials' length in ``time_attr`` units (no rung at or above it).
         grace_period: the first rung.
         reduction_factor: eta: rungs grow by eta and about 1/eta of a rung's trials go on.
@@ -62,11 +63,13 @@ class ParetoASHA(FIFOScheduler):
         max_t: float = 100,
         grace_period: float = 1,
         reduction_factor: float = 2.0,
+        modes: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0 < grace_period <= max_t or reduction_factor <= 1:
             raise ValueError("ParetoASHA needs 0 < grace_period <= max_t and reduction_factor > 1")
         self._time_attr, self._metrics = time_attr, tuple(metrics)
+        self._modes = tuple(modes) if modes is not None else ("min",) * len(self._metrics)
         self._rf = float(reduction_factor)
         self._rungs: list[tuple[float, dict[str, dict]]] = [
             (m, {}) for m in rungs(grace_period, reduction_factor, max_t)
@@ -86,7 +89,7 @@ class ParetoASHA(FIFOScheduler):
             point = {k: float(result[k]) for k in self._metrics}
             action = TrialScheduler.CONTINUE
             if decide and recorded:
-                beaten = sum(dominates(p, point, self._metrics) for p in recorded.values())
+                beaten = sum(dominates(p, point, self._metrics, self._modes) for p in recorded.values())
                 if beaten >= math.ceil(len(recorded) / self._rf):
                     action = TrialScheduler.STOP
             recorded[trial_id] = point

@@ -21,7 +21,9 @@ Only the top blocks are touched, so the activations entering them, computed once
 unquantised lower blocks (the payload's ``train_prefix``/``eval_prefix``), stay exact for
 every trial. Every ``eval_every`` steps the trial reports ``macro_ppl`` on the first
 ``eval_subset`` eval sequences of each task (the scheduler's signal) with a checkpoint; the final
-report (``final: True``) is on the whole eval set.
+report (``final: True``) is on the whole eval set. With a task ``search.metric`` every report
+also holds ``macro_<metric>``, judged on the same seeded ``search.metric_rows`` rows of each
+task every time (:mod:`orchestrator.search.judge`).
 
 Deployed size (:func:`deployed_bytes`), in bytes, of the model one would ship:
 
@@ -383,7 +385,20 @@ def run_trial(
         hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
                            extra_loss=ctrl.penalty if lam > 0 else None, extra_params=ExtraParams(gates, lr=gate_lr))
 
+    judged = payload.get("judge")  # search.metric beyond ppl: orchestrator/search/judge.py
+    tokenizer = None
+    if judged is not None:
+        from orchestrator.task_metrics import job_tokenizer
+
+        tokenizer = job_tokenizer(spec)
+
     def measure(step: int, nll: dict[int, float], final: bool) -> TrialMetrics:
+        if judged is not None:
+            from orchestrator.search.judge import judge_trial
+
+            metric = judge_trial(model, judged, tokenizer)
+        else:
+            metric = {}
         size = deployed_bytes(model)
         # the size once the gates reach their target: the scheduler's size at early rungs
         goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
@@ -400,6 +415,7 @@ def run_trial(
                 "rung_bytes": min(size["model_bytes"], goal),
                 "quant_rel_error": (info["quant"] or {}).get("recon_rel_error"),
                 "seconds": time.perf_counter() - t0,
+                **metric,
             }
         )
 

@@ -11,17 +11,37 @@ Example (YAML, inside a job)::
       grace_period: 10
       max_concurrent_trials: 2
       pick: {max_bytes: 200000000}
+
+On a task metric instead of perplexity (the tasks judged by it: ``eval:`` / per-task ``metrics``)::
+
+    search:
+      enabled: true
+      metric: exact_match      # macro over the tasks judged by exact_match, maximised, against bytes
+      metric_rows: 32          # judged on a fixed, seeded subset of each task's eval rows
+      pick: {min_metric: {exact_match: 0.8}}   # the smallest model with macro exact match >= 0.8
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tasks.metric_spec import GENERATION_METRICS, Metric
 from tasks.strict import Strict
 
-__all__ = ["PickSpec", "SearchSpec"]
+if TYPE_CHECKING:
+    from orchestrator.specs.eval import EvalSpec
+    from tasks.spec import TaskSetSpec, TaskSpec
+
+__all__ = ["PickSpec", "SearchSpec", "objective"]
+
+
+def objective(metric: str) -> tuple[str, str]:
+    """The trials' objective key and its mode for ``search.metric``: ``("macro_ppl", "min")``,
+    ``("macro_exact_match", "max")``..."""
+    return f"macro_{metric}", "min" if metric == "ppl" else "max"
 
 
 class PickSpec(Strict):
@@ -32,22 +52,36 @@ class PickSpec(Strict):
     task is adapted on its compressed base.
 
     Args:
-        max_bytes: the lowest macro perplexity among points with ``model_bytes <= max_bytes``.
+        max_bytes: the best point on the search's objective (the lowest macro perplexity, or
+            the highest macro ``search.metric``) among points with ``model_bytes <= max_bytes``.
         max_ppl: the smallest model among points with ``macro_ppl <= max_ppl``.
+        min_metric: ``{metric: bound}``, one entry, the search's ``metric``: the smallest model
+            among points whose macro metric is ``>= bound`` (e.g. ``{exact_match: 0.8}``).
         on_miss: when no point meets the rule: ``closest`` takes the point nearest to it (the
-            smallest model for ``max_bytes``, the lowest perplexity for ``max_ppl``) and the
-            report says the rule was not met (``search.picked.met: false``); ``error`` fails
-            the stage (its trials and front are written first).
+            smallest model for ``max_bytes``, the lowest perplexity for ``max_ppl``, the highest
+            metric for ``min_metric``) and the report says the rule was not met
+            (``search.picked.met: false``); ``error`` fails the stage (its trials and front are
+            written first).
     """
 
     max_bytes: int | None = Field(None, gt=0)
     max_ppl: float | None = Field(None, gt=1.0)
+    min_metric: dict[Metric, float] | None = None
     on_miss: Literal["closest", "error"] = "closest"
 
     @model_validator(mode="after")
     def _one_rule(self) -> PickSpec:
-        if (self.max_bytes is None) == (self.max_ppl is None):
-            raise ValueError("search.pick needs exactly one of `max_bytes` or `max_ppl`")
+        if sum(r is not None for r in (self.max_bytes, self.max_ppl, self.min_metric)) != 1:
+            raise ValueError("search.pick needs exactly one of `max_bytes`, `max_ppl` or `min_metric`")
+        if self.min_metric is not None:
+            if len(self.min_metric) != 1 or "ppl" in self.min_metric:
+                raise ValueError(
+                    f"search.pick.min_metric {self.min_metric} must hold one task metric and its lower bound, e.g. "
+                    "{exact_match: 0.8} (a perplexity bound is max_ppl)"
+                )
+            bound = next(iter(self.min_metric.values()))
+            if not 0.0 <= bound <= 1.0:
+                raise ValueError(f"search.pick.min_metric bound {bound} is outside [0, 1], where task metrics lie")
         return self
 
 
@@ -56,7 +90,8 @@ class SearchSpec(Strict):
 
     Every trial trains one single-process flock of all tasks on the base (adapters, gates
     and quantisation on the top ``lora.top_layers`` blocks only) with the shared training
-    loop, and reports ``macro_ppl`` and the deployed ``model_bytes``.
+    loop, and reports ``macro_ppl``, the deployed ``model_bytes`` and, with a task ``metric``,
+    ``macro_<metric>``.
 
     Args:
         enabled: run the stage.
@@ -70,7 +105,8 @@ class SearchSpec(Strict):
         reduction_factor: eta: rungs at ``grace_period * eta**k`` steps; a trial is stopped at a
             rung when at least ``ceil(n / eta)`` of the ``n`` trials recorded there before it
             dominate it in (macro_ppl, size) (:class:`orchestrator.search.scheduler.ParetoASHA`).
-        max_concurrent_trials: trials at once; ``None`` = cluster CPUs // cpus_per_trial.
+        max_concurrent_trials: trials at once; ``None`` = as many as the nodes hold, CPUs and GPU shares
+            counted node by node.
         cpus_per_trial: CPUs (torch threads) of each trial.
         gpus_per_trial: GPUs of each trial with ``ray.use_gpu``: a fraction in (0, 1] lets that many
             trials share one GPU (0.25: four small trials per GPU; Ray only counts shares, so the
@@ -85,6 +121,13 @@ class SearchSpec(Strict):
         algorithm: ``random`` (Ray's variant generator: random + grid) or ``optuna``
             (multi-objective TPE on (macro_ppl, model_bytes); needs ``pip install optuna``).
         pick: the rule that picks the deployed point of the front.
+        metric: the quality objective against bytes: ``ppl`` (``macro_ppl``, minimised) or a task
+            metric (``exact_match``, ``accuracy``, ``choice_accuracy``, ``rouge_l``:
+            ``macro_<metric>``, the mean over the tasks judged by it, maximised). Every report
+            (each rung and the final one) judges it, so successive halving and the front use
+            it; ``macro_ppl`` is still reported.
+        metric_rows: eval rows per task a task metric is judged on: the same seeded subset
+            (``seed``) at every report of every trial, all tasks mixed in each batch (``eval.batch_size``).
         seed: seed of the sampled configurations (trials train with ``train.seed``).
         packing: run ungated trials as slot groups on one long-lived host per (node, base
             setting) that holds the (quantised) base and prefix cache and fuses concurrent
@@ -110,6 +153,8 @@ class SearchSpec(Strict):
     gate_lr: float = Field(0.1, gt=0)
     algorithm: Literal["random", "optuna"] = "random"
     pick: PickSpec | None = None
+    metric: Metric = "ppl"
+    metric_rows: int = Field(32, ge=1)
     seed: int = 0
     packing: bool = False
 
@@ -147,3 +192,33 @@ class SearchSpec(Strict):
                 f"<= search.steps ({self.steps})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _metric_fits(self) -> SearchSpec:
+        if self.metric != "ppl" and self.packing:
+            raise ValueError(
+                f"search.metric {self.metric!r} with search.packing: packed trials report perplexity only; set "
+                "search.packing: false (or search.metric: ppl)"
+            )
+        bound = self.pick.min_metric if self.pick is not None else None
+        if bound is not None and next(iter(bound)) != self.metric:
+            raise ValueError(
+                f"search.pick.min_metric bounds {next(iter(bound))!r} but the search optimises {self.metric!r}, and "
+                f"trials judge only that: set search.metric: {next(iter(bound))}, or bound {self.metric!r}"
+            )
+        return self
+
+    def check_metric(self, eval_spec: EvalSpec, entries: Iterable[TaskSpec | TaskSetSpec]) -> None:
+        """Raise ValueError when no task of the search is judged by ``metric`` (it names the tasks' metrics)."""
+        if self.metric == "ppl":
+            return
+        judged = {e.name: eval_spec.for_task(e).metrics for e in entries}
+        if any(self.metric in m for m in judged.values()):
+            return
+        hint = ""
+        if self.metric in GENERATION_METRICS:
+            hint = f" ({self.metric} judges greedy generations: `text` tasks cannot have it)"
+        raise ValueError(
+            f"search.metric {self.metric!r}: no task of the search is judged by it{hint}; the tasks and task sets are "
+            f"judged by {judged}: add {self.metric} to eval.metrics or to a task's metrics, or pick one of theirs"
+        )

@@ -73,12 +73,13 @@ def test_stop_ids_and_batch_size_do_not_change_tokens():
     assert cut.ids[0] == full.ids[0][: full.ids[0].index(stop_tok)]
 
 
-def test_choice_scores_equal_a_loop_of_single_log_likelihoods():
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_choice_scores_equal_a_loop_of_single_log_likelihoods(share_prompt):
     model = _adapted()
     prompts, slots = _prompts(5, seed=2), [1, 0, 2, 2, 1]
     labels = [[7, 8, EOS], [9, EOS], [7, 10, 11, EOS]]
     choices = [labels if i % 2 == 0 else labels[:2] for i in range(5)]
-    got = score_choices(model, prompts, slots, choices, pad_id=PAD, batch_size=4)
+    got = score_choices(model, prompts, slots, choices, pad_id=PAD, batch_size=4, share_prompt=share_prompt)
     for i, (p, s) in enumerate(zip(prompts, slots)):
         for k, c in enumerate(choices[i]):
             x = torch.tensor([[*p, *c]])
@@ -146,3 +147,16 @@ def test_mixed_batch_equals_each_row_alone_for_every_adapter_family(kind):
     assert got.ids == alone
     routed = generate(model, prompts, [(s + 1) % 3 for s in slots], pad_id=PAD, stop_ids=[EOS], max_new_tokens=8)
     assert routed.ids != got.ids  # the slots really differ
+
+
+@pytest.mark.parametrize("kind", ["quantised", "eigen", "pesc", "task_gates", "pruned"])
+def test_shared_prompt_label_scores_equal_whole_sequences_for_every_adapter_family(kind):
+    model = _variant(kind)
+    prompts, slots = _prompts(6, seed=5), [2, 0, 1, 1, 2, 0]
+    labels = [[7, 8, EOS], [9, EOS], [7, 10, 11, 12, EOS], [13]]  # shared first token, a one-token label
+    choices = [labels[: 2 + i % 3] for i in range(6)]
+    shared = score_choices(model, prompts, slots, choices, pad_id=PAD, batch_size=4)
+    whole = score_choices(model, prompts, slots, choices, pad_id=PAD, batch_size=4, share_prompt=False)
+    for i in range(6):
+        torch.testing.assert_close(shared[i], whole[i], atol=1e-4, rtol=1e-5)
+    assert len({round(float(s[0]), 3) for s in shared}) > 3  # rows and slots really score differently

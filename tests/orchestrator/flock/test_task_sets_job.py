@@ -108,6 +108,8 @@ def test_each_task_is_judged_by_its_metrics_for_every_method(job_run):
     assert fl["macro_rouge_l"] == pytest.approx(sum(t["rouge_l"] for t in judged) / len(judged))
     w = fl["wins"]["unified"]["rouge_l"]
     assert w["wins"] + w["losses"] + w["ties"] == N_TASKS + 1 and 0.0 <= w["p_value"] <= 1.0
-    assert "Task metrics" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Task metrics" in md
+    assert "](plots/metric_gains.png)" in md and (out / "plots" / "metric_gains.png").is_file()  # gain vs size
     with open(out / "tasks.csv") as f:
         assert {"flock_exact_match", "base_exact_match", "unified_rouge_l"} <= set(f.readline().strip().split(","))

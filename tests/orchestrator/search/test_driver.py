@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from models.train.loop import FlockData, MethodConfig, train_method
 from orchestrator.search.pareto import pareto_front
 from orchestrator.search.trial import build_trial_model, deployed_bytes
 from orchestrator.spec import JobSpec, load_job
-from orchestrator.specs.search import SearchSpec
+from orchestrator.specs.search import SearchSpec, objective
 from tests.conftest import TINY_LLAMA
 from tests.orchestrator.conftest import tiny_job_spec
 
@@ -132,6 +133,37 @@ def test_search_spec_validation():
         SearchSpec(space="nope")
     with pytest.raises(ValueError, match="extra"):
         SearchSpec(samples=3)
+
+
+
+def test_search_metric_and_pick_bound_validation():
+    ok = SearchSpec(metric="exact_match", pick={"min_metric": {"exact_match": 0.8}})
+    assert ok.metric_rows == 32 and ok.pick.min_metric == {"exact_match": 0.8}
+    assert objective("ppl") == ("macro_ppl", "min") and objective("rouge_l") == ("macro_rouge_l", "max")
+    for bad, needle in [
+        (dict(pick={"max_bytes": 10, "min_metric": {"exact_match": 0.8}}), "exactly one of"),
+        (dict(metric="exact_match", pick={"min_metric": {"exact_match": 1.5}}), "outside [0, 1]"),
+        (dict(metric="exact_match", pick={"min_metric": {"ppl": 0.5}}), "max_ppl"),
+        (dict(metric="rouge_l", pick={"min_metric": {"exact_match": 0.8}}), "search.metric: exact_match"),
+        (dict(metric="exact_match", packing=True), "search.packing: false"),
+        (dict(metric="bleu"), "metric"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            SearchSpec(**bad)
+    job = {"base": {"name": "smollm2-135m"},
+           "tasks": [{"name": "sub", "source": {"kind": "builtin", "suite": "stdlib-instruct", "subset": "submodule"},
+                      "metrics": ["ppl", "choice_accuracy"]},
+                     {"name": "json", "source": {"kind": "builtin", "suite": "stdlib-code", "package": "json"}}]}
+    JobSpec.model_validate(job | {"search": {"enabled": True, "metric": "choice_accuracy"}})
+    for metric, needles in [
+        ("exact_match", ["exact_match", "no task of the search", "'sub': ['ppl', 'choice_accuracy']", "'json': ['ppl']",
+                         "`text` tasks cannot"]),
+        ("accuracy", ["'accuracy'", "eval.metrics"]),
+    ]:
+        with pytest.raises(ValueError) as err:
+            JobSpec.model_validate(job | {"search": {"enabled": True, "metric": metric}})
+        for needle in needles:
+            assert needle in str(err.value), str(err.value)
 
 
 # ----------------------------------------------------------------------------- a real Tune run

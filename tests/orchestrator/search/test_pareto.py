@@ -76,3 +76,35 @@ def test_pick_rules():
         pick_point(front)
     with pytest.raises(PickError):
         pick_point(front, max_bytes=1, max_ppl=1)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_maximised_metric_front_equals_brute_force_on_the_negated_metric(seed):
+    rng = random.Random(200 + seed)
+    grid = rng.choice([3, 8, 50])
+    rows = [{"id": i, "macro_exact_match": rng.randint(0, grid) / grid, "model_bytes": rng.randint(0, grid) * 1000}
+            for i in range(rng.randint(1, 40))]
+    neg = [{"id": r["id"], "m": -r["macro_exact_match"], "model_bytes": r["model_bytes"]} for r in rows]
+    front = pareto_front(rows, ("macro_exact_match", "model_bytes"), ("max", "min"))
+    assert _ids(front) == _ids(_brute(neg, ("m", "model_bytes")))
+    assert [r["macro_exact_match"] for r in front] == sorted((r["macro_exact_match"] for r in front), reverse=True)
+    with pytest.raises(ValueError, match="one 'min' or 'max' per key"):
+        pareto_front(rows, ("macro_exact_match", "model_bytes"), ("max",))
+
+
+def test_pick_rules_on_a_task_metric():
+    front = [
+        {"id": "big", "macro_ppl": 9.0, "macro_exact_match": 0.9, "model_bytes": 300},
+        {"id": "mid", "macro_ppl": 10.0, "macro_exact_match": 0.8, "model_bytes": 100},
+        {"id": "small", "macro_ppl": 15.0, "macro_exact_match": 0.5, "model_bytes": 50},
+    ]
+    on = dict(objective="macro_exact_match", mode="max")
+    assert pick_point(front, min_metric={"exact_match": 0.8}, **on)["id"] == "mid"  # the smallest reaching 0.8
+    assert pick_point(front, min_metric={"exact_match": 0.85}, **on)["id"] == "big"
+    assert pick_point(front, min_metric={"exact_match": 0.5}, **on)["id"] == "small"
+    assert pick_point(front, min_metric={"exact_match": 0.95}, **on) is None
+    assert pick_point(front, max_bytes=120, **on)["id"] == "mid"  # the best metric within the budget
+    assert pick_point(front, max_bytes=1000, **on)["id"] == "big"
+    assert pick_point(front, max_ppl=12.0, **on)["id"] == "mid"  # a perplexity bound still works
+    with pytest.raises(PickError):
+        pick_point(front, max_bytes=100, min_metric={"exact_match": 0.8}, **on)

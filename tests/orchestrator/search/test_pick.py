@@ -125,3 +125,16 @@ def test_pareto_asha_stops_only_dominated_trials():
     assert at("d", 20, 9.5, 120) == "STOP"  # dominated by a at rung 20: 1 >= ceil(2 / 2)
     assert at("a", 30, 1.0, 1) == "CONTINUE"  # max_t: the trial ends by itself
     assert s.on_trial_result(None, _T("f"), {"step": 10, "macro_ppl": 1.0}) == "CONTINUE"  # no size: no decision
+
+
+def test_pareto_asha_on_a_maximised_metric_stops_only_trials_beaten_on_it():
+    s = ParetoASHA("step", ("macro_exact_match", "rung_bytes"), max_t=30, grace_period=10, reduction_factor=2,
+                   modes=("max", "min"))
+
+    def at(i, em, size):
+        return s.on_trial_result(None, _T(i), {"step": 10, "macro_exact_match": em, "rung_bytes": size})
+
+    assert at("a", 0.5, 100) == "CONTINUE"
+    assert at("b", 0.7, 100) == "CONTINUE"  # a higher metric is better: a does not dominate b
+    assert at("c", 0.4, 100) == "STOP"  # dominated by a and b: 2 >= ceil(2 / 2)
+    assert at("d", 0.2, 50) == "CONTINUE"  # worse but smaller

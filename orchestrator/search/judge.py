@@ -1,0 +1,73 @@
+"""A search trial's task metric (``search.metric``): judged at every report on a fixed, seeded subset of eval rows.
+
+Perplexity comes free with the training loop's evaluation; a task metric needs greedy
+generations (``exact_match``, ``accuracy``, ``rouge_l``) or label scoring
+(``choice_accuracy``), which costs far more per row. So a trial judges only:
+
+* the tasks judged by ``search.metric`` (their ``eval:`` / per-task ``metrics``), and only that
+  metric (not the task's other ones);
+* ``search.metric_rows`` eval rows per task, chosen once on the driver by a generator seeded
+  with ``(search.seed, task name)``: every report of every trial sees the same rows, so the
+  rungs of successive halving and the front compare like with like, and a task's rows do
+  not change when other tasks are added;
+* all tasks mixed in each generation / scoring batch, each row through its task's slot
+  (:func:`orchestrator.task_metrics.judge`, the code that judges the flock's methods).
+
+The trial reports ``macro_<metric>``, the mean over the judged tasks (each task the mean over
+its rows), and ``judge_s``, the seconds judging took.
+
+Example:
+    >>> plan = trial_judge_plan(spec, spec.search, data)   # on the driver, into the payload
+    >>> judge_trial(model, plan, tokenizer)                  # in the trial, at each report
+    {'macro_exact_match': 0.4375, 'judge_s': 3.1}
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from orchestrator.spec import JobSpec
+from orchestrator.specs.search import SearchSpec, objective
+from orchestrator.task_metrics import judge, metric_plan
+
+__all__ = ["trial_judge_plan", "judge_trial"]
+
+
+def trial_judge_plan(spec: JobSpec, search: SearchSpec, data: list, tokenizer=None) -> dict | None:
+    """What every trial judges: ``{"metric", "plan", "slots", "batch_size"}``; ``None`` for ``ppl``.
+
+    ``plan`` is :func:`orchestrator.task_metrics.metric_plan`'s, restricted to the tasks judged
+    by the metric, to that metric, and to each task's seeded ``metric_rows`` rows; ``slots``
+    maps each judged task to its slot in the trial (its index in ``data``).
+
+    Raises:
+        ValueError: no task is judged by the metric (the spec's validation says so first).
+    """
+    if search.metric == "ppl":
+        return None
+    from tasks.metric_spec import MetricSettings
+
+    slot = {d.name: i for i, d in enumerate(data)}
+    plan = {}
+    for name, p in metric_plan(spec, data, tokenizer).items():
+        settings = MetricSettings.model_validate(p["settings"])
+        if search.metric not in settings.metrics:
+            continue
+        ex = p["examples"]
+        rows = sorted(random.Random(f"{search.seed}:{name}").sample(range(len(ex)), min(search.metric_rows, len(ex))))
+        plan[name] = {"settings": settings.model_copy(update={"metrics": [search.metric]}).model_dump(mode="json"),
+                      "examples": ex.subset(rows)}
+    if not plan:
+        raise ValueError(f"search.metric {search.metric!r}: no task of the search is judged by it")
+    return {"metric": search.metric, "plan": plan, "slots": {t: slot[t] for t in plan},
+            "batch_size": spec.eval.batch_size}
+
+
+def judge_trial(model, plan: dict, tokenizer) -> dict[str, float]:
+    """``{"macro_<metric>": mean over the judged tasks, "judge_s": seconds}`` of the trial's model."""
+    t0 = time.perf_counter()
+    per_task = judge(model, plan["plan"], plan["slots"], tokenizer, int(plan["batch_size"]))
+    values = [m[plan["metric"]] for m in per_task.values()]
+    key, _ = objective(plan["metric"])
+    return {key: float(sum(values) / len(values)), "judge_s": time.perf_counter() - t0}
