@@ -43,6 +43,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gates_accuracy import classification_split, example_rows, model_accuracy, prompt_ids  # noqa: E402
+
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
 from models.gates.export import export_pruned, strip_adapters  # noqa: E402
 from models.gates.layer import gate_params, inject_gates, sparsity_report  # noqa: E402
@@ -141,9 +143,11 @@ def row_batches(n: int, batch: int, steps: int, seed: int):
 
 
 def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.Module | None = None,
-          eval_ids: torch.Tensor | None = None) -> tuple[float, dict[int, float]]:
+          eval_ids: torch.Tensor | None = None, masks: tuple | None = None) -> tuple[float, dict[int, float]]:
     """``args.steps`` AdamW steps on epochs of shuffled rows; with ``teacher``, loss = (1 - w) CE
-    + w KD. Returns (seconds, {step: eval ppl} every ``--eval-every`` steps, untimed)."""
+    + w KD. ``masks``: (train, eval) scored-token masks (instruction rows), else every token.
+    Returns (seconds, {step: eval ppl} every ``--eval-every`` steps, untimed)."""
+    train_mask, eval_mask = masks or (None, None)
     groups = [{"params": adapter_params(model), "lr": args.lr}]
     ctrl = None
     if gated:
@@ -166,11 +170,13 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
             ctrl.on_step(step)
         if teacher is None:
             b = Batch(
-                train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch)
+                train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch),
+                scored=None if train_mask is None else train_mask[rows],
             )
             nll = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None).nll
         else:
-            nll = distill_step(model, teacher, train_ids[rows], opt, params, args, ctrl)
+            nll = distill_step(model, teacher, train_ids[rows], opt, params, args, ctrl,
+                               None if train_mask is None else train_mask[rows])
         sched_lr.step()
         if step % 10 == 0 or step == args.steps:
             extra = f" removed {sparsity_report(model)['removed_fraction']:.3f}" if ctrl else ""
@@ -181,7 +187,7 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
             )
         if args.eval_every and eval_ids is not None and step % args.eval_every == 0 and step < args.steps:
             t_eval = time.perf_counter()
-            curve[step] = round(math.exp(evaluate(model, {0: eval_ids}, batch_size=8)[0]), 3)
+            curve[step] = round(math.exp(evaluate(model, {0: eval_ids}, 8, masks={0: eval_mask})[0]), 3)
             print(f"  step {step} eval ppl {curve[step]:.3f}", file=sys.stderr, flush=True)
             paused += time.perf_counter() - t_eval
     if ctrl is not None:
@@ -189,8 +195,9 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
     return time.perf_counter() - t0 - paused, curve
 
 
-def distill_step(model, teacher, ids: torch.Tensor, opt, params, args, ctrl) -> float:
-    """One step of ``(1 - w) * next-token CE + w * KD(teacher)`` (+ the gate penalty), clipped at 1."""
+def distill_step(model, teacher, ids: torch.Tensor, opt, params, args, ctrl, scored=None) -> float:
+    """One step of ``(1 - w) * next-token CE + w * KD(teacher)`` (+ the gate penalty), clipped at 1.
+    ``scored``: CE on these targets only (KD stays on every position: the teacher's view of the prompt)."""
     model.train()
     opt.zero_grad(set_to_none=True)
     with task_ids(model, 0):
@@ -198,7 +205,8 @@ def distill_step(model, teacher, ids: torch.Tensor, opt, params, args, ctrl) -> 
     with torch.no_grad(), task_ids(teacher, 0):
         teacher.eval()
         t_logits = teacher(input_ids=ids).logits[:, :-1]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    target = ids[:, 1:] if scored is None else ids[:, 1:].masked_fill(~scored[:, 1:], -100)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
     loss = (1 - args.distill) * ce + args.distill * kd_loss(logits, t_logits, args.kd_temp)
     if ctrl is not None:
         loss = loss + ctrl.penalty()
@@ -263,12 +271,19 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = only at the end)")
     ap.add_argument("--reps", type=int, default=10, help="latency repetitions")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--metric", choices=["ppl", "accuracy"], default="ppl",
+                    help="accuracy: train and judge on stdlib-instruct's classification subset (gates_accuracy.py)")
+    ap.add_argument("--max-new-tokens", type=int, default=12, help="answer length cap of the accuracy arm")
+    ap.add_argument("--eval-examples", type=int, default=1000, help="accuracy arm: at most ~this many eval examples")
+    ap.add_argument("--base-accuracy", action="store_true", help="accuracy arm: also judge the untuned base (slow)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
 
     if args.tiny:
         tokenize = lambda s: list(s.encode("utf-8"))  # noqa: E731  bytes < 300 = vocab
+        decode = lambda ids: bytes(t for t in ids if t < 256).decode("utf-8", "ignore")  # noqa: E731
+        eos_id, pad_id, newline = 256, 257, [10]
         base_state = load_base(random_init=TINY).state_dict()
     else:
         from transformers import AutoTokenizer
@@ -280,9 +295,26 @@ def main() -> None:
             else AutoTokenizer.from_pretrained(directory)
         )
         tokenize = lambda s: tok(s)["input_ids"]  # noqa: E731
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        eos_id, newline = tok.eos_token_id, tokenize("\n")
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
         base_state = None
-    train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=args.train_seqs, n_eval=args.eval,
-                                     per_file=args.per_file, eval_per_file=args.eval_per_file)
+    masks = judge = None
+    if args.metric == "accuracy":  # instruction rows (completion scored) + greedy answers judged by accuracy
+        train_pairs, eval_pairs = classification_split()
+        eval_pairs = eval_pairs[:: max(1, math.ceil(len(eval_pairs) / args.eval_examples))]  # every package kept
+        train_ids, train_mask = example_rows(tokenize, train_pairs, args.seq, eos_id, pad_id)
+        eval_ids, eval_mask = example_rows(tokenize, eval_pairs, args.seq, eos_id, pad_id)
+        masks = (train_mask, eval_mask)
+        prompts = prompt_ids(tokenize, eval_pairs, args.seq - 1)
+        refs = [c for _, c in eval_pairs]
+
+        def judge(m: torch.nn.Module) -> float:
+            return model_accuracy(m, prompts, refs, decode, [eos_id, *newline], pad_id, args.max_new_tokens)[0]
+    else:
+        train_ids, eval_ids = corpus_ids(tokenize, args.seq, n_train=args.train_seqs, n_eval=args.eval,
+                                         per_file=args.per_file, eval_per_file=args.eval_per_file)
+    eval_masks = {0: masks[1] if masks else None}
     lat_ids = corpus_ids(tokenize, args.lat_seq, n_train=0, n_eval=args.lat_batch)[1][: args.lat_batch]
 
     probe = load_base(random_init=TINY) if args.tiny else load_base(args.base)
@@ -293,7 +325,9 @@ def main() -> None:
     results = {}
     models = {}
     probe = make_model(args, base_state, top, False, train_ids[:0])  # B = 0: the base itself
-    results["base"] = {"eval_ppl": math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])}
+    results["base"] = {"eval_ppl": math.exp(evaluate(probe, {0: eval_ids}, 8, masks=eval_masks)[0])}
+    if judge is not None and args.base_accuracy:
+        results["base"]["accuracy"] = judge(probe)
     del probe
     oneshot = {}
     if args.compare_init:  # no training: prune the target fraction by each importance, measure
@@ -318,7 +352,7 @@ def main() -> None:
                     p.fill_(1.0)
             init_from_importance(probe, importance_scores(probe, forward, kind))
             harden(probe, args.target, align=args.align)
-            oneshot[kind] = math.exp(evaluate(probe, {0: eval_ids}, batch_size=8)[0])
+            oneshot[kind] = math.exp(evaluate(probe, {0: eval_ids}, 8, masks=eval_masks)[0])
             clear_hard(probe)
             print(
                 f"[{time.perf_counter() - t_start:.0f}s] one-shot {kind} pruning, no training: ppl {oneshot[kind]:.2f}",
@@ -329,8 +363,9 @@ def main() -> None:
     for arm in ("lora", "gated"):
         model = make_model(args, base_state, top, arm == "gated", train_ids[: args.calib])
         teacher = models["lora"] if arm == "gated" and args.distill > 0 else None
-        secs, curve = train(model, args, train_ids, gated=arm == "gated", teacher=teacher, eval_ids=eval_ids)
-        nll = evaluate(model, {0: eval_ids}, batch_size=8)[0]
+        secs, curve = train(model, args, train_ids, gated=arm == "gated", teacher=teacher, eval_ids=eval_ids,
+                            masks=masks)
+        nll = evaluate(model, {0: eval_ids}, 8, masks=eval_masks)[0]
         print(f"[{time.perf_counter() - t_start:.0f}s] {arm}: {args.steps} steps in {secs:.0f}s, "
               f"eval ppl {math.exp(nll):.3f}", file=sys.stderr, flush=True)
         results[arm] = {
@@ -338,6 +373,9 @@ def main() -> None:
             "eval_ppl": math.exp(nll),
             "curve": curve | {args.steps: round(math.exp(nll), 3)},
         }
+        if judge is not None:
+            results[arm]["accuracy"] = judge(model)
+            print(f"  {arm} accuracy {results[arm]['accuracy']:.4f}", file=sys.stderr, flush=True)
         models[arm] = model
 
     gated = models["gated"]
@@ -347,7 +385,17 @@ def main() -> None:
     pruned = export_pruned(gated, inplace=True)
     with torch.no_grad(), task_ids(pruned, 0):
         export_diff = float((pruned(input_ids=lat_ids).logits - before).abs().max())
-    exp_nll = evaluate(pruned, {0: eval_ids}, batch_size=8)[0]
+    exp_nll = evaluate(pruned, {0: eval_ids}, 8, masks=eval_masks)[0]
+    accuracy_fields = {}
+    if judge is not None:  # the exported (pruned) model, still with its adapter unmerged
+        acc = {k: results[k]["accuracy"] for k in ("base", "lora", "gated") if "accuracy" in results[k]}
+        acc["exported"] = judge(pruned)
+        accuracy_fields = {
+            "metric": "accuracy (stdlib-instruct submodule, greedy, first line normalised)",
+            "eval_examples": len(refs),
+            **{f"accuracy_{k}": round(v, 4) for k, v in acc.items()},
+            "accuracy_drop": round(100 * (acc["lora"] - acc["exported"]), 2),  # points, ungated minus exported
+        }
     for m in (pruned, models["lora"]):  # deploy form: adapter merged into the base
         for layer in lora_layers(m).values():
             layer.merge(0)
@@ -370,6 +418,7 @@ def main() -> None:
                 ),
                 "base": "tiny-random-llama" if args.tiny else args.base,
                 "removed_fraction": round(report["removed_fraction"], 4),
+                **accuracy_fields,
                 "ppl_base": round(results["base"]["eval_ppl"], 4),
                 "ppl_oneshot_pruned_untrained": {k: round(v, 3) for k, v in oneshot.items()},
                 "ppl_lora": round(results["lora"]["eval_ppl"], 4),
@@ -379,6 +428,7 @@ def main() -> None:
                 "ppl_increase_rel": round(results["gated"]["eval_ppl"] / results["lora"]["eval_ppl"] - 1, 4),
                 "speedup": round(full["original"] / full["exported"], 3),
                 "speedup_last_token_logits": round(prefill["original"] / prefill["exported"], 3),
+                "speedup_last_token": round(prefill["original"] / prefill["exported"], 3),
                 "latency_s": {"full_logits": full, "last_token_logits": prefill},
                 "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
                 "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},

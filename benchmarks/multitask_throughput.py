@@ -7,6 +7,14 @@ Quick (tiny random llama; adapters on all its blocks, so no prefix cache):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/multitask_throughput.py --model tiny --top-layers 0
 GPU (unchanged code; reports MFU): add ``--batch 8 --seq 512 --seqs-per-task 32``.
 
+MFU (``benchmarks/mfu.py``): ``mfu_model`` counts the model FLOPs of LoRA training, 4N per
+trained token plus attention and adapters, whatever the arm skips; ``hfu`` the FLOPs the arm
+actually ran (the prefix cache skips the lower blocks' forward every step, the backward stops
+at the lowest adapted block). Both use the timed steps only: the first ``--warmup`` steps of
+every training run (CUDA kernels' first launches, allocator growth) are timed apart in
+``warmup_s``. The GPU's peak comes from its exact name; an unknown GPU gives no MFU and a
+``mfu_note`` unless ``--peak-tflops`` is passed.
+
 Every arm trains the same adapters (same rank, alpha, target modules, layers, optimizer,
 learning rate, gradient clipping) on the same tokens: each task's ``--seqs-per-task``
 sequences seen ``--epochs`` times, ``--batch`` rows of every task per step. Each arm is
@@ -58,23 +66,32 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.mfu import flops_model, linear_params, match_peak  # noqa: E402
 from models.base import load_base, top_block_indices  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, set_trainable  # noqa: E402
 from models.peft_io import save_adapter  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
+from models.train.chunked_loss import CE_CHUNK_ELEMENTS  # noqa: E402
 from models.train.step import Batch, seed_everything, train_step  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512,
 }
-# Dense bf16 peak FLOP/s for MFU (override with --peak-tflops).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+# SmolLM2-135M's architecture with random weights: the GPU check's model (no download, same FLOPs).
+SMOLLM2_SHAPED = {
+    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+}
 
 
 def _load(args) -> nn.Module:
     if args.model == "tiny":
         return load_base(random_init=TINY, device=args.device)
+    if args.model == "smollm2-shaped":
+        return load_base(random_init=SMOLLM2_SHAPED, device=args.device)
     return load_base(args.model, device=args.device)
 
 
@@ -91,16 +108,25 @@ def _top_layers(model: nn.Module, k: int) -> list[int] | None:
 
 
 class _Clock:
-    """Phase timer: seconds of load / train / save plus every step's duration."""
+    """Phase timer: seconds of load / prefix / warm-up / train / save plus every timed step's duration.
 
-    def __init__(self, device: str) -> None:
-        self.device, self.steps = device, []
-        self.phases = {"load_s": 0.0, "prefix_s": 0.0, "train_s": 0.0, "save_s": 0.0}
+    The first ``warmup`` steps of each training run (:meth:`new_run`) go to ``warmup_s``: the
+    train rates and MFU use the steps after them only.
+    """
+
+    def __init__(self, device: str, warmup: int = 0) -> None:
+        self.device, self.steps, self.warmup, self._left = device, [], warmup, warmup
+        self.phases = {"load_s": 0.0, "prefix_s": 0.0, "warmup_s": 0.0, "train_s": 0.0, "save_s": 0.0}
         self.t = time.perf_counter()
+
+    def new_run(self) -> None:
+        self._left = self.warmup
 
     def lap(self, phase: str) -> None:
         _sync(self.device)
         now = time.perf_counter()
+        if phase == "train_s" and self._left > 0:
+            phase, self._left = "warmup_s", self._left - 1
         self.phases[phase] += now - self.t
         if phase == "train_s":
             self.steps.append(now - self.t)
@@ -122,7 +148,7 @@ def run_flock(args, data: torch.Tensor, out: Path, slots: int, prefix: bool) -> 
     (``models.prefix.compute_prefix``, timed in ``prefix_s``) and every step runs the top
     blocks + head from the cache (``Batch.prefix``). Exact: same loss to float rounding.
     """
-    clock = _Clock(args.device)
+    clock = _Clock(args.device, args.warmup)
     model = _load(args)
     seed_everything(args.seed)
     layers = _top_layers(model, args.top_layers)
@@ -155,7 +181,7 @@ def run_flock(args, data: torch.Tensor, out: Path, slots: int, prefix: bool) -> 
     for t in range(slots):
         save_adapter(model, t, out / f"task{t}")
     clock.lap("save_s")
-    return {"clock": clock, "loss_first_last": [losses[0], losses[-1]], "model": model}
+    return {"clock": clock, "loss_first_last": [losses[0], losses[-1]], "model": model, "split": split}
 
 
 def _peft_model(args, base: nn.Module) -> nn.Module:
@@ -167,6 +193,7 @@ def _peft_model(args, base: nn.Module) -> nn.Module:
 
 
 def _peft_train(args, rows_of_step: Callable[[int], torch.Tensor], out: Path, clock: _Clock, losses: list) -> None:
+    clock.new_run()
     model = _peft_model(args, _load(args))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -187,7 +214,7 @@ def _peft_train(args, rows_of_step: Callable[[int], torch.Tensor], out: Path, cl
 
 def run_peft_sequential(args, data: torch.Tensor, out: Path) -> dict:
     """Arm (b): T independent PEFT trainings, one after another, ``batch`` rows per step."""
-    clock, losses, B = _Clock(args.device), [], args.batch
+    clock, losses, B = _Clock(args.device, args.warmup), [], args.batch
     for t in range(data.shape[0]):
         _peft_train(args, lambda s, t=t: _rows(data, s, B)[t], out / f"task{t}", clock, losses)
     return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
@@ -195,52 +222,54 @@ def run_peft_sequential(args, data: torch.Tensor, out: Path) -> dict:
 
 def run_single_adapter(args, data: torch.Tensor, out: Path) -> dict:
     """Arm (c): one PEFT adapter at the flock's batch (T * batch rows per step)."""
-    clock, losses, (T, B) = _Clock(args.device), [], (data.shape[0], args.batch)
+    clock, losses, (T, B) = _Clock(args.device, args.warmup), [], (data.shape[0], args.batch)
     _peft_train(args, lambda s: _rows(data, s, B).reshape(T * B, -1), out, clock, losses)
     return {"clock": clock, "loss_first_last": [losses[0], losses[-1]]}
 
 
-def flops_per_token(model: nn.Module, args) -> float:
-    """Matmul FLOPs per trained token (attention scores left out).
-
-    Forward ``2 N`` over every linear weight (lm_head included); backward ``2 N_bwd`` for the
-    activation gradients of the blocks from the lowest adapted one up plus the head (the frozen
-    base needs no weight gradients; with adapters on all layers this is the usual ``4 N``); and
-    ``6 r (d_in + d_out)`` per adapted matrix (forward + both backward matmuls of A and B).
-    """
+def arm_flops(model: nn.Module, args, split: int, ours: bool = True):
+    """The FLOPs model (``benchmarks/mfu.py``) of a step of ``model`` (adapters injected), cache from ``split``;
+    ``ours``: our loss (chunked, recomputing the head in backward when a batch's logits exceed one chunk)."""
     layers = lora_layers(model)
     lowest = min(int(p) for n in layers for p in n.split(".") if p.isdigit())
-    n_all = n_bwd = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):  # frozen base weights (adapted ones sit in .base_layer)
-            numel = mod.weight.numel()
-            n_all += numel
-            idx = [int(p) for p in name.split(".") if p.isdigit()]
-            n_bwd += numel if not idx or idx[0] >= lowest else 0
-    adapter = sum(6 * args.rank * (m.in_features + m.out_features) for m in layers.values())
-    return 2.0 * n_all + 2.0 * n_bwd + adapter
+    blocks, head = linear_params(model)
+    cfg = model.config
+    attn_dim = getattr(cfg, "num_attention_heads", 0) * (
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    )
+    adapters = [(m.in_features, m.out_features, args.rank) for m in layers.values()]
+    chunked = ours and args.tasks * args.batch * args.seq * cfg.vocab_size > CE_CHUNK_ELEMENTS
+    return flops_model(blocks, head, args.seq, attn_dim, adapters, lowest, split, head_recompute=chunked)
 
 
-def summarise(result: dict, tokens: int, flops: float | None, peak: float | None) -> dict:
+def summarise(result: dict, tokens: int, flops, peak: float | None, timed_tokens: int, prefix_tokens: int) -> dict:
+    """One arm's row. ``tokens``: every trained token; ``timed_tokens``: those of the steps after warm-up;
+    ``prefix_tokens``: tokens the prefix cache runs through the lower blocks once (arms that cache)."""
     clock = result["clock"]
     total = sum(clock.phases.values())
-    work = clock.phases["prefix_s"] + clock.phases["train_s"]  # training work without loads/saves
+    work = clock.phases["prefix_s"] + clock.phases["train_s"]  # timed training work, no loads/saves/warm-up
     row = {**{k: round(v, 3) for k, v in clock.phases.items()}, "seconds": round(total, 3), "tokens": tokens,
-           "tokens_per_s": round(tokens / total, 1), "train_tokens_per_s": round(tokens / work, 1),
+           "tokens_per_s": round(tokens / total, 1), "train_tokens_per_s": round(timed_tokens / work, 1),
            "step_s_median": round(statistics.median(clock.steps), 4),
            "loss_first_last": [round(x, 4) for x in result["loss_first_last"]]}
-    if flops is not None and peak:
-        # Nominal model FLOPs (a full forward per token): with the prefix cache this is an
-        # effective MFU, since the cached lower blocks are not recomputed every epoch.
-        row["mfu_train"] = round(flops * tokens / work / peak, 4)
-        row["mfu_end_to_end"] = round(flops * tokens / total / peak, 4)
+    if flops is not None:
+        split = result.get("split", 0)
+        fm = flops(split, "split" in result)  # PEFT arms: transformers' own loss, no recomputed head
+        hw = fm.hardware_per_token * timed_tokens + (fm.prefix_per_token * prefix_tokens if split else 0.0)
+        row["model_flops_per_token"] = fm.model_per_token
+        row["hardware_flops_per_token"] = fm.hardware_per_token
+        row["hardware_tflops_per_s"] = round(hw / work / 1e12, 3)
+        if peak:
+            row["mfu_model"] = round(fm.model_per_token * timed_tokens / work / peak, 4)
+            row["hfu"] = round(hw / work / peak, 4)
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny | any load_base name")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m | smollm2-shaped (its architecture, random weights) | tiny | any load_base name")
     ap.add_argument("--seqs-per-task", type=int, default=4, help="training sequences of each task")
     ap.add_argument("--epochs", type=int, default=4, help="passes over each task's sequences")
     ap.add_argument("--batch", type=int, default=1, help="rows per task per step (the flock's batch is tasks*batch)")
@@ -250,7 +279,9 @@ def main() -> None:
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (GPU default: by name)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="dense bf16 peak TFLOP/s for MFU (default: from the GPU's exact name, benchmarks/mfu.py)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps of each training run left out of the timed rates")
     ap.add_argument("--arms", default="flock,flock_noprefix,peft_sequential,single_adapter")
     ap.add_argument(
         "--repeats", type=int, default=1, help="run the arms this many times, interleaved; keep each arm's fastest"
@@ -261,6 +292,8 @@ def main() -> None:
     if (args.seqs_per_task * args.epochs) % args.batch:
         ap.error("--seqs-per-task x --epochs must be a multiple of --batch (whole steps)")
     args.steps = args.seqs_per_task * args.epochs // args.batch
+    if not 0 <= args.warmup < args.steps:
+        ap.error(f"--warmup {args.warmup} must leave timed steps: use 0..{args.steps - 1}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     arms = args.arms.split(",")
@@ -274,12 +307,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     data = torch.randint(0, vocab, (args.tasks, args.seqs_per_task, args.seq), generator=gen)  # (T, N, L)
     tokens = args.tasks * args.steps * args.batch * args.seq  # trained tokens (every epoch counts)
-    peak = None
-    if args.device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        peak = 1e12 * (args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0))
-    elif args.peak_tflops:
-        peak = 1e12 * args.peak_tflops
+    timed_tokens = args.tasks * (args.steps - args.warmup) * args.batch * args.seq
+    prefix_tokens = args.tasks * args.seqs_per_task * args.seq
+    peak, peak_label, mfu_note = None, None, None
+    if args.peak_tflops:
+        peak, peak_label = 1e12 * args.peak_tflops, "--peak-tflops"
+    elif args.device.startswith("cuda"):
+        found = match_peak(torch.cuda.get_device_name())
+        if found:
+            peak_label, peak = found
+        else:
+            mfu_note = (f"no MFU: {torch.cuda.get_device_name()!r} is not in benchmarks/mfu.py's peak table; "
+                        "pass --peak-tflops (its dense bf16 TFLOP/s)")
+    else:
+        mfu_note = "no MFU on the CPU unless --peak-tflops is given"
     results, flops = {}, None
     with tempfile.TemporaryDirectory(prefix="loraflock-bench-") as tmp:
         runners = {
@@ -296,12 +337,13 @@ def main() -> None:
             for arm in arms:
                 res = runners[arm]()
                 if "model" in res:
-                    flops = flops or flops_per_token(res.pop("model"), args)
+                    model = res.pop("model")
+                    flops = flops or (lambda split, ours=True, m=model: arm_flops(m, args, split, ours))
                 secs = sum(res["clock"].phases.values())
                 if arm not in results or secs < sum(results[arm]["clock"].phases.values()):
                     results[arm] = res
                 print(f"repeat {rep}: {arm} {secs:.1f}s", file=sys.stderr)
-    rows = {arm: summarise(r, tokens, flops, peak) for arm, r in results.items()}
+    rows = {arm: summarise(r, tokens, flops, peak, timed_tokens, prefix_tokens) for arm, r in results.items()}
     T, B, S = args.tasks, args.batch, args.steps
     does = {
         "flock": f"1 base load; inject {T} slots; 1 AdamW; "
@@ -329,7 +371,9 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
-        "flops_per_token": flops,
+        "flops_model": flops(0).as_dict() if flops else None,
+        "peak": {"label": peak_label, "tflops": None if peak is None else peak / 1e12},
+        **({"mfu_note": mfu_note} if mfu_note else {}),
         "arms": rows,
     }
     for arm, key in (("flock", "ratio_vs_peft_sequential"), ("flock_noprefix", "ratio_vs_peft_sequential_noprefix")):

@@ -70,7 +70,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _load_gguf_cached(directory: str, gguf_file: str) -> nn.Module:
+def _load_gguf_cached(directory: str, gguf_file: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Dequantise a GGUF once and cache the fp32 checkpoint; later loads take < 1 s."""
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +79,7 @@ def _load_gguf_cached(directory: str, gguf_file: str) -> nn.Module:
     key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = model_cache_dir() / "gguf" / f"{src.stem}-{key}"
     if (cached / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); it is plain fp32 now.
     model.hf_quantizer = None
@@ -143,11 +143,13 @@ def load_base(
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         directory, gguf = _resolve_named(name, gguf_file)
+        # Read straight into the run's dtype: a bf16 GPU base never exists as an fp32 host copy.
+        target = resolve_dtype(dtype, device)
         try:
             if gguf:
-                model = _load_gguf_cached(directory, gguf)
+                model = _load_gguf_cached(directory, gguf, target)
             else:
-                model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(directory, dtype=target)
         except OSError as e:
             raise _not_loadable(name, e) from None
     model = model.to(device=device, dtype=resolve_dtype(dtype, device))

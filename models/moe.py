@@ -34,7 +34,7 @@ from torch import nn
 
 from models.base import adaptable_layers
 from models.files import atomic_write_bytes, atomic_write_json
-from models.lora import LoraTargetError, TaskRouter, linear_dims
+from models.lora import LoraTargetError, TaskRouter, linear_dims, lora_layers
 
 __all__ = [
     "AdapterExpertMoE",
@@ -55,7 +55,7 @@ __all__ = [
 MOE_CONFIG_NAME = "moe_config.json"
 MOE_WEIGHTS_NAME = "moe_model.safetensors"
 _FORMAT = "loraflock-pesc-moe"
-_DISPATCH = ("sparse", "dense")
+_DISPATCH = ("auto", "sparse", "dense")
 
 
 class MoEConfigError(ValueError):
@@ -95,8 +95,12 @@ class AdapterExpertMoE(nn.Module):
         bottleneck: adapter width b.
         scale: s, multiplies the experts' sum.
         dispatch: ``sparse`` runs each expert on its own tokens only (compute ~ k/E of all
-            experts); ``dense`` runs every expert on every token as two matmuls and zeroes
-            the unrouted ones (no per-expert loop, no host sync). Same result.
+            experts; a Python loop over the E experts whose split sizes are read from the
+            device: one host sync per layer); ``dense`` runs every expert on every token as two
+            matmuls and zeroes the unrouted ones (no loop, no host sync). Same result. ``auto``:
+            dense on a GPU, where a sync per layer stalls the queue and the experts' extra
+            FLOPs (E/k x an adapter of width b) are small next to the FFN; sparse on a CPU,
+            which is FLOP-bound.
         task_router: the model's shared :class:`TaskRouter`, read for load bookkeeping only.
 
     Example:
@@ -113,7 +117,7 @@ class AdapterExpertMoE(nn.Module):
         top_k: int = 2,
         bottleneck: int = 64,
         scale: float = 1.0,
-        dispatch: str = "sparse",
+        dispatch: str = "auto",
         task_router: TaskRouter | None = None,
     ) -> None:
         super().__init__()
@@ -141,8 +145,26 @@ class AdapterExpertMoE(nn.Module):
         for i in range(num_experts):
             nn.init.kaiming_uniform_(self.down[i], a=math.sqrt(5))  # nn.Linear's init, per expert
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.float64, device=dev), persistent=False)
-        self.task_load: dict[int, torch.Tensor] = {}  # task id -> (E,) assignment counts
+        self._task_load: dict[int, torch.Tensor] = {}  # task id -> (E,) assignment counts (slots unknown)
+        # With the number of task slots known (convert_to_moe reads it off the LoRA layers), the
+        # per-task counts go into one (slots, E) tensor on the device: no host sync per forward.
+        self.task_slots: int | None = None
+        self._task_counts: torch.Tensor | None = None
         self.last_aux: torch.Tensor | None = None
+
+    @property
+    def task_load(self) -> dict[int, torch.Tensor]:
+        """Task id -> (E,) assignment counts of the forwards that carried task ids (reads the device)."""
+        out = dict(self._task_load)
+        if self._task_counts is not None:
+            seen = self._task_counts.sum(dim=1).tolist()
+            out.update({t: self._task_counts[t] for t, n in enumerate(seen) if n > 0})
+        return out
+
+    def reset_task_load(self) -> None:
+        self._task_load.clear()
+        if self._task_counts is not None:
+            self._task_counts.zero_()
 
     # ------------------------------------------------------------------------ experts
     def _experts_sparse(self, h: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -177,11 +199,13 @@ class AdapterExpertMoE(nn.Module):
         probs = logits.softmax(dim=-1)  # full softmax: P for the balance loss
         top_val, idx = logits.topk(self.top_k, dim=-1)  # (T, k)
         gates = top_val.softmax(dim=-1)  # renormalised over the chosen k
-        experts = self._experts_dense if self.dispatch == "dense" else self._experts_sparse
+        dense = self.dispatch == "dense" or (self.dispatch == "auto" and h.device.type != "cpu")
+        experts = self._experts_dense if dense else self._experts_sparse
         # Experts run in their own dtype (fp32 adapters on a bf16 base), cast back after.
         y = hf + self.scale * experts(hf.to(self.down.dtype), idx, gates).to(hf.dtype)
         # Switch balance: f (constant shares of the k T assignments) . P (differentiable).
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)  # (E,)
+        flat = idx.reshape(-1)  # index_add, not bincount: bincount reads its max back on a GPU
+        counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat))  # (E,)
         f = counts.to(probs.dtype) / idx.numel()
         self.last_aux = self.num_experts * (f * probs.mean(dim=0)).sum()
         self._count(counts, idx, x.shape[0] if x.dim() > 2 else None)
@@ -194,6 +218,18 @@ class AdapterExpertMoE(nn.Module):
         router = self.task_router
         if router is None or rows is None:
             return
+        if self.task_slots is not None and (router.single is not None or
+                                            (router.ids is not None and len(router.ids) == rows)):
+            E = self.num_experts
+            if self._task_counts is None:
+                self._task_counts = torch.zeros(self.task_slots, E, dtype=self.load.dtype, device=idx.device)
+            if router.single is not None:
+                self._task_counts[router.single] += counts.to(self.load.dtype)
+            else:
+                tid = router.ids.to(idx.device).repeat_interleave(idx.numel() // rows)
+                flat = tid * E + idx.reshape(-1)
+                self._task_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
+            return
         if router.single is not None:
             tasks = {int(router.single): counts}
         elif router.ids is not None and len(router.ids) == rows:
@@ -205,8 +241,8 @@ class AdapterExpertMoE(nn.Module):
         else:
             return
         for t, c in tasks.items():
-            prev = self.task_load.get(t)
-            self.task_load[t] = c.to(self.load) + (prev if prev is not None else 0)
+            prev = self._task_load.get(t)
+            self._task_load[t] = c.to(self.load) + (prev if prev is not None else 0)
 
     def extra_repr(self) -> str:
         return (
@@ -223,7 +259,7 @@ def convert_to_moe(
     bottleneck: int = 64,
     scale: float = 1.0,
     layers: list[int] | None = None,
-    dispatch: str = "sparse",
+    dispatch: str = "auto",
 ) -> list[str]:
     """Replace the FFN (``mlp``) of the chosen blocks by an :class:`AdapterExpertMoE`, in place.
 
@@ -239,7 +275,7 @@ def convert_to_moe(
         bottleneck: adapter width b.
         scale: s on the experts' sum.
         layers: block indices to convert (``None``: all blocks).
-        dispatch: ``sparse`` or ``dense`` (see :class:`AdapterExpertMoE`).
+        dispatch: ``auto``, ``sparse`` or ``dense`` (see :class:`AdapterExpertMoE`).
 
     Returns:
         Names of the converted modules (``model.layers.3.mlp`` ...), in model order.
@@ -254,6 +290,7 @@ def convert_to_moe(
         raise MoEConfigError(f"pesc.layers {layers} must be block indices in 0..{len(blocks) - 1}")
     router = getattr(model, "_loraflock_router", None) or TaskRouter()
     model._loraflock_router = router  # type: ignore[attr-defined]  # train_step routes through it
+    slots = max((layer.num_tasks for layer in lora_layers(model).values()), default=None)
     names = []
     for i in chosen:
         block = blocks[i]
@@ -264,6 +301,7 @@ def convert_to_moe(
             raise MoEConfigError(f"block {i} is already converted: convert a fresh model")
         d_in, d_out = _ffn_dims(ffn)
         block.mlp = AdapterExpertMoE(ffn, d_in, d_out, num_experts, top_k, bottleneck, scale, dispatch, router)
+        block.mlp.task_slots = slots
         names.append(f"{path}.{i}.mlp")
     for p in moe_params(model):
         p.requires_grad_(True)
@@ -329,7 +367,7 @@ def reset_load(model: nn.Module) -> None:
     """Zero the load counters of every MoE block."""
     for m in moe_layers(model).values():
         m.load.zero_()
-        m.task_load.clear()
+        m.reset_task_load()
 
 
 # --------------------------------------------------------------------------- save / load

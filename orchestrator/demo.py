@@ -38,12 +38,13 @@ DEMO_JOB: dict = {
     "search": {
         "enabled": True,
         "space": "demo",
-        "num_samples": 2,  # x the space's 2 x 2 grid (bits x sparsity) = 8 trials
+        "num_samples": 2,  # x the space's 2 x 2 grid (whole-base bit budget x sparsity) = 8 trials
         "steps": 30,
         "eval_every": 10,
         "grace_period": 10,
         "reduction_factor": 2.0,
         "max_concurrent_trials": 2,
+        "quantize_layers": "all",  # quantised trials quantise every block (each setting once, its own prefix)
     },
     "pesc": {"enabled": True, "num_experts": 8, "top_k": 2, "bottleneck": 64, "balance_coef": 0.05},
     "recycle": {

@@ -45,4 +45,10 @@ def preflight(spec: JobSpec) -> list[str]:
                          num_tasks=max(1, len(spec.tasks)), gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
         except GateConfigError as e:
             raise SpecError(f"gates: {e}") from None
+    if layers and layers[0] > 0 and not (spec.gates.enabled and spec.gates.layers == "all"):
+        from models.base import resolve_dtype
+        from orchestrator.flock.prefix import check_prefix_budget
+
+        dtype = resolve_dtype(b.dtype, "cuda" if spec.ray.use_gpu else "cpu")
+        check_prefix_budget(spec, int(model.config.hidden_size), dtype.itemsize)  # one batch must fit
     return names

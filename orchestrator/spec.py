@@ -27,6 +27,7 @@ from orchestrator.errors import SpecError
 from orchestrator.specs.base import QUANT_BITS, BaseSpec, QuantSpec  # noqa: F401  (QUANT_BITS: re-exported)
 from orchestrator.specs.eval import EvalSpec
 from orchestrator.specs.gates import GatesSpec
+from orchestrator.specs.prefix_cache import PrefixCacheSpec
 from orchestrator.specs.search import SearchSpec
 from tasks.spec import TaskSetSpec, TaskSpec
 from tasks.strict import Strict
@@ -58,8 +59,8 @@ class LoraSpec(Strict):
         alpha: scaling numerator (delta W = alpha / r * B A).
         dropout: dropout on the adapter input (one mask per row for all slots).
         target_modules: module leaf names to adapt.
-        top_layers: adapt only the top N blocks (the frozen blocks below are run once per
-            sequence and cached: the big saving on CPU). ``None`` = every block.
+        top_layers: adapt only the top N blocks (the frozen blocks below run once per sequence
+            while it is cached, see ``flock.prefix_cache``: the big saving on CPU). ``None`` = every block.
         ranks: per-task rank overrides ``{task: r}``.
     """
 
@@ -143,6 +144,8 @@ class FlockSpec(Strict):
             tasks; idle offsets get the prior's pull in closed form when next used, see
             ``models/train/lazy.py`` for the approximation and its measured tolerance) or
             ``auto`` (lazy once a worker owns more than 64 tasks).
+        prefix_cache: the frozen lower blocks' states, computed on demand and kept within a
+            per-worker memory budget (:class:`orchestrator.specs.prefix_cache.PrefixCacheSpec`).
     """
 
     enabled: bool = True
@@ -152,6 +155,7 @@ class FlockSpec(Strict):
     tau_sweep: list[float] | None = None
     sync_every: int = Field(1, ge=1)
     prior_update: Literal["auto", "dense", "lazy"] = "auto"
+    prefix_cache: PrefixCacheSpec = Field(default_factory=PrefixCacheSpec)
 
     @field_validator("tau")
     @classmethod

@@ -153,6 +153,12 @@ def _build_cases(d: Path) -> dict[str, Case]:
     job["lora"]["ranks"] = {"http": 65}  # hidden size 64: no 64->64 projection has rank 65
     cases["rank-too-large"] = Case(["run", str(_write(cd, job)), "--out", str(cd / "out")], cd / "out",
                                    ("lora:", "rank 65 does not fit", "use a rank between 1 and 64"))
+    cd = d / "prefix-budget"
+    cd.mkdir()
+    job = _tiny()
+    job["flock"]["prefix_cache"] = {"budget_gb": 0.0001}  # one batch: 8 rows x 64 tokens x 64 x 4 bytes = 0.000122
+    cases["prefix-budget"] = Case(["run", str(_write(cd, job)), "--out", str(cd / "out")], cd / "out",
+                                  ("flock.prefix_cache.budget_gb", "set budget_gb to at least 0.000122"))
     cd = d / "foreign"
     cd.mkdir()
     cases["out-of-another-job"] = Case(
@@ -184,8 +190,8 @@ def assert_equal(a, b) -> None:
 
 CASE_IDS = sorted([
     *(f"spec-{n}-{c}" for n in _BAD_SPECS for c in ("validate", "run")),
-    "task-name-slash", "task-name-dotdot", "rank-too-large", "out-of-another-job", "out-corrupt-marker",
-    "out-not-ours", "data-missing", "data-empty", "data-no-text-column", "data-not-utf8",
+    "task-name-slash", "task-name-dotdot", "rank-too-large", "prefix-budget", "out-of-another-job",
+    "out-corrupt-marker", "out-not-ours", "data-missing", "data-empty", "data-no-text-column", "data-not-utf8",
 ])
 
 
@@ -206,7 +212,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(ran, case_id)
         assert RAY_STARTED not in r.stdout, r.stdout[-2000:]
     if case.out is not None:
         _assert_nothing_written(case.out)
-        if case.before_ray and case_id.startswith(("spec-", "task-name-", "rank-")):
+        if case.before_ray and case_id.startswith(("spec-", "task-name-", "rank-", "prefix-")):
             assert not case.out.exists()  # refused before the output directory is claimed
     if case.check is not None:
         case.check(Path(case.args[case.args.index("--out") + 1]).parent)

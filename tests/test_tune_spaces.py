@@ -13,7 +13,7 @@ def test_every_bundled_space_validates_and_converts():
     assert {"default", "demo", "gpu"} <= set(list_spaces())
     for name in list_spaces():
         space = load_space(name)
-        assert {"rank", "bits", "lr"} <= set(space.dimensions), name
+        assert {"rank", "lr"} <= set(space.dimensions) and {"bits", "bit_budget"} & set(space.dimensions), name
         tuned = to_tune(space)
         assert set(tuned) == set(space.dimensions)
 

@@ -25,9 +25,10 @@ Distributions (exactly one key per dimension, plus ``zero`` for ``loguniform``):
 otherwise log-uniformly, from Tune's seeded random state.)
 
 Dimensions and the values they accept: ``rank`` (int >= 1), ``target_sparsity`` (gate
-target in [0, 1); 0 = no gates), ``bits`` (2, 3, 4, 8 or 16 = unquantised), ``quantizer``
+target in [0, 1); 0 = no gates), ``bits`` (2, 3, 4, 8 or 16 = unquantised), ``bit_budget`` (average bits per weight in
+[4.5, 8.5], NF4/NF8 per matrix, or 16; needs ``search.quantize_layers: all``), ``quantizer``
 (``nf``, ``uniform``, ``vq``), ``tau`` (>= 0; 0 = independent adapters), ``lr`` (> 0).
-``rank`` and ``bits`` must be discrete (choice/grid/value). Anything else is a
+``rank``, ``bits`` and ``bit_budget`` must be discrete (choice/grid/value). Anything else is a
 :class:`SpaceError` naming the file and the key. Parsing is plain Python; only
 :func:`to_tune` imports ``ray.tune``.
 """
@@ -79,6 +80,11 @@ def _bits_ok(v: Any) -> str | None:
     return None if v in _BITS and not isinstance(v, bool) else f"one of {list(_BITS)} (16 = unquantised)"
 
 
+def _budget_ok(v: Any) -> str | None:
+    ok = _is_num(v) and (4.5 <= v <= 8.5 or v == 16)
+    return None if ok else "bits per weight in [4.5, 8.5] (mixed NF4/NF8, scales counted) or 16 (unquantised)"
+
+
 def _quantizer_ok(v: Any) -> str | None:
     return None if v in _QUANTIZERS else f"one of {list(_QUANTIZERS)}"
 
@@ -100,6 +106,7 @@ DIMENSIONS: dict[str, tuple[Any, bool]] = {
     "rank": (_rank_ok, False),
     "target_sparsity": (_sparsity_ok, True),
     "bits": (_bits_ok, False),
+    "bit_budget": (_budget_ok, False),
     "quantizer": (_quantizer_ok, False),
     "tau": (_tau_ok, True),
     "lr": (_lr_ok, True),

@@ -185,11 +185,13 @@ class GatedLinear(nn.Module):
         return g.view(g.shape[0], *([1] * (ndim - 2)), g.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Gates are fp32 parameters; cast to the activations' dtype so a bf16 base keeps bf16
+        # activations (fp32 x would then meet a bf16 weight in the inner matmul and fail).
         if self.theta_cols is not None:
-            x = x * self._route(self._gate("cols"), x.dim())
+            x = x * self._route(self._gate("cols"), x.dim()).to(x.dtype)
         y = self.inner(x)
         if self.theta_rows is not None:
-            y = y * self._route(self._gate("rows"), y.dim())
+            y = y * self._route(self._gate("rows"), y.dim()).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

@@ -19,10 +19,38 @@ from models.quant.quantizers import PackedTensor, packed_shapes
 __all__ = ["QuantizedLinear"]
 
 
+class _DequantLinear(torch.autograd.Function):
+    """``y = x Q^T + b`` that saves no weight for backward: it dequantises ``Q`` again there.
+
+    Why: ``F.linear`` on the dequantised matrix keeps that full-size matrix alive in the
+    autograd graph until backward, so a quantised base would hold every adapted layer's
+    dense weight at once during training (the memory it was quantised to save). The packed
+    codes are alive anyway; re-dequantising them costs one cheap elementwise pass per layer
+    in backward. Nothing is saved: the layer itself (its packed buffers) is the context.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.x_dtype, ctx.x_device = x.dtype, x.device
+        return F.linear(x, layer.dequantized_weight().to(device=x.device, dtype=x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.layer.dequantized_weight().to(device=ctx.x_device, dtype=grad_y.dtype)
+            grad_x = (grad_y @ w).to(ctx.x_dtype)  # the base is frozen: no weight gradient
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_b, None
+
+
 class QuantizedLinear(nn.Module):
     """A frozen linear layer that holds only packed codes and dequantises per forward.
 
-    ``y = x Q^T + b`` with ``Q = packed.dequantize()``. No fp32 weight is kept; with
+    ``y = x Q^T + b`` with ``Q = packed.dequantize()``. No fp32 weight is kept, not even
+    for backward (which dequantises again: :class:`_DequantLinear`); with
     ``cache_weight=True`` (off by default) the dequantised weight is kept after the first
     forward, trading memory for speed.
 
@@ -97,9 +125,10 @@ class QuantizedLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return F.linear(x, self.dequantized_weight().to(device=x.device, dtype=x.dtype), bias)
+        return _DequantLinear.apply(x, bias, self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.method}{self.bits}, bytes={self.nbytes}"

@@ -91,6 +91,13 @@ def nf_levels(bits: int) -> torch.Tensor:
     return (v / v.abs().max()).float()
 
 
+@cache
+def _grid_on(method: str, bits: int, device: torch.device) -> torch.Tensor:
+    """The level grid of ``method`` on ``device``, copied there once per process, not per forward."""
+    grid = nf_levels(bits) if method == "nf" else uniform_levels(bits)
+    return grid.to(device)
+
+
 # --------------------------------------------------------------------------- bit packing
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) into a little-endian bit stream of ceil(n b / 8) uint8.
@@ -215,8 +222,7 @@ class PackedTensor:
         if self.method == "vq":
             values = self.codebook.float()[idx].reshape(n_blocks, self.block_size)
         else:
-            grid = nf_levels(self.bits) if self.method == "nf" else uniform_levels(self.bits)
-            values = grid.to(self.codes.device)[idx].view(n_blocks, self.block_size)
+            values = _grid_on(self.method, self.bits, self.codes.device)[idx].view(n_blocks, self.block_size)
         w = values * self.scales.float()[:, None]
         return w.reshape(-1)[: self.numel].view(self.shape)
 

@@ -27,11 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from models.lora import adapter_params, lora_layers, set_trainable
+from models.prefix_cache import PrefixCache
+from models.train.checks import StepChecks
 from models.train.hooks import Prior, TrainHooks
 from models.train.lazy import LazyRowAdamW
 from models.train.results import MethodResult
 from models.train.state import load_train_state, save_train_state
-from models.train.step import Batch, BatchSampler, evaluate, train_step
+from models.train.step import Batch, BatchSampler, PrefixFn, evaluate, train_step
 
 __all__ = ["FlockData", "MethodConfig", "train_method", "make_batch", "grad_reducer", "average_shared",
            "uses_lazy_step", "LAZY_ABOVE"]
@@ -46,7 +48,9 @@ class FlockData:
         owned: global indices of the tasks this worker trains; slot = position in ``owned``.
         train: slot -> (N_d, L) token ids.
         eval: slot -> (M_d, L) token ids.
-        train_prefix / eval_prefix: slot -> cached hidden states entering block ``split``.
+        train_prefix / eval_prefix: slot -> precomputed hidden states entering block ``split``.
+        prefix_cache: instead, those states computed on demand (``"train"`` / ``"eval"`` rows),
+            kept within a memory budget (:class:`models.prefix_cache.PrefixCache`).
         train_mask / eval_mask: slot -> (N_d, L) bool scored-token masks (instruction rows score
             their completions, padding is never scored; see ``models.train.step.Batch``);
             ``None`` for the whole dict or one slot: every token after the first is scored.
@@ -61,6 +65,22 @@ class FlockData:
     split: int = 0
     train_mask: dict[int, torch.Tensor | None] | None = None
     eval_mask: dict[int, torch.Tensor | None] | None = None
+    prefix_cache: PrefixCache | None = None
+
+    def train_prefix_rows(self, slots: Sequence[int], rows: np.ndarray, ids: torch.Tensor) -> torch.Tensor | None:
+        """The (B, L, H) frozen-prefix states of these training rows (``ids``: their tokens), or ``None``."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache.get("train", np.asarray(slots), np.asarray(rows), ids)
+        if self.train_prefix is None:
+            return None
+        return torch.stack([self.train_prefix[s][r] for s, r in zip(slots, rows)]).to(ids.device)
+
+    def eval_prefix_fn(self) -> PrefixFn | None:
+        """:func:`models.train.step.evaluate`'s on-demand states of eval rows (``None``: precomputed or none)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return None
+        return lambda slots, rows, ids: cache.get("eval", slots, rows, ids)
 
     def train_scored(self, slots: Sequence[int], rows: np.ndarray) -> torch.Tensor | None:
         """The (B, L) scored-token mask of these training rows, or ``None`` if all are full rows."""
@@ -126,16 +146,16 @@ def _sum_sq(params: Sequence[nn.Parameter], device: torch.device) -> torch.Tenso
     return torch.stack([p.grad.pow(2).sum() for p in params]).double().sum()
 
 
-def grad_reducer(shared: Sequence[nn.Parameter], sync: bool) -> Callable[[Sequence[nn.Parameter]], float]:
+def grad_reducer(shared: Sequence[nn.Parameter], sync: bool) -> Callable[[Sequence[nn.Parameter]], torch.Tensor]:
     """All-reduce Theta's gradient (sum of every worker's share) and the squared grad norm.
 
     Returns the squared global norm so that gradient clipping is identical on all workers.
     Every tensor it reduces lives on the gradients' device (NCCL reduces only GPU tensors),
-    and the norm costs one host sync per step, not one per parameter.
+    and the norm stays there (a float64 scalar): clipping reads nothing back.
     """
     shared_ids = {id(p) for p in shared}
 
-    def reduce(params: Sequence[nn.Parameter]) -> float:
+    def reduce(params: Sequence[nn.Parameter]) -> torch.Tensor | float:
         sh = [p for p in params if id(p) in shared_ids and p.grad is not None]
         local = [p for p in params if id(p) not in shared_ids and p.grad is not None]
         if not sh and not local:
@@ -153,7 +173,7 @@ def grad_reducer(shared: Sequence[nn.Parameter], sync: bool) -> Callable[[Sequen
                     off += n
             sq_local = sq_local.reshape(1)  # (1,), not 0-dim: a shape every backend reduces
             dist.all_reduce(sq_local)
-        return float(sq_local.sum() + _sum_sq(sh, device))
+        return sq_local.sum() + _sum_sq(sh, device)
 
     return reduce
 
@@ -174,6 +194,11 @@ def average_shared(shared: Sequence[nn.Parameter]) -> None:
 
 def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> Batch:
     """The sampler's next batch restricted to the tasks this process owns, as tensors on ``device``."""
+    return draw_batch(data, sampler, device)[0]
+
+
+def draw_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> tuple[Batch, list[int]]:
+    """:func:`make_batch` and the batch's distinct slots, sorted, known on the host (no read-back)."""
     tasks, idx, w = sampler.sample()
     slot_of = {g: s for s, g in enumerate(data.owned)}
     keep = np.array([t in slot_of for t in tasks], dtype=bool)
@@ -182,17 +207,14 @@ def make_batch(data: FlockData, sampler: BatchSampler, device: torch.device) -> 
     if not slots:
         some = data.train[0]
         empty = some[:0]
-        pre = data.train_prefix[0][:0] if data.train_prefix else None
+        pre = data.train_prefix[0][:0] if data.train_prefix else None  # (0, L, H): callers may concatenate it
         return Batch(empty.to(device), torch.zeros(0, dtype=torch.long, device=device),
-                     torch.zeros(0, device=device), None if pre is None else pre.to(device), data.split)
+                     torch.zeros(0, device=device), None if pre is None else pre.to(device), data.split), []
     ids = torch.stack([data.train[s][r] for s, r in zip(slots, rows)])
-    pre = None
-    if data.train_prefix is not None:
-        pre = torch.stack([data.train_prefix[s][r] for s, r in zip(slots, rows)])
+    pre = data.train_prefix_rows(slots, rows, ids)
     scored = data.train_scored(slots, rows)
-    return Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored).to(
-        device
-    )
+    batch = Batch(ids, torch.tensor(slots), torch.tensor(w[keep], dtype=torch.float32), pre, data.split, scored)
+    return batch.to(device), sorted(set(slots))
 
 
 def train_method(
@@ -295,36 +317,50 @@ def train_method(
                 prior.load_state_dict(meta["prior"])
             log(f"[{cfg.name}] resumed at step {start} from {state_dir}")
     failed: dict[int, str] = {}  # global task -> why it was stopped
-    pending: set[int] = set()  # slots whose loss went non-finite in the last step
-    touched: list[int] | None = None  # lazy: the slots the last step moved (only they can turn NaN)
-    window: dict[int, list] = {}  # slot -> [sum of per-step task NLL, steps] since the last log
-    for step in range(start, cfg.steps + 1):
-        pending |= _nonfinite_slots(model, touched)
-        new = _sync_failures({data.owned[s] for s in pending} - set(failed), len(data.sizes), coll_device)
+    # Host syncs: the step reads nothing back (train_step with num_slots). What it measured stays
+    # on the device until a read point (log_every, an evaluation, a checkpoint, a tau update,
+    # the first and the last step): the non-finite flags, the per-task training NLL and whether
+    # a step's gradient was dropped. A task whose loss turns NaN/inf is therefore stopped at the
+    # next read point, not at the next step; until then its batches' gradients are zeroed on
+    # the device (NaN-safe), so nothing it touched is poisoned. The lazy step still reads the
+    # gradient norm every step (its closed-form catch-up needs the clip factors on the host).
+    n_slots = max([len(data.owned)] + [layer.lora_A.shape[0] for layer in lora_layers(model).values()])
+    checks = StepChecks(n_slots, coll_device, lazy is not None)
+
+    def read_point(step: int) -> None:
+        new = _sync_failures({data.owned[s] for s in checks.read(model, step)} - set(failed), len(data.sizes),
+                             coll_device)
         if new:
             _stop_tasks(model, opt, data, sampler, new, failed, step, log)
-        pending = set()
+
+    for step in range(start, cfg.steps + 1):
+        if step == start:  # a diverged task in the initial (or resumed) state: stopped before any batch
+            read_point(step)
         if hooks.on_step is not None:
             hooks.on_step(step)
-        batch = make_batch(data, sampler, device)
+        batch, slots = draw_batch(data, sampler, device)
         step_list = params
         if lazy is not None:  # only the batch's rows: see models/train/lazy.py
-            touched = sorted(set(batch.task_ids.tolist()))
-            step_list = step_params + lazy.stage(touched)
+            checks.touch(slots)
+            step_list = step_params + lazy.stage(slots)
         # Dense: parameters absent from this batch still get (zero or prior) gradients, as in
         # the single-process joint objective, so Adam treats them identically on every worker.
         res = train_step(model, batch, opt, step_list, extra_loss=extra, max_grad_norm=cfg.max_grad_norm,
-                         reduce_grads=reducer, skip_nonfinite=True)
+                         reduce_grads=reducer, skip_nonfinite=True, num_slots=n_slots,
+                         tasks=slots)
         if lazy is not None:
-            clipped = cfg.max_grad_norm is not None and res.grad_norm > cfg.max_grad_norm
-            lazy.note_clip(cfg.max_grad_norm / (res.grad_norm + 1e-6) if clipped else 1.0)
-        pending |= set(res.nonfinite)
-        for s, v in res.task_nll.items():  # per-task training NLL since the last log (on_log)
-            acc = window.setdefault(s, [0.0, 0])
-            acc[0], acc[1] = acc[0] + v, acc[1] + 1
+            norm = res.grad_norm  # the lazy path's one read a step
+            clipped = cfg.max_grad_norm is not None and norm > cfg.max_grad_norm
+            lazy.note_clip(cfg.max_grad_norm / (norm + 1e-6) if clipped else 1.0)
+        checks.add(res)
         if cfg.sync_every > 1 and step % cfg.sync_every == 0:
             average_shared(shared)
         tokens += batch.input_ids.numel()
+        logging = step % cfg.log_every == 0 or step == cfg.steps
+        evaluating = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
+        saving = state_dir is not None and bool(checkpoint_every) and step % checkpoint_every == 0 and step < cfg.steps
+        if logging or evaluating or saving or (use_prior and prior.due(step)):
+            read_point(step)
         if use_prior and prior.due(step):
             if lazy is not None:
                 lazy.flush()  # every row current under the old tau before the statistics
@@ -342,9 +378,9 @@ def train_method(
             el = time.perf_counter() - t0
             eta = el / max(step - start + 1, 1) * (cfg.steps - step)
             curve.append((step, res.nll))
+            window = checks.window()  # slot -> mean of its per-step training NLL since the last log
             if hooks.on_log is not None:
-                hooks.on_log(step, res.nll, {s: tot / n for s, (tot, n) in window.items()})
-            window.clear()
+                hooks.on_log(step, res.nll, window)
             log(
                 f"[{cfg.name}] step {step}/{cfg.steps}  loss {res.nll:.4f}  "
                 f"tok/s {tokens / el:,.0f}  elapsed {el:,.0f}s  eta {eta:,.0f}s"
@@ -386,25 +422,7 @@ def _evaluate_owned(model: nn.Module, data: FlockData, cfg: MethodConfig, failed
     masks = None
     if data.eval_mask is not None:
         masks = {s: None if m is None else (m[:rows] if rows else m) for s, m in data.eval_mask.items() if s in keep}
-    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split, masks=masks)
-
-
-@torch.no_grad()
-def _nonfinite_slots(model: nn.Module, slots: list[int] | None = None) -> set[int]:
-    """Task slots whose offsets hold NaN/inf (a diverged task), among ``slots`` (None = all).
-
-    The flags of every layer are or-ed on the device: one host sync per step, not per layer.
-    """
-    bad: torch.Tensor | None = None
-    for layer in lora_layers(model).values():
-        for p in (layer.lora_A, layer.lora_B):
-            rows = p if slots is None else p[slots]
-            nonfinite = ~torch.isfinite(rows).flatten(1).all(dim=1)  # (T,) or (len(slots),)
-            bad = nonfinite if bad is None else bad | nonfinite
-    if bad is None:
-        return set()
-    found = torch.nonzero(bad).flatten().tolist()
-    return set(found) if slots is None else {slots[i] for i in found}
+    return evaluate(model, keep, cfg.eval_batch_size, pre, data.split, masks=masks, prefix_fn=data.eval_prefix_fn())
 
 
 def _sync_failures(local: set[int], n_tasks: int, device: torch.device) -> set[int]:

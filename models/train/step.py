@@ -15,10 +15,9 @@ Extra terms (the hierarchical prior, gate sparsity, MoE balance) come in as a ca
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from models.lora import task_ids
 from models.prefix import use_prefix
+from models.train.chunked_loss import CE_CHUNK_ELEMENTS, token_nll
 from models.train.perplexity import macro_perplexity, perplexity  # of evaluate()'s NLLs; torch-free home
 
 __all__ = [
@@ -36,8 +36,11 @@ __all__ = [
     "NonFiniteLossError",
     "row_nll",
     "row_nll_sum",
+    "token_nll",
+    "CE_CHUNK_ELEMENTS",
     "train_step",
     "evaluate",
+    "PrefixFn",
     "seed_everything",
     "perplexity",
     "macro_perplexity",
@@ -135,44 +138,84 @@ class BatchSampler:
         return tasks, idx, self.row_weight[tasks]
 
 
-def row_nll_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def row_nll_sum(model: nn.Module, batch: Batch, chunk_tokens: int | None = None,
+                tasks: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL of each row's scored tokens and their count: two (N,) tensors.
 
     Unscored targets (prompt tokens, padding) enter the cross-entropy as ``ignore_index``, so
-    they add nothing to the sum and their logits get exactly zero gradient.
+    they add nothing to the sum and their logits get exactly zero gradient. The fp32 logits
+    exist one chunk of tokens at a time (:func:`models.train.chunked_loss.token_nll`), never whole.
+    ``tasks``: the batch's distinct task slots when the caller knows them (no device check).
     """
     ctx = use_prefix(model, batch.split, batch.prefix) if batch.prefix is not None else nullcontext()
     ids = batch.task_ids
-    route = int(ids[0]) if bool((ids == ids[0]).all()) else ids  # one task: no gather
-    with ctx, task_ids(model, route):
-        logits = model(input_ids=batch.input_ids).logits  # (N, L, V)
+    if tasks is not None:
+        route: int | torch.Tensor = tasks[0] if len(tasks) == 1 else ids
+    else:
+        route = int(ids[0]) if bool((ids == ids[0]).all()) else ids  # one task: no gather (a host sync)
     # Shift by padding the targets (ignored last position) rather than slicing the logits:
     # a (N, L-1, V) slice would copy the largest tensor of the step (V = 49k on SmolLM2).
-    n, length = batch.input_ids.shape
     nxt = batch.input_ids[:, 1:]
     if batch.scored is not None:
         nxt = nxt.masked_fill(~batch.scored[:, 1:], -100)
     target = F.pad(nxt, (0, 1), value=-100)  # (N, L): the target of position t is token t + 1
-    nll = F.cross_entropy(
-        logits.reshape(n * length, -1).float(), target.reshape(-1), reduction="none", ignore_index=-100
-    )
+    with ctx, task_ids(model, route):
+        nll = token_nll(model, batch.input_ids, target, chunk_tokens)
     count = (target != -100).sum(dim=1)
-    return nll.view(n, length).sum(dim=1), count
+    return nll.sum(dim=1), count
 
 
-def row_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+def row_nll(model: nn.Module, batch: Batch, tasks: Sequence[int] | None = None) -> torch.Tensor:
     """Mean next-token NLL of each row over its scored tokens: (N,) (0 for a row with none)."""
-    total, count = row_nll_sum(model, batch)
+    total, count = row_nll_sum(model, batch, tasks=tasks)
     return total / count.clamp(min=1)
 
 
-@dataclass
 class StepResult:
-    loss: float  # total objective (likelihood + extra terms)
-    nll: float  # weighted likelihood part
-    grad_norm: float
-    task_nll: dict[int, float]  # mean NLL of each task's rows in this batch
-    nonfinite: list[int] = field(default_factory=list)  # task slots whose loss was NaN/inf (skipped)
+    """What one step measured. Scalars stay on the device; reading a field copies it to the host.
+
+    Why: every read is a host-device sync that stalls the CPU until the GPU has finished all
+    queued work. The flock loop reads these once per ``log_every`` (accumulating on the device
+    in between), not once per step.
+    """
+
+    def __init__(self, loss: torch.Tensor, nll: torch.Tensor, norm: torch.Tensor, sums: torch.Tensor,
+                 counts: torch.Tensor, slots: torch.Tensor | None, nonfinite: list[int] | None = None,
+                 bad: torch.Tensor | None = None) -> None:
+        self._loss, self._nll, self._norm = loss, nll, norm
+        self.sums, self.counts = sums, counts  # per-slot NLL sums and rows: (T,) (or per listed slot)
+        self._slots = slots  # slot of each entry of sums/counts; None: entry i is slot i
+        self._nonfinite = nonfinite
+        self.bad = bad  # (T,) float, 1 where a row of that slot had a non-finite NLL (deferred checks)
+        self.skipped: torch.Tensor | None = None  # deferred checks: 1.0 when this step's gradient was zeroed
+
+    @property
+    def loss(self) -> float:
+        """Total objective (likelihood + extra terms)."""
+        return float(self._loss)
+
+    @property
+    def nll(self) -> float:
+        """Weighted likelihood part (0 when the batch's likelihood was dropped)."""
+        return float(self._nll)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self._norm)
+
+    @property
+    def task_nll(self) -> dict[int, float]:
+        """Mean NLL of each task's rows in this batch (one transfer)."""
+        slots = self._slots if self._slots is not None else torch.arange(len(self.sums), device=self.sums.device)
+        rows = torch.stack([slots.to(self.sums.dtype), self.sums, self.counts]).tolist()
+        return {int(t): s / c for t, s, c in zip(*rows, strict=True) if c > 0}
+
+    @property
+    def nonfinite(self) -> list[int]:
+        """Task slots whose loss was NaN/inf (their batch's likelihood was skipped)."""
+        if self._nonfinite is not None:
+            return self._nonfinite
+        return [] if self.bad is None else torch.nonzero(self.bad).flatten().tolist()
 
 
 def train_step(
@@ -182,8 +225,10 @@ def train_step(
     params: Sequence[nn.Parameter],
     extra_loss: Callable[[], torch.Tensor] | None = None,
     max_grad_norm: float | None = 1.0,
-    reduce_grads: Callable[[Sequence[nn.Parameter]], float] | None = None,
+    reduce_grads: Callable[[Sequence[nn.Parameter]], float | torch.Tensor] | None = None,
     skip_nonfinite: bool = False,
+    num_slots: int | None = None,
+    tasks: Sequence[int] | None = None,
 ) -> StepResult:
     """One optimisation step on a mixed-task batch.
 
@@ -193,57 +238,93 @@ def train_step(
         optimizer: optimizer over ``params``.
         params: the trainable parameters (for clipping).
         extra_loss: adds prior / regulariser terms (already normalised like the NLL).
-        max_grad_norm: global-norm clipping; ``None`` disables it.
+        max_grad_norm: global-norm clipping (on the device); ``None`` disables it.
         reduce_grads: distributed hook; all-reduces what must be shared and returns the
             squared global gradient norm (so clipping is identical on every worker).
         skip_nonfinite: instead of raising, drop this batch's likelihood (NaN would poison
             every gradient it touches) and name the offending tasks in ``nonfinite``; the
             step still runs (prior, collectives), so distributed workers stay in lockstep.
+        num_slots: the model's task slots. Given (the flock loop), the step reads nothing back
+            from the device: per-slot sums are fixed-size, and with ``skip_nonfinite`` the check is
+            deferred: a step with a non-finite row (or extra term) zeroes this worker's whole
+            gradient on the device (NaN-safe, prior pull included) and flags the slots in
+            ``StepResult.bad`` for the caller to read later. Without it, checks read at once.
+        tasks: the batch's distinct slots, when the caller knows them (no device check).
 
     Raises:
-        NonFiniteLossError: naming the tasks whose rows produced NaN/inf.
+        NonFiniteLossError: naming the tasks whose rows produced NaN/inf (checks read at once).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    deferred = skip_nonfinite and num_slots is not None
+    ids = batch.task_ids
+    ok: torch.Tensor | None = None
+    bad: torch.Tensor | None = None
+    nonfinite: list[int] | None = None
     if len(batch.input_ids):
-        nll_rows = row_nll(model, batch)  # (N,)
-        nonfinite: list[int] = []
-        if not torch.isfinite(nll_rows).all():
-            bad = sorted({int(t) for t in batch.task_ids[~torch.isfinite(nll_rows)].tolist()})
-            if not skip_nonfinite:
-                raise NonFiniteLossError(bad, float(nll_rows[~torch.isfinite(nll_rows)][0]))
-            nonfinite = bad
-        nll = (batch.weights * nll_rows).sum() if not nonfinite else nll_rows.new_zeros(())
+        nll_rows = row_nll(model, batch, tasks=tasks)  # (N,)
+        finite = torch.isfinite(nll_rows)
+        if deferred:
+            ok = finite.all()
+            bad = nll_rows.new_zeros(num_slots).index_add_(0, ids, (~finite).to(nll_rows.dtype))
+            nll = (batch.weights * nll_rows.masked_fill(~finite, 0.0)).sum()  # finite value; grads zeroed below
+        else:
+            nonfinite = []
+            if not finite.all():
+                nonfinite = sorted({int(t) for t in ids[~finite].tolist()})
+                if not skip_nonfinite:
+                    raise NonFiniteLossError(nonfinite, float(nll_rows[~finite][0]))
+            nll = (batch.weights * nll_rows).sum() if not nonfinite else nll_rows.new_zeros(())
     else:  # a Ray worker may own none of this batch's rows: it still takes the prior step
-        nll_rows = torch.zeros(0, device=batch.input_ids.device)
+        nll_rows = torch.zeros(0, device=ids.device)
         nll = nll_rows.new_zeros(())
-        nonfinite = []
-    loss = nll + extra_loss() if extra_loss is not None else nll
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(sorted(set(batch.task_ids.tolist())), float(loss))
+        nonfinite = [] if not deferred else None
+        bad = nll_rows.new_zeros(num_slots) if deferred else None
+    extra = extra_loss() if extra_loss is not None else None
+    loss = nll + extra if extra is not None else nll
+    if deferred:
+        ok = torch.isfinite(loss) if ok is None else ok & torch.isfinite(loss)
+    elif not torch.isfinite(loss):
+        raise NonFiniteLossError(sorted(set(ids.tolist())), float(loss))
     if loss.requires_grad:
         loss.backward()
     for p in params:  # zeros, not None: Adam then moves every parameter as in the joint objective
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    if ok is not None:  # masked_fill, not a product: NaN * 0 would stay NaN
+        for p in params:
+            p.grad.masked_fill_(~ok, 0.0)
+    grads = [p.grad for p in params if p.grad is not None]
     if reduce_grads is not None:
         sq = reduce_grads(params)
     else:
-        grads = [p.grad for p in params if p.grad is not None]
-        sq = float(torch.stack([g.pow(2).sum() for g in grads]).sum()) if grads else 0.0  # one sync
-    norm = math.sqrt(sq)
-    if max_grad_norm is not None and norm > max_grad_norm:
-        coef = max_grad_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else 0.0
+    dev = grads[0].device if grads else ids.device
+    norm = torch.as_tensor(sq, dtype=torch.float64, device=dev).sqrt()
+    if max_grad_norm is not None and grads:  # on the device: no read of the norm
+        coef = torch.where(norm > max_grad_norm, max_grad_norm / (norm + 1e-6), 1.0)
+        torch._foreach_mul_(grads, coef.float())
     optimizer.step()
-    with torch.no_grad():  # each task's mean row NLL, reduced on the device: one transfer, not one per task
-        tasks, row_task = batch.task_ids.unique(return_inverse=True)
-        sums = nll_rows.new_zeros(len(tasks)).index_add_(0, row_task, nll_rows.detach())
-        means = sums / torch.bincount(row_task, minlength=len(tasks)).to(sums.dtype)
-        per = {int(t): float(m) for t, m in zip(tasks.tolist(), means.tolist(), strict=True)}
-    return StepResult(float(loss.detach()), float(nll.detach()), norm, per, nonfinite)
+    with torch.no_grad():  # each task's NLL sum and rows, reduced on the device
+        detached = nll_rows.detach()
+        if num_slots is not None:
+            slots = None
+            sums = detached.new_zeros(num_slots).index_add_(0, ids, detached)
+            counts = detached.new_zeros(num_slots).index_add_(0, ids, torch.ones_like(detached))
+        else:
+            slots, row_task = ids.unique(return_inverse=True)
+            sums = detached.new_zeros(len(slots)).index_add_(0, row_task, detached)
+            counts = detached.new_zeros(len(slots)).index_add_(0, row_task, torch.ones_like(detached))
+        loss_out = loss.detach() if ok is None else torch.where(ok, loss.detach(), 0.0)
+        nll_out = nll.detach() if ok is None else torch.where(ok, nll.detach(), 0.0)
+    res = StepResult(loss_out, nll_out, norm, sums, counts, slots, nonfinite, bad)
+    if ok is not None:
+        res.skipped = (~ok).to(torch.float32)
+    return res
+
+
+# A function giving the (B, L, H) frozen-prefix states of eval rows: (task keys, row indices, (B, L) ids).
+PrefixFn = Callable[[np.ndarray, np.ndarray, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -255,8 +336,15 @@ def evaluate(
     split: int = 0,
     slot_of: Callable[[int], int] | None = None,
     masks: dict[int, torch.Tensor | None] | None = None,
+    prefix_fn: PrefixFn | None = None,
 ) -> dict[int, float]:
-    """Mean NLL per scored token of each task's held-out sequences.
+    """Mean NLL per scored token of each task's held-out sequences, all tasks in mixed batches.
+
+    The tasks' rows are laid end to end and cut into batches of ``batch_size`` rows, each row
+    through its own adapter slot (as training batches are), so thousands of tasks with a few
+    eval rows each cost ``rows / batch_size`` forwards, not one short batch per task. Each
+    task's NLL is its scored tokens' summed NLL over their count (token-weighted, as a loop
+    over each task's own batches gives), accumulated in float64 on the device, read once.
 
     Args:
         sets: task -> (M, L) eval token ids.
@@ -264,24 +352,70 @@ def evaluate(
         slot_of: adapter slot used for a task (default: the task's own; unified = 0).
         masks: task -> (M, L) bool scored-token mask (see :class:`Batch`); missing or
             ``None``: every token after the first (full raw-text rows).
+        prefix_fn: instead of ``prefixes``, the states of a batch's rows on demand
+            (``models.prefix_cache.PrefixCache.get`` bound to the eval rows).
 
     Returns:
-        task -> mean NLL (perplexity is ``exp`` of it).
+        task -> mean NLL (perplexity is ``exp`` of it; 0 for a task with no scored token).
     """
     model.eval()
-    out = {}
-    for t, ids in sets.items():
-        slot = slot_of(t) if slot_of else t
-        total, count = 0.0, 0
-        for i in range(0, len(ids), batch_size):
-            rows = ids[i : i + batch_size]
-            pre = prefixes[t][i : i + batch_size] if prefixes is not None else None
-            mask = masks.get(t) if masks is not None else None
-            tid = torch.full((len(rows),), slot, dtype=torch.long, device=rows.device)
-            b = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, split,
-                      None if mask is None else mask[i : i + batch_size])
+    tasks = list(sets)
+    out = {t: 0.0 for t in tasks}
+    by_len: dict[int, list[int]] = {}  # rows of different lengths cannot share a batch
+    for i, t in enumerate(tasks):
+        if len(sets[t]):
+            by_len.setdefault(sets[t].shape[1], []).append(i)
+    device = next(model.parameters()).device  # rows may arrive on the CPU (a memory-mapped store): moved per batch
+    for members in by_len.values():
+        total = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+        count = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+        for runs in _mixed_batches([(i, len(sets[tasks[i]])) for i in members], batch_size):
+            b = _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device)
             nll, n = row_nll_sum(model, b)
-            total += float(nll.sum())
-            count += int(n.sum())
-        out[t] = total / max(count, 1)
+            pos = torch.cat([torch.full((e - a,), i, dtype=torch.long, device=device) for i, a, e in runs])
+            total.index_add_(0, pos, nll.double())
+            count.index_add_(0, pos, n.double())
+        sums, counts = total.tolist(), count.tolist()  # one transfer
+        for i in members:
+            out[tasks[i]] = sums[i] / max(counts[i], 1.0)
     return out
+
+
+def _mixed_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Cut tasks' rows laid end to end into batches: each a list of (task index, first row, end row)."""
+    batches: list[list[tuple[int, int, int]]] = [[]]
+    room = batch_size
+    for i, n in sizes:
+        a = 0
+        while a < n:
+            if room == 0:
+                batches.append([])
+                room = batch_size
+            e = min(n, a + room)
+            batches[-1].append((i, a, e))
+            room -= e - a
+            a = e
+    return batches if batches[0] else []
+
+
+def _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device: torch.device) -> Batch:
+    """One mixed eval batch on ``device`` from its runs of consecutive rows (a slice per task, no per-row loop)."""
+    ids = torch.cat([sets[tasks[i]][a:e] for i, a, e in runs])
+    src = ids.device  # where the rows are kept; the batch moves to ``device`` whole
+    tid = torch.cat([torch.full((e - a,), slot_of(tasks[i]) if slot_of else tasks[i], dtype=torch.long, device=src)
+                     for i, a, e in runs])
+    pre = None
+    if prefix_fn is not None:
+        keys = np.concatenate([np.full(e - a, tasks[i], dtype=np.int64) for i, a, e in runs])
+        rows = np.concatenate([np.arange(a, e, dtype=np.int64) for i, a, e in runs])
+        pre = prefix_fn(keys, rows, ids)
+    elif prefixes is not None:
+        pre = torch.cat([prefixes[tasks[i]][a:e].to(device) for i, a, e in runs])
+    scored = None
+    got = [masks.get(tasks[i]) for i, _, _ in runs] if masks is not None else []
+    if any(m is not None for m in got):
+        full = torch.ones(ids.shape[1], dtype=torch.bool, device=src)
+        full[0] = False
+        scored = torch.cat([full.expand(e - a, -1) if m is None else m[a:e].to(src)
+                            for m, (_, a, e) in zip(got, runs, strict=True)])
+    return Batch(ids, tid, torch.ones(len(ids), device=src), pre, split, scored).to(device)

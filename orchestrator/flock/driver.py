@@ -49,22 +49,30 @@ def assign_tasks(sizes: list[int], workers: int) -> list[list[int]]:
 
 @ray.remote(num_cpus=1)
 def _base_arrays(spec_dict: dict) -> dict:
-    """Load the base once (fp32 on CPU) and hand its weights to the object store as numpy.
+    """Load the base once (on CPU) and hand its weights to the object store as numpy.
 
-    With ``base.bits``/``base.bit_budget`` the base is quantised here, once for the job: the
-    store then holds the packed codes and the LQ factors, not the fp32 matrices.
+    In the workers' dtype (:func:`orchestrator.base.load.store_dtype`: bf16 for GPU workers
+    with ``base.dtype: auto``, fp32 for CPU workers), so a GPU worker's copy to its device is
+    the only copy. With ``base.bits``/``base.bit_budget`` the base is quantised here, once for
+    the job, from its fp32 weights: the store then holds the packed codes, the LQ factors (fp32)
+    and the rest of the base in the workers' dtype, not the fp32 matrices.
     """
-    from orchestrator.base.load import load_job_base
+    import torch
+
+    from models.precision import cast_frozen
+    from orchestrator.base.load import load_job_base, store_dtype
     from orchestrator.base.store import base_arrays
 
     spec = JobSpec.model_validate(spec_dict)
     b = spec.base
-    model = load_job_base(spec, "cpu", "float32")
+    dtype = store_dtype(spec)
     if not b.quantized:
-        return base_arrays(model)
+        return base_arrays(load_job_base(spec, "cpu", dtype))
     from orchestrator.base.quant import build_quant_base
 
+    model = load_job_base(spec, "cpu", "float32")
     summary, factors = build_quant_base(model, spec)
+    cast_frozen(model, getattr(torch, dtype))
     return base_arrays(model, factors, summary)
 
 

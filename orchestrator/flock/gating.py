@@ -44,8 +44,9 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
                     if left == 0:
                         return total
                     rows = ids[i : i + bs]
-                    pre = data.train_prefix[s][i : i + bs] if data.train_prefix is not None else None
-                    scored = data.train_scored([s] * len(rows), np.arange(i, i + len(rows)))
+                    at = np.arange(i, i + len(rows))
+                    pre = data.train_prefix_rows([s] * len(rows), at, rows)
+                    scored = data.train_scored([s] * len(rows), at)
                     tid = torch.full((len(rows),), s, dtype=torch.long, device=rows.device)
                     batch = Batch(rows, tid, torch.ones(len(rows), device=rows.device), pre, data.split, scored)
                     total = total + row_nll(model, batch).mean()

@@ -29,7 +29,7 @@ from models.base import resolve_dtype, top_block_indices
 from models.lora import adapter_params, inject
 from models.moe import save_moe
 from models.peft_io import save_adapter, theta_state
-from models.prefix import compute_prefix
+from models.precision import fast_matmul
 from models.train.loop import FlockData, train_method
 from models.train.results import MethodResult
 from models.train.step import evaluate, seed_everything
@@ -39,6 +39,7 @@ from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.contracts import GateResults, MethodRecord, WorkerResults
 from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results
 from orchestrator.flock.methods import method_config, methods_of
+from orchestrator.flock.prefix import worker_prefix_cache
 from orchestrator.metrics.flock import with_metrics
 from orchestrator.metrics.sink import MetricSink
 from orchestrator.pesc.stage import run_pesc
@@ -93,6 +94,10 @@ def flock_worker(config: dict) -> None:
         model = load_base_shared(state, b.name, b.gguf_file, b.random_init)  # quantised layers stay packed
         factors, quant = lq_factors(state), (state.get("quant") or {}).get("summary")
         if device.type != "cpu":
+            # The store holds the workers' dtype (flock driver: store_dtype), so this is one
+            # host-to-device copy per tensor, straight from the shared pages: no dtype change,
+            # no intermediate host copy. A GPU per worker needs its own device copy regardless.
+            fast_matmul(device)
             model = model.to(device=device, dtype=resolve_dtype(b.dtype, str(device)))
     else:
         model = load_job_base(spec, str(device))
@@ -144,21 +149,11 @@ def flock_worker(config: dict) -> None:
     split = layers[0] if layers and layers[0] > 0 else 0
     if gates is not None and gates.layers == "all":
         split = 0  # gated lower blocks change: nothing below the adapters is frozen
-    tp = ep = None
-    if split:
-        t1 = time.perf_counter()
-        n = sum(len(x) for x in train.values()) + sum(len(x) for x in evals.values())
-        say(f"running the frozen blocks 0..{split - 1} once for {n} sequences (cached for every method)")
-        tp, ep = {}, {}
-        for s in train:
-            tp[s] = compute_prefix(model, train[s], split)
-            ep[s] = compute_prefix(model, evals[s], split)
-            say(
-                f"  cached {names[owned[s]]}: {len(train[s])} + {len(evals[s])} sequences, "
-                f"{time.perf_counter() - t1:.0f}s"
-            )
-        say(f"cached the frozen blocks for {n} sequences in {time.perf_counter() - t1:.1f}s")
-    data = FlockData(sizes, owned, train, evals, tp, ep, split, train_mask, eval_mask)
+    # The frozen blocks' states are computed when a batch first needs them and kept within
+    # flock.prefix_cache.budget_gb, shared by every method, evaluation, the gates and PESC.
+    cache = worker_prefix_cache(model, spec, split, sizes, owned, train, evals, say)
+    data = FlockData(sizes, owned, train, evals, None, None, split if cache else 0, train_mask, eval_mask,
+                     prefix_cache=cache)
     if gates is not None:
         t1 = time.perf_counter()
         init_state |= gate_init_state(model, data, spec, ctx.get_world_size())
@@ -194,12 +189,13 @@ def flock_worker(config: dict) -> None:
                 say(f"resumed from checkpoint: methods done {sorted(results.get('methods', {}))}")
     if "base_eval_nll" not in results:
         t1 = time.perf_counter()
-        base = evaluate(model, evals, spec.train.eval_batch_size, ep, split, masks=eval_mask)  # B = 0: the base itself
+        base = evaluate(model, evals, spec.train.eval_batch_size, None, data.split, masks=eval_mask,
+                        prefix_fn=data.eval_prefix_fn())  # B = 0: the base itself
         results["base_eval_nll"] = {names[owned[s]]: v for s, v in base.items()}
         base_metrics = judge_owned()  # the untuned base: every slot's adapter is still B = 0
         if base_metrics:
             results["base_metrics"] = base_metrics
-        say(f"base model evaluated in {time.perf_counter() - t1:.1f}s")
+        say(f"base model evaluated in {time.perf_counter() - t1:.1f}s" + (f"; {cache.summary()}" if cache else ""))
     results.setdefault("methods", {})
     results["owned"] = [names[g] for g in owned]
     if quant is not None and rank == 0:
@@ -229,6 +225,8 @@ def flock_worker(config: dict) -> None:
             if sink is not None:
                 sink.close()
         shutil.rmtree(partial, ignore_errors=True)
+        if cache is not None:
+            say(f"[{mname}] {cache.summary()}")
         gate_res = gate_results(model, names, owned) if gates is not None else None
         results["methods"][mname] = _method_record(
             kind, tau, out, [names[g] for g in owned], prior is not None, gate_res

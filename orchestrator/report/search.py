@@ -22,7 +22,7 @@ from models.files import atomic_write_bytes  # noqa: E402
 __all__ = ["render_search_md", "plot_pareto", "PARETO_PNG"]
 
 PARETO_PNG = "plots/pareto.png"
-_HPARAMS = ("rank", "target_sparsity", "bits", "quantizer", "tau", "lr")
+_HPARAMS = ("rank", "target_sparsity", "bits", "bit_budget", "quantizer", "tau", "lr")
 
 
 def _fmt(v) -> str:
@@ -106,8 +106,9 @@ def render_search_md(section: dict) -> list[str]:
         "successive halving on both objectives (a trial stops only when trials at least as small beat it). "
         "Size = the deployed model's bytes (bf16 base, packed quantised matrices, "
         "pruned rows/columns removed, every task's adapter). Sparsity = the fraction of the gated matrices' "
-        "base weights removed: a trial closes `target_sparsity` of each matrix's row gates and of its column "
-        "gates, which removes about 1 - (1 - target)^2 of its weights (0.4 -> 0.64). The front holds the "
+        "base weights removed: a trial closes `target_sparsity` of the gates the job's `gates:` section places "
+        "(default: the MLP channels, down_proj's input columns; with `sides: both` rows and columns, which "
+        "removes about 1 - (1 - target)^2 of a matrix's weights). The front holds the "
         f"finished trials that no other finished trial beats on both {better} and size.{on_metric}",
         "",
         f"![Pareto front]({PARETO_PNG})",

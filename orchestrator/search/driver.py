@@ -43,6 +43,7 @@ from orchestrator.errors import StageError
 from orchestrator.metrics.sink import metrics_dir
 from orchestrator.metrics.tune import tune_callbacks
 from orchestrator.report.search import plot_pareto
+from orchestrator.search.frozen_base import space_settings
 from orchestrator.search.judge import trial_judge_plan
 from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.search.trial import build_payload, search_trial
@@ -116,7 +117,7 @@ def trial_rows(results) -> list[dict]:
         for k in ("step", "macro_ppl", "model_bytes", "sparsity", "adapter_bytes", "seconds"):
             row[k] = _num(m.get(k))
         row.update({k: _num(m[k]) for k in METRIC_KEYS if k in m})
-        row["bits"] = int(cfg.get("bits", 16))
+        row["bits"] = int(m.get("bits") or cfg.get("bits", 16))  # a bit_budget trial reports its rounded budget
         row["timestamp"] = m.get("timestamp")
         row["checkpoint"] = r.checkpoint.path if r.checkpoint is not None else None
         rows.append(row)
@@ -245,6 +246,8 @@ def run_search(
             threads,
             [None if d.train_mask is None else d.train_mask.numpy() for d in data],
             [None if d.eval_mask is None else d.eval_mask.numpy() for d in data],
+            space_settings(space.dimensions) if search.quantize_layers == "all" else None,
+            trial_quant(search, spec)["quantizer"],
         )
     )
     judged = trial_judge_plan(spec, search, data)  # search.metric beyond ppl: the rows every trial judges
@@ -273,6 +276,7 @@ def run_search(
         fixed = {
             "steps": steps, "eval_every": every, "eval_subset": search.eval_subset, **trial_quant(search, spec),
             "gate_lambda": search.gate_lambda, "gate_lr": search.gate_lr, "threads": search.cpus_per_trial,
+            "quantize_layers": search.quantize_layers,
         }
         tuner = tune.Tuner(
             trainable,

@@ -43,9 +43,10 @@ from torch import nn
 from models.base import top_block_indices
 from models.grouped_lora import PARTS, GroupedLoraLinear, group_slots, initial_adapter_state, slot_index
 from models.lora import inject
+from models.precision import cast_frozen
 from models.train.loop import FlockData, make_batch
 from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
-from orchestrator.base.load import load_job_base
+from orchestrator.base.load import load_job_base, run_dtype
 from orchestrator.search.pack_settings import base_setting
 from orchestrator.search.trial import trial_device
 from orchestrator.spec import JobSpec
@@ -109,7 +110,8 @@ class PackHost:
             max_rank = int(self.setting["rank"])
         self.device, self.capacity, self.max_rank = device, int(capacity), int(max_rank)
         self.num_tasks = len(payload["names"])
-        self.model = load_job_base(spec, device, "float32")
+        run = run_dtype(spec, device)  # bf16 on a GPU (auto); a quantised host quantises fp32 weights first
+        self.model = load_job_base(spec, device, "float32" if quantised else run)
         from orchestrator.search.trial import deployed_bytes, mask_tensors  # the trial's own sizes and masks
 
         layers = top_block_indices(self.model, spec.lora.top_layers)
@@ -131,6 +133,8 @@ class PackHost:
                 cache_weight=True,
             )
             self.quant = {k: v for k, v in q.as_dict().items() if k != "matrices"}
+            if run != "float32":
+                cast_frozen(self.model, getattr(torch, run))
             from models.lora import lora_layers
 
             for name, layer in lora_layers(self.model).items():

@@ -7,6 +7,8 @@ lease from, and the host (:mod:`orchestrator.search.pack_host`) checks every lea
 
 from __future__ import annotations
 
+from orchestrator.search.frozen_base import frozen_key
+
 __all__ = ["base_setting", "host_key", "packable", "setting_of"]
 
 
@@ -28,6 +30,8 @@ def base_setting(config: dict, quantizer: str, lq_iters: int, max_rank: int) -> 
 def setting_of(config: dict, max_rank: int) -> dict | None:
     """A Tune config's base setting, with the search's fixed quantiser and LQ rounds (``config['_search']``)."""
     fixed = config.get("_search", {})
+    if fixed.get("quantize_layers") == "all" and frozen_key(config) is not None:
+        return None  # whole-base settings run unpacked, on their own prefix cache (orchestrator.search.frozen_base)
     return base_setting(config, fixed.get("quantizer", "nf"), int(fixed.get("lq_iters", 2)), max_rank)
 
 

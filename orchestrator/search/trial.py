@@ -62,6 +62,7 @@ from torch import nn
 from models.base import top_block_indices
 from models.gates.layer import GatedLinear, gate_params, inject_gates, sparsity_report
 from models.lora import MultiTaskLoraLinear, adapter_params, inject, set_trainable
+from models.precision import cast_frozen
 from models.prefix import compute_prefix
 from models.quant.linear import QuantizedLinear
 from models.quant.model import quantize_model
@@ -70,15 +71,16 @@ from models.train.hooks import ExtraParams, TrainHooks
 from models.train.loop import FlockData, train_method
 from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
-from orchestrator.base.load import load_job_base
+from orchestrator.base.load import load_job_base, run_dtype
 from orchestrator.contracts import TrialMetrics
 from orchestrator.errors import StageError
 from orchestrator.flock.methods import method_config
+from orchestrator.search.frozen_base import frozen_bytes, frozen_key, load_embedding, top_allocation
 from orchestrator.spec import JobSpec
 
 __all__ = [
     "build_payload", "build_trial_model", "deployed_bytes", "run_trial", "search_trial", "trial_state",
-    "upgrade_trial_state", "mask_tensors", "trial_device", "STATE_FILE", "META_FILE",
+    "upgrade_trial_state", "mask_tensors", "trial_device", "trial_bits", "STATE_FILE", "META_FILE",
 ]
 
 def trial_device(use_gpu: bool) -> str:
@@ -114,12 +116,17 @@ def build_payload(
     threads: int = 1,
     train_mask: list[np.ndarray | None] | None = None,
     eval_mask: list[np.ndarray | None] | None = None,
+    frozen_settings: list[dict] | None = None,
+    quantizer: str = "nf",
 ) -> dict:
     """Everything every trial shares, computed once: token ids, scored-token masks and the frozen-prefix cache.
 
     The lower blocks ``0 .. split-1`` (below ``lora.top_layers``) are run once for every
     sequence of the unmodified base; trials start at block ``split``. ``train_mask`` /
     ``eval_mask`` hold each task's (N, L) bool mask of scored tokens (``None``: all scored).
+    ``frozen_settings`` (``search.quantize_layers: all``): each base setting's quantised lower
+    blocks and their own prefix cache, built once here (``payload["frozen"][key]``, see
+    :mod:`orchestrator.search.frozen_base`).
     """
     torch.set_num_threads(threads)
     spec = JobSpec.model_validate(spec_dict)
@@ -134,6 +141,16 @@ def build_payload(
 
         payload["train_prefix"] = [host(x) for x in train]
         payload["eval_prefix"] = [host(x) for x in evals]
+    if frozen_settings:
+        if not split:
+            raise StageError("search.quantize_layers: all needs frozen blocks below the adapted ones: set "
+                             "lora.top_layers (with adapters on every block, `adapted` already quantises all of them)")
+        from orchestrator.search.frozen_base import build_frozen
+
+        payload["frozen"] = build_frozen(
+            model, split, frozen_settings, quantizer,
+            lambda m, x: compute_prefix(m, torch.as_tensor(x), split).detach().cpu().numpy(), train, evals,
+        )
     return payload
 
 
@@ -162,34 +179,49 @@ def trial_state(path: str | Path, gate_scale: float = 1.0, device: str = "cpu") 
 
 def build_trial_model(
     spec: JobSpec, config: dict, num_tasks: int, quantizer: str = "nf", lq_iters: int = 2, device: str = "cpu",
+    top_bits: dict[str, tuple[str, int]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The trial's model: base + LoRA (+ LQ quantisation) (+ gates) on the top blocks.
+
+    Gates sit where the job's ``gates:`` section puts them (``target_modules``, ``sides``;
+    default: one gate per MLP channel, the input columns of ``down_proj``), whether or not the
+    flock itself is gated: gating every projection's rows and columns removed 1 - (1 - s)^2 of
+    each attention matrix at sparsity s, and the demo's gated trials collapsed (ppl 39-79).
+    ``top_bits``: per-matrix (quantizer, bits) of the top blocks (a ``bit_budget`` setting's
+    allocation, :func:`orchestrator.search.frozen_base.top_allocation`) instead of ``bits``.
 
     Returns:
         (model, info) with ``info = {"layers", "quant": QuantReport dict or None, "gated": names}``.
     """
     seed_everything(spec.train.seed)
-    model = load_job_base(spec, device, "float32")
+    bits = int(config.get("bits", 16))
+    quantised = bits < 16 or bool(top_bits)
+    run = run_dtype(spec, device)
+    # A quantised trial quantises the fp32 weights (LQ reads them), then runs its base in ``run``.
+    model = load_job_base(spec, device, "float32" if quantised else run)
     layers = top_block_indices(model, spec.lora.top_layers)
     torch.manual_seed(spec.train.seed)  # the same initial adapters as the flock at the same rank
     rank = int(config.get("rank", spec.lora.rank))
     inject(model, spec.lora.target_modules, num_tasks=num_tasks, rank=rank, alpha=spec.lora.alpha,
            dropout=spec.lora.dropout, layers=layers)
     info: dict = {"layers": layers, "quant": None, "gated": []}
-    bits = int(config.get("bits", 16))
-    if bits < 16:
+    if quantised:
         q = quantize_model(
             model,
             "all-linear",
-            bits=bits,
+            bits=top_bits or bits,
             layers=layers,
             quantizer=str(config.get("quantizer", quantizer)),
             iters=lq_iters,
             cache_weight=True,  # frozen weights: the cache is exact
         )
         info["quant"] = {k: v for k, v in q.as_dict().items() if k != "matrices"}
+        if run != "float32":  # the rest of the base (embeddings, norms, unquantised layers) in bf16
+            cast_frozen(model, getattr(torch, run))
     if float(config.get("target_sparsity", 0.0)) > 0:
-        info["gated"] = inject_gates(model, spec.lora.target_modules, layers=layers, scope="shared")
+        g = spec.gates
+        info["gated"] = inject_gates(model, g.target_modules, layers=layers, scope="shared",
+                                     gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
     return model, info
 
 
@@ -217,13 +249,16 @@ def _adapter_bytes(layer: MultiTaskLoraLinear, rows: int, cols: int) -> int:
 
 
 @torch.no_grad()
-def deployed_bytes(model: nn.Module, keep: float | None = None) -> dict:
+def deployed_bytes(model: nn.Module, keep: float | None = None, frozen: dict[str, int] | None = None) -> dict:
     """Bytes of the deployed model (see the module docstring for the exact definition).
 
     Args:
         keep: instead of the gates' current state, keep this fraction of every gated
             matrix's rows and columns (``1 - target_sparsity``: the size the trial is
             headed for; the penalty drives the mean open gate to ``1 - target``).
+        frozen: stored bytes of the frozen matrices a whole-base setting quantised once for
+            every trial (:func:`orchestrator.search.frozen_base.frozen_bytes`, by module name);
+            they count as compressed at those bytes instead of 2 bytes per weight.
 
     Returns:
         ``{"model_bytes", "base_bytes", "compressed_bytes", "adapter_bytes", "mask_bytes"}``.
@@ -240,6 +275,10 @@ def deployed_bytes(model: nn.Module, keep: float | None = None) -> dict:
 
     for name, mod in model.named_modules():
         if id(mod) in handled:
+            continue
+        if frozen and name in frozen:
+            compressed += int(frozen[name])
+            claim(mod)
             continue
         if isinstance(mod, GatedLinear):
             if keep is None:
@@ -281,6 +320,27 @@ def mask_tensors(arrays: list[np.ndarray | None] | None, device: str = "cpu") ->
 def _trained_state(model: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
     ids = {id(p) for p in params}
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if id(p) in ids}
+
+
+def trial_bits(config: dict) -> int:
+    """The ``bits`` a trial reports: its ``bits``, or a ``bit_budget`` below 16 rounded up (mixed widths)."""
+    budget = config.get("bit_budget")
+    if budget is not None and float(budget) < 16:
+        return int(math.ceil(float(budget)))
+    return int(config.get("bits", 16))
+
+
+def _frozen_record(config: dict, fixed: dict, payload: dict) -> dict | None:
+    """The trial's whole-base setting from the payload (``search.quantize_layers: all``), else ``None``."""
+    key = frozen_key(config) if fixed.get("quantize_layers") == "all" else None
+    if key is None:
+        return None
+    record = payload.get("frozen", {}).get(key)
+    if record is None:
+        built = sorted(payload.get("frozen", {}))
+        raise StageError(f"search trial {config}: no quantised base for setting {key!r} in the search payload "
+                         f"(built: {built}): the driver builds one per setting of the space")
+    return record
 
 
 def search_trial(config: dict, payload: dict) -> None:
@@ -342,7 +402,11 @@ def run_trial(
         from models.gates.schedule import GateSchedule
 
         gate_lr = max(float(gate_lr or 0.0), GateSchedule(steps, target).auto_gate_lr())
-    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device)
+    record = _frozen_record(config, fixed, payload)
+    model, info = build_trial_model(spec, config, len(names), fixed["quantizer"], fixed["lq_iters"], device,
+                                    top_allocation(record))
+    load_embedding(model, record)
+    frozen = frozen_bytes(record)
     lr = float(config.get("lr", tr.lr))
     tau = float(config.get("tau", spec.flock.tau if spec.flock.tau != "infer" else 100.0))
     kind = "independent" if tau == 0 else "hierarchical"
@@ -356,12 +420,13 @@ def run_trial(
         init_state.update(upgrade_trial_state(resume[0], gate_lr / lr if gate_lr else 1.0))
         done = int(resume[1])
     split = int(payload["split"])
-    pre = "train_prefix" in payload
+    prefixes = record or payload  # a whole-base setting's blocks below split are quantised: its own prefix cache
+    pre = "train_prefix" in prefixes
     data = FlockData(
         list(sizes), list(range(len(names))),
         _tensors(payload["train"], None, device), _tensors(payload["eval"], None, device),
-        _tensors(payload["train_prefix"], None, device) if pre else None,
-        _tensors(payload["eval_prefix"], None, device) if pre else None, split,
+        _tensors(prefixes["train_prefix"], None, device) if pre else None,
+        _tensors(prefixes["eval_prefix"], None, device) if pre else None, split,
         mask_tensors(payload.get("train_mask"), device), mask_tensors(payload.get("eval_mask"), device),
     )
     prior = None
@@ -381,7 +446,9 @@ def run_trial(
                 model, importance_scores(model, lambda: evaluate(model, calib, tr.batch_size, calib_pre, split))
             )
             init_state.update(_trained_state(model, gates))
-        ctrl = GateController(model, GateSchedule(steps, target, lam))
+        g = spec.gates  # its schedule fields (trials always harden: `align` gives kernel-friendly widths)
+        ctrl = GateController(model, GateSchedule(steps, target, lam, g.warmup, g.sigma, g.sigma_final, g.harden_at,
+                                                  g.allocation, align=g.align))
         hooks = TrainHooks(on_step=lambda s: ctrl.on_step(s + done), before_eval=ctrl.finish,
                            extra_loss=ctrl.penalty if lam > 0 else None, extra_params=ExtraParams(gates, lr=gate_lr))
 
@@ -399,9 +466,10 @@ def run_trial(
             metric = judge_trial(model, judged, tokenizer)
         else:
             metric = {}
-        size = deployed_bytes(model)
+        size = deployed_bytes(model, frozen=frozen)
         # the size once the gates reach their target: the scheduler's size at early rungs
-        goal = deployed_bytes(model, keep=1.0 - target)["model_bytes"] if info["gated"] else size["model_bytes"]
+        goal = (deployed_bytes(model, keep=1.0 - target, frozen=frozen)["model_bytes"] if info["gated"]
+                else size["model_bytes"])
         return TrialMetrics(
             **{
                 "step": step,
@@ -409,7 +477,7 @@ def run_trial(
                 "final": final,
                 "eval": "full" if final else "subset",
                 "sparsity": sparsity_report(model)["removed_fraction"] if info["gated"] else 0.0,
-                "bits": int(config.get("bits", 16)),
+                "bits": trial_bits(config),
                 **size,
                 "target_bytes": goal,
                 "rung_bytes": min(size["model_bytes"], goal),

@@ -129,6 +129,12 @@ class SearchSpec(Strict):
         metric_rows: eval rows per task a task metric is judged on: the same seeded subset
             (``seed``) at every report of every trial, all tasks mixed in each batch (``eval.batch_size``).
         seed: seed of the sampled configurations (trials train with ``train.seed``).
+        quantize_layers: which blocks a quantised trial (``bits`` < 16 or ``bit_budget``)
+            quantises: ``adapted`` (the top ``lora.top_layers``, LQ-LoRA under the adapter) or
+            ``all`` (the frozen blocks below too, plain ``Q``: each base setting of the space is
+            quantised once, with its own frozen-prefix cache shared by every trial using it;
+            :mod:`orchestrator.search.frozen_base`). Not with ``pick`` yet (a picked whole-base
+            trial is not rebuilt by export or recycling).
         packing: run ungated trials as slot groups on one long-lived host per (node, base
             setting) that holds the (quantised) base and prefix cache and fuses concurrent
             trials' steps (``orchestrator/search/packed_trial.py``); same metrics as unpacked trials.
@@ -157,6 +163,7 @@ class SearchSpec(Strict):
     metric_rows: int = Field(32, ge=1)
     seed: int = 0
     packing: bool = False
+    quantize_layers: Literal["adapted", "all"] = "adapted"
 
     @field_validator("space")
     @classmethod
@@ -182,6 +189,23 @@ class SearchSpec(Strict):
             from tune_spaces.loader import load_space, to_optuna
 
             to_optuna(load_space(self.space))  # `grid` dimensions: a SpaceError saying to use `choice`
+        return self
+
+    @model_validator(mode="after")
+    def _whole_base(self) -> SearchSpec:
+        if self.quantize_layers == "all" and self.metric != "ppl":
+            raise ValueError(f"search.metric {self.metric!r} with search.quantize_layers: all is not supported yet (a "
+                             "trial judges its metric on whole sequences, and its frozen blocks stay unquantised: only "
+                             "their prefix cache is): use metric: ppl, or quantize_layers: adapted")
+        if self.quantize_layers == "all" and self.pick is not None:
+            raise ValueError("search.pick with search.quantize_layers: all is not supported yet (export and recycling "
+                             "rebuild only the adapted blocks of a picked trial): drop search.pick, or set "
+                             "quantize_layers: adapted")
+        if self.quantize_layers == "all":
+            from orchestrator.search.frozen_base import space_settings
+            from tune_spaces.loader import load_space
+
+            space_settings(load_space(self.space).dimensions)  # continuous bits / bit_budget: named, with the fix
         return self
 
     @model_validator(mode="after")

@@ -56,13 +56,17 @@ def _logit_grads(model, ids: torch.Tensor, scored: torch.Tensor | None) -> torch
         out.retain_grad()
         captured["logits"] = out
 
-    handle = model.get_output_embeddings().register_forward_hook(keep)
+    # The head's input (the final norm's output), not its logits: the loss runs the head chunk
+    # by chunk and recomputes it in backward (models.train.step.token_nll), so no whole logits
+    # tensor exists to hook. The head is linear, so a position's logits get zero gradient
+    # exactly when its hidden state does.
+    handle = model.model.norm.register_forward_hook(keep)
     try:
         tid = torch.zeros(len(ids), dtype=torch.long)
         row_nll(model, Batch(ids, tid, torch.ones(len(ids)), scored=scored)).sum().backward()
     finally:
         handle.remove()
-    return captured["logits"].grad  # (N, L, V)
+    return captured["logits"].grad  # (N, L, H)
 
 
 def test_prompt_logits_get_exactly_zero_gradient_unless_prompts_are_scored(tiny_llama):

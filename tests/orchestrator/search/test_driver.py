@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def _spec() -> JobSpec:
-    return tiny_job_spec(top_layers=1, steps=4)
+    """Trials gate what the job's ``gates:`` section names: here rows and columns of all three targets."""
+    spec = tiny_job_spec(top_layers=1, steps=4)
+    gates = spec.gates.model_copy(update={"target_modules": ["q_proj", "v_proj", "down_proj"], "sides": "both"})
+    return spec.model_copy(update={"gates": gates})
 
 
 def test_deployed_bytes_equals_a_hand_count():
