@@ -34,6 +34,24 @@ def tiny_gpt2():
     return load_base(random_init=TINY_GPT2, seed=0)
 
 
+def start_local_ray():
+    """Start the tests' embedded local Ray (see :func:`local_ray`); returns the ``ray`` module.
+
+    Also called by the multi-node tests to bring the session's Ray back after their own cluster.
+    """
+    import ray
+
+    from orchestrator.cluster.ray_logging import SETUP_HOOK
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+        object_store_memory=256 * 2**20,  # tiny models: a small store keeps the run's memory down
+        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
+    )
+    return ray
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One embedded local Ray for the whole test run (started by the first test that asks for it).
@@ -43,18 +61,13 @@ def local_ray():
     always starts a new instance, never joining a cluster a killed test head left behind. Product
     code that calls ``init_ray`` in this process uses this instance (``init_ray`` returns when Ray
     is initialised); tests that need a head of their own (the Jobs API tests) start it in a
-    separate process. Yields the ``ray`` module; ``local_ray.get_runtime_context().gcs_address``
-    is the address a subprocess driver joins.
+    separate process, and the multi-node tests (``tests/orchestrator/cluster/test_multinode.py``)
+    stop it, run their own cluster, then start it again (:func:`start_local_ray`). Yields the
+    ``ray`` module; ``local_ray.get_runtime_context().gcs_address`` is the address a subprocess
+    driver joins.
     """
     ray = pytest.importorskip("ray")
-    from orchestrator.cluster.ray_logging import SETUP_HOOK
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     assert not ray.is_initialized(), "a test started Ray itself: use the local_ray fixture"
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-        object_store_memory=256 * 2**20,  # tiny models: a small store keeps the run's memory down
-        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
-    )
+    start_local_ray()
     yield ray
     ray.shutdown()

@@ -28,7 +28,7 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     spec = load_job(a.job)  # validated here, before any connection
     out = a.out or f"/tmp/loraflock-runs/{spec.name}"
     client = _client(a)
-    job_id = client.submit(spec, out, working_dir=a.working_dir)
+    job_id = client.submit(spec, out, working_dir=a.working_dir, ship_code=a.ship_code, pip_deps=a.pip_deps)
     print(job_id, flush=True)
     if not a.wait:
         print(f"follow it: loraflock logs {job_id} --follow --address {client.address}", file=sys.stderr)
@@ -102,7 +102,16 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
         "--out", help="output directory on the cluster: a shared path or URI (default /tmp/loraflock-runs/<name>)"
     )
     s.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job SUCCEEDED")
-    s.add_argument("--working-dir", help="ship this local directory as the job's code (default: the image's install)")
+    s.add_argument("--working-dir", help="ship this local directory as the job's code (default: loraflock's packages)")
+    s.add_argument(
+        "--no-ship-code", dest="ship_code", action="store_false",
+        help="run the loraflock installed in the cluster's image instead of sending this install's code with the job",
+    )
+    s.add_argument(
+        "--pip-deps", action="store_true",
+        help="have Ray pip-install loraflock's dependencies (not Ray) for the job: for a cluster whose Python lacks "
+        "torch, transformers, ... and that reaches a package index",
+    )
     _cluster_args(s)
     s.set_defaults(func=_cmd_submit)
 

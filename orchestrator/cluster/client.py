@@ -8,8 +8,12 @@ to the Jobs API); this module adds what a loraflock user needs on top of it:
 - the spec travels *inside* the submission (as the env var ``LORAFLOCK_JOB_YAML`` of the job's
   runtime_env), so no shared filesystem is needed for it; the entrypoint writes it to a temp
   file and runs ``loraflock run <file> --out <out>``;
-- the code is the one installed in the cluster's image by default, or the local tree shipped
-  with ``working_dir=`` (then the entrypoint is ``python -m orchestrator.cli run ...``);
+- the code travels with the job by default (runtime_env ``py_modules``: this process's own
+  ``orchestrator``, ``models``, ``tasks`` and ``tune_spaces``), so a stock Ray cluster of the same
+  Ray version runs it without loraflock installed; ``working_dir=`` ships a whole tree instead,
+  and ``ship_code=False`` runs the ``loraflock`` installed in the cluster's image. The
+  dependencies are checked on the cluster before anything runs, and installed per job only
+  with ``pip_deps=True`` (:mod:`orchestrator.cluster.runtime_env`);
 - token auth (Ray >= 2.52): the token comes from the argument, else Ray's own sources
   (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and is sent as
   ``Authorization: Bearer <token>``; it never appears in a repr, log line or error message;
@@ -120,15 +124,29 @@ def _load_spec(job: JobSpec | dict | str | os.PathLike) -> JobSpec:
     return load_job(job)
 
 
-def build_entrypoint(out: str, shipped_code: bool) -> str:
-    """The shell command the cluster runs: materialise the inlined spec, then ``loraflock run``.
+NO_CLI_HELP = (
+    "loraflock: the cluster has no loraflock command: submit without --no-ship-code (the job then brings "
+    "its code), or install loraflock in the cluster image (deploy/Dockerfile)"
+)
 
-    ``shipped_code`` (a ``working_dir`` was uploaded) runs the CLI as a module from that
-    directory, which works whether or not the package is installed in the image.
+
+def build_entrypoint(out: str, shipped_code: bool) -> str:
+    """The shell command the cluster runs: check what the job needs, materialise the inlined spec, run it.
+
+    ``shipped_code`` (``py_modules`` or a ``working_dir`` was uploaded) runs the CLI as a module,
+    after checking that the cluster's Python has every dependency
+    (:func:`orchestrator.cluster.runtime_env.deps_check`); otherwise the image's ``loraflock``
+    runs, after checking that there is one (exit 127 with :data:`NO_CLI_HELP`).
     """
-    runner = "python -m orchestrator.cli" if shipped_code else "loraflock"
+    from orchestrator.cluster.runtime_env import deps_check
+
+    if shipped_code:
+        check, runner = deps_check(), "python -m orchestrator.cli"
+    else:
+        check = f"{{ command -v loraflock >/dev/null 2>&1 || {{ echo {shlex.quote(NO_CLI_HELP)} >&2; exit 127; }}; }}"
+        runner = "loraflock"
     return (
-        f'job_file=$(mktemp) && printf "%s" "${JOB_YAML_ENV}" > "$job_file" && '
+        f'{check} && job_file=$(mktemp) && printf "%s" "${JOB_YAML_ENV}" > "$job_file" && '
         f'{runner} run "$job_file" --out {shlex.quote(out)}'
     )
 
@@ -242,6 +260,8 @@ class LoraflockClient:
         pip: list[str] | None = None,
         wait: bool = False,
         timeout: float | None = None,
+        ship_code: bool = True,
+        pip_deps: bool = False,
     ) -> str:
         """Validate ``job`` locally, then submit ``loraflock run`` for it; return the job id.
 
@@ -253,6 +273,12 @@ class LoraflockClient:
             pip: packages to install for the job (e.g. ``["loraflock==0.1.0"]``).
             wait: block until the job ends (see :meth:`wait`).
             timeout: seconds for ``wait``.
+            ship_code: send this process's loraflock packages with the job (runtime_env
+                ``py_modules``), so the cluster needs no loraflock install; ``False``: run the
+                ``loraflock`` command of the cluster's image.
+            pip_deps: add loraflock's dependencies (without Ray) to the runtime_env's ``pip``, for a
+                cluster whose Python lacks them and that reaches a package index (Ray then builds
+                a virtualenv per job: minutes, and torch's wheel is large).
         """
         spec = _load_spec(job)  # SpecError here: nothing has been sent
         env = dict(runtime_env or {})
@@ -263,6 +289,15 @@ class LoraflockClient:
             if env.get("working_dir") not in (None, wd):
                 raise ClusterError("working_dir given twice (argument and runtime_env) with different values")
             env["working_dir"] = wd
+        elif ship_code and "working_dir" not in env:
+            from orchestrator.cluster.runtime_env import code_modules
+
+            env["py_modules"] = [*env.get("py_modules", []), *code_modules()]
+            env["excludes"] = [*env.get("excludes", []), "__pycache__", "*.pyc"]
+        if pip_deps:
+            from orchestrator.cluster.runtime_env import project_requirements
+
+            pip = [*project_requirements(), *(pip or [])]
         if pip:
             env["pip"] = list(pip)
         env_vars = dict(env.get("env_vars") or {})
@@ -273,7 +308,7 @@ class LoraflockClient:
         submission_id = f"loraflock-{spec.name}-{uuid.uuid4().hex[:8]}"
         job_id = self._call(
             self._jobs.submit_job,
-            entrypoint=build_entrypoint(out, shipped_code="working_dir" in env),
+            entrypoint=build_entrypoint(out, shipped_code="working_dir" in env or "py_modules" in env),
             submission_id=submission_id,
             runtime_env=env,
             metadata={"loraflock_job": spec.name, "loraflock_out": str(out)},

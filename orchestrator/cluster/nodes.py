@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from orchestrator.errors import StageError
 
-__all__ = ["ResourceRequestError", "alive_nodes", "largest_node", "check_fits", "cpus_per_worker"]
+__all__ = ["ResourceRequestError", "alive_nodes", "largest_node", "check_fits", "cpus_per_worker", "fits_at_once"]
 
 
 class ResourceRequestError(StageError):
@@ -78,3 +78,21 @@ def cpus_per_worker(configured: float | None, workers: int, use_gpu: bool, nodes
            else "lower ray.cpus_per_worker (or leave it out: it is then sized per node)")
     check_fits(request, nodes, "each flock worker", fix)
     return cpus
+
+
+def fits_at_once(request: dict[str, float], nodes: Sequence[dict]) -> int:
+    """How many copies of ``request`` the alive nodes hold at once, counted node by node.
+
+    A trial's CPUs and GPU share must come from one node, so a node with 8 CPUs and no GPU
+    adds nothing to GPU trials, and 4 GPUs cannot host 0.25-GPU trials beyond their CPUs.
+
+    Example:
+        >>> fits_at_once({"CPU": 1, "GPU": 0.25}, [{"Resources": {"CPU": 16, "GPU": 1}}])
+        4
+    """
+    need = {k: float(v) for k, v in request.items() if v}
+    total = 0
+    for n in alive_nodes(nodes):
+        have = n["Resources"]
+        total += min((int(have.get(k, 0.0) / v + 1e-9) for k, v in need.items()), default=0)
+    return total

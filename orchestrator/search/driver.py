@@ -51,7 +51,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.specs.search import SearchSpec, objective
 from tune_spaces.loader import Dimension, SearchSpace, load_space, to_optuna, to_tune
 
-__all__ = ["run_search", "trial_rows", "write_csv", "TRIAL_COLUMNS"]
+__all__ = ["run_search", "trial_rows", "write_csv", "trial_resources", "trial_concurrency", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = [
     "trial_id", "status", "rank", "target_sparsity", "bits", "quantizer", "tau", "lr", "step",
@@ -142,11 +142,28 @@ def trial_job(spec: JobSpec) -> dict:
     return spec.model_dump(mode="json", exclude={"search", "recycle"})
 
 
-def _concurrency(search: SearchSpec) -> int:
+def trial_resources(search: SearchSpec, spec: JobSpec) -> dict[str, float]:
+    """One (unpacked) trial's Ray resources: its CPUs, and its GPU share with ``ray.use_gpu``."""
+    return {"cpu": search.cpus_per_trial, **({"gpu": search.gpus_per_trial} if spec.ray.use_gpu else {})}
+
+
+def trial_concurrency(search: SearchSpec, spec: JobSpec, nodes: list[dict] | None = None) -> int:
+    """Trials at once: ``max_concurrent_trials``, else as many as the nodes hold, CPUs and GPUs counted
+    per node (4 trials per GPU at ``gpus_per_trial: 0.25``).
+
+    Raises:
+        ResourceRequestError: no alive node can hold one trial (Tune would wait for one forever).
+    """
+    from orchestrator.cluster.nodes import alive_nodes, check_fits, fits_at_once
+
+    nodes = alive_nodes(nodes)
+    request = {k.upper(): float(v) for k, v in trial_resources(search, spec).items()}
+    fix = ("lower search.gpus_per_trial or search.cpus_per_trial, or set ray.use_gpu: false" if spec.ray.use_gpu
+           else "lower search.cpus_per_trial")
+    check_fits(request, nodes, "each search trial", fix)
     if search.max_concurrent_trials is not None:
         return search.max_concurrent_trials
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(cpus // search.cpus_per_trial))
+    return max(1, fits_at_once(request, nodes))
 
 
 def with_job_base(space: SearchSpace, spec: JobSpec) -> SearchSpace:
@@ -212,7 +229,7 @@ def run_search(
     every = min(search.eval_every, steps)
     if search.grace_period > steps:
         raise StageError(f"search.grace_period ({search.grace_period}) exceeds the {steps} steps per trial: lower it")
-    concurrent = _concurrency(search)
+    concurrent = trial_concurrency(search, spec)
     names = [d.name for d in data]
     # The prefix pass may use the whole search's CPUs, but no more than one node has.
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
@@ -236,7 +253,7 @@ def run_search(
     judged = trial_judge_plan(spec, search, data)  # search.metric beyond ppl: the rows every trial judges
     if judged is not None:
         payload["judge"] = judged
-    resources = {"cpu": search.cpus_per_trial, **({"gpu": 1} if spec.ray.use_gpu else {})}
+    resources = trial_resources(search, spec)
     pack = None
     if search.packing:  # trial packing: see orchestrator/search/packed_trial.py
         from orchestrator.search.packed_trial import PackHosts

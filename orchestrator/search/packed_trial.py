@@ -19,9 +19,15 @@ Unpacked, each trial of the compression search loads the base and trains alone
   as before.
 
 Resources: a packed trial holds ``PACKED_TRIAL_CPUS`` of a CPU in Tune's accounting (it only
-waits); a host actor holds none and runs its fused steps on the node's CPUs (hosts of
-different settings on one node share them). Hosts are detached actors ended by the driver
-(:meth:`PackHosts.stop`); a driver killed mid-search leaves them to the cluster's end.
+waits); a host actor holds no CPU and runs its fused steps on the node's CPUs (hosts of
+different settings on one node share them). With ``ray.use_gpu`` a host needs a GPU share
+(``search.gpus_per_trial``) on its trial's node, and that share may be held by unpacked
+(gated) trials: the host first reserves it with a placement group pinned to the node and
+waits at most ``HOST_START_S`` for it (:func:`reserve_gpu`); a share that does not come is a
+:class:`~orchestrator.cluster.nodes.ResourceRequestError` naming the node and the fix, never an
+actor pending forever. The reservation lives as long as the host. Hosts and their
+reservations are detached, ended by the driver (:meth:`PackHosts.stop`); a driver killed
+mid-search leaves them to the cluster's end.
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ from orchestrator.spec import JobSpec
 STATE_FILE = "trial_state.safetensors"  # = orchestrator.search.trial.STATE_FILE (tested)
 META_FILE = "trial.json"  # = orchestrator.search.trial.META_FILE
 
-__all__ = ["PackHosts", "packed_search_trial", "PACKED_TRIAL_CPUS"]
+__all__ = ["PackHosts", "packed_search_trial", "reserve_gpu", "PACKED_TRIAL_CPUS", "HOST_START_S"]
 
 PACKED_TRIAL_CPUS = 0.01  # Tune's share for a trial that only waits on its host
+HOST_START_S = 120.0  # how long a GPU host waits for its node's GPU share before failing the trial
 
 
 NAMESPACE = "loraflock-pack"
@@ -70,7 +77,7 @@ class PackHosts:
     def __init__(self, payload: dict, spec: JobSpec, max_rank: int, capacity: int) -> None:
         self.tag = uuid.uuid4().hex[:8]
         self.max_rank, self.capacity = int(max_rank), int(capacity)
-        self.gpu = 1 if spec.ray.use_gpu else 0
+        self.gpu = float(spec.search.gpus_per_trial) if spec.ray.use_gpu else 0.0  # one trial's share
         self.payload_ref = ray.put(payload)  # hosts read it from the object store (no copy per trial)
 
     def trainable(self, payload: dict, resources: dict):
@@ -103,27 +110,73 @@ class PackHosts:
     def stop(self) -> None:
         for h in self._hosts():
             ray.kill(h)
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        for info in placement_group_table().values():  # the hosts' GPU reservations
+            if info.get("name", "").startswith(f"loraflock-pack-{self.tag}-") and info.get("state") != "REMOVED":
+                remove_placement_group(ray.util.get_placement_group(info["name"]))
 
 
-def _host(pack: dict, setting: dict):
-    """This node's host for ``setting``, created by the first trial that needs it."""
+def reserve_gpu(name: str, node: str, gpus: float, wait_s: float = HOST_START_S):
+    """Reserve ``gpus`` on ``node`` for a pack host (a detached placement group named ``name``).
+
+    Returns the placement group once the GPU share is held (the host is then scheduled into
+    it and starts at once). A share that another trial holds for longer than ``wait_s``
+    removes the reservation and raises, instead of leaving a host pending forever.
+
+    Raises:
+        ResourceRequestError: the node has no GPU, or its GPU stayed taken for ``wait_s``.
+    """
+    from ray.util.placement_group import (
+        NODE_ID_LABEL_KEY,
+        placement_group,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    from orchestrator.cluster.nodes import ResourceRequestError, check_fits
+
+    here = [n for n in ray.nodes() if n["NodeID"] == node and n.get("Alive", True)]
+    check_fits({"GPU": gpus}, here, f"the pack host on node {node[:16]}",
+               "give search trials a GPU node (search.packing needs one per node it runs on) or set "
+               "search.packing: false")
+    try:
+        pg = ray.util.get_placement_group(name)  # another trial of this node reserved it first
+        if placement_group_table(pg).get("state") == "REMOVED":  # an earlier reservation that gave up
+            raise ValueError(name)
+    except ValueError:
+        pg = placement_group([{"GPU": gpus}], name=name, lifetime="detached",
+                             bundle_label_selector=[{NODE_ID_LABEL_KEY: node}])  # this node only
+    ready, _ = ray.wait([pg.ready()], timeout=wait_s)
+    if ready:
+        return pg
+    remove_placement_group(pg)
+    raise ResourceRequestError(
+        f"the pack host on node {node[:16]} waited {wait_s:g} s for {gpus:g} GPU and the node's GPUs stayed "
+        f"taken (by unpacked, gated trials or other work): set search.gpus_per_trial below 1 so hosts and "
+        f"trials share a GPU, leave gated sparsities out of a packed search, or set search.packing: false"
+    )
+
+
+def _host(pack: dict, setting: dict, wait_s: float = HOST_START_S):
+    """This node's host for ``setting``, created by the first trial that needs it (a GPU host
+    inside its GPU reservation, :func:`reserve_gpu`)."""
     node = ray.get_runtime_context().get_node_id()
     name = f"loraflock-pack-{pack['tag']}-{node[:16]}-{host_key(setting)}"
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         pass
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-    from orchestrator.cluster.nodes import check_fits
     from orchestrator.search.pack_host import PackHostActor
 
     here = [n for n in ray.nodes() if n["NodeID"] == node]
     cpus = here[0]["Resources"].get("CPU", 1) if here else 1
-    if pack["gpu"]:  # the host is pinned to this trial's node: a node without a GPU would pend forever
-        check_fits({"GPU": pack["gpu"]}, here, f"the pack host on node {node[:16]}",
-                   "give search trials a GPU node (search.packing needs one per node it runs on) or set "
-                   "search.packing: false")
+    strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+    if pack["gpu"]:  # the host is pinned to this trial's node: reserve its GPU share there first, or fail
+        pg = reserve_gpu(name, node, pack["gpu"], wait_s)
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
     return (
         ray.remote(PackHostActor)
         .options(
@@ -134,7 +187,7 @@ def _host(pack: dict, setting: dict):
             num_cpus=0,
             num_gpus=pack["gpu"],
             max_concurrency=4 * int(pack["capacity"]) + 8,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            scheduling_strategy=strategy,
         )
         .remote(
             pack["payload"],

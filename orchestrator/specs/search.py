@@ -105,8 +105,13 @@ class SearchSpec(Strict):
         reduction_factor: eta: rungs at ``grace_period * eta**k`` steps; a trial is stopped at a
             rung when at least ``ceil(n / eta)`` of the ``n`` trials recorded there before it
             dominate it in (macro_ppl, size) (:class:`orchestrator.search.scheduler.ParetoASHA`).
-        max_concurrent_trials: trials at once; ``None`` = cluster CPUs // cpus_per_trial.
+        max_concurrent_trials: trials at once; ``None`` = as many as the nodes hold, CPUs and GPU shares
+            counted node by node.
         cpus_per_trial: CPUs (torch threads) of each trial.
+        gpus_per_trial: GPUs of each trial with ``ray.use_gpu``: a fraction in (0, 1] lets that many
+            trials share one GPU (0.25: four small trials per GPU; Ray only counts shares, so the
+            trials' memory must fit together), or a whole number. Concurrency is sized from
+            GPUs as well as CPUs, node by node.
         quantizer: trials' base quantiser when the space has no ``quantizer`` dimension; unset:
             ``base.quant.quantizer`` when the job quantises its base, else ``nf``.
         lq_iters: LQ-LoRA alternations (Q, L1 L2^T) per quantised matrix; unset: as for ``quantizer``.
@@ -147,6 +152,7 @@ class SearchSpec(Strict):
     reduction_factor: float = Field(2.0, gt=1.0)
     max_concurrent_trials: int | None = Field(None, ge=1)
     cpus_per_trial: int = Field(1, ge=1)
+    gpus_per_trial: float = Field(1.0, gt=0)
     quantizer: Literal["nf", "uniform", "vq"] = "nf"
     lq_iters: int = Field(2, ge=1, le=20)
     gate_lambda: float = Field(50.0, ge=0)
@@ -165,6 +171,16 @@ class SearchSpec(Strict):
         from tune_spaces.loader import load_space
 
         load_space(v)  # SpaceError (a ValueError) names the file and key
+        return v
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpu_share(cls, v: float) -> float:
+        if v > 1 and v != int(v):  # Ray places fractions only within one GPU
+            raise ValueError(
+                f"search.gpus_per_trial = {v:g}: use a fraction in (0, 1] (trials sharing a GPU) or a whole "
+                "number of GPUs"
+            )
         return v
 
     @model_validator(mode="after")

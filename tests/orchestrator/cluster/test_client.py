@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,8 +127,9 @@ def test_submit_sends_validated_spec_inlined_and_entrypoint(no_ray_token, monkey
     remote.ray.address = "ray://laptop:10001"  # meaningless on the cluster: the driver uses its own Ray
     client.submit(remote, out="o")
     assert yaml.safe_load(sent["runtime_env"]["env_vars"][JOB_YAML_ENV])["ray"]["address"] is None
-    client.submit(str(TINY), out="/shared/out dir")
+    client.submit(str(TINY), out="/shared/out dir", ship_code=False)
     assert sent["entrypoint"] == build_entrypoint("/shared/out dir", shipped_code=False)
+    assert "py_modules" not in sent["runtime_env"]
 
     # the entrypoint really materialises the spec: run it with a stand-in `loraflock`
     bin_dir = tmp_path / "bin"
@@ -157,8 +160,56 @@ def test_submit_ships_working_dir_and_pip(no_ray_token, tmp_path):
     assert sent["runtime_env"]["working_dir"] == str(ROOT)
     assert sent["runtime_env"]["pip"] == ["loraflock==0.1.0"]
     assert sent["entrypoint"].endswith("python -m orchestrator.cli run \"$job_file\" --out o")
+    assert "py_modules" not in sent["runtime_env"]  # the working_dir carries the code
     with pytest.raises(ClusterError, match="not a directory"):
         client.submit(load_job(TINY), out="o", working_dir=tmp_path / "nope")
+
+
+def test_submit_ships_loraflocks_packages_by_default_and_its_deps_on_request(no_ray_token, tmp_path):
+    """A stock Ray cluster gets the code (py_modules of this install's packages) and, with pip_deps,
+    pyproject's dependencies without Ray; the entrypoint checks the dependencies first."""
+    import tomllib
+
+    from orchestrator.cluster.runtime_env import CODE_PACKAGES, IMPORT_NAMES, MISSING_DEPS_EXIT
+
+    sent: dict = {}
+
+    class FakeJobs:
+        def submit_job(self, **kwargs):
+            sent.update(kwargs)
+            return "id"
+
+    client = LoraflockClient("127.0.0.1:8265")
+    client._jobs_client = FakeJobs()
+    client.submit(load_job(TINY), out="o", runtime_env={"py_modules": ["s3://b/extra.zip"]})
+    env = sent["runtime_env"]
+    import orchestrator
+
+    here = Path(orchestrator.__file__).resolve().parents[1]
+    assert env["py_modules"] == ["s3://b/extra.zip", *(str(here / n) for n in CODE_PACKAGES)]
+    assert all((Path(m) / "__init__.py").is_file() for m in env["py_modules"][1:])
+    assert "__pycache__" in env["excludes"] and "pip" not in env
+    assert "python -m orchestrator.cli run" in sent["entrypoint"]
+    client.submit(load_job(TINY), out="o", pip_deps=True, pip=["extra-pkg"])
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = lambda reqs: {re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
+    assert names(sent["runtime_env"]["pip"]) == (names(declared) - {"ray"}) | {"extra-pkg"}
+    assert set(IMPORT_NAMES) == names(declared) - {"ray"}  # the check knows every dependency
+
+    # the check runs before anything else: a Python without the dependencies stops with the fix
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # -S: no site-packages
+    (bin_dir / "python").chmod(0o755)
+    r = subprocess.run(["/bin/sh", "-c", sent["entrypoint"]], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                       capture_output=True, text=True)
+    assert r.returncode == MISSING_DEPS_EXIT and "cannot import" in r.stderr and "torch" in r.stderr
+    assert "--pip-deps" in r.stderr and "Traceback" not in r.stderr
+    # the image's `loraflock` (ship_code=False) missing: exit 127 with the fix, before the spec is read
+    client.submit(load_job(TINY), out="o", ship_code=False)
+    r = subprocess.run(["/bin/sh", "-c", sent["entrypoint"]], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                       capture_output=True, text=True)
+    assert r.returncode == 127 and "no loraflock command" in r.stderr and "--no-ship-code" in r.stderr
 
 
 def test_unreachable_address_fails_fast(no_ray_token):
@@ -217,6 +268,9 @@ def test_cli_parses_and_reports_user_errors(no_ray_token, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     a = build_parser().parse_args(["submit", str(TINY), "--wait", "--working-dir", "."])
     assert a.address == "http://127.0.0.1:8265" and a.wait and a.working_dir == "."
+    assert a.ship_code and not a.pip_deps  # the code travels by default; the dependencies only on request
+    a = build_parser().parse_args(["submit", str(TINY), "--no-ship-code", "--pip-deps"])
+    assert not a.ship_code and a.pip_deps
     a = build_parser().parse_args(["logs", "jid", "-f", "--address", "http://h:8265"])
     assert a.follow and a.address == "http://h:8265"
     port = _free_port()
