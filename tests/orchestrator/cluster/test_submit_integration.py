@@ -11,18 +11,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from orchestrator.cluster.client import TOKEN_HELP, ClusterError, LoraflockClient
+from tests.orchestrator.cluster.ray_head import ray_head as start_head
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -32,38 +30,12 @@ JOB_TIMEOUT_S = 240
 pytestmark = pytest.mark.integration
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = root.children(recursive=True) + [root]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=15)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """A token-auth Ray head on free ports; yields (dashboard URL, token, env for clients)."""
     token = secrets.token_hex(16)
     tmp = Path(tempfile.mkdtemp(prefix="lfray", dir="/tmp"))  # short: Ray's unix sockets need it
     (tmp / "home").mkdir()
-    gcs, dash, node_mgr, obj_mgr, client_srv, agent_http, agent_grpc, metrics, rt_env = _free_ports(9)
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -74,43 +46,10 @@ def ray_head():
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-        f"--temp-dir={tmp / 'ray'}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        f"--ray-client-server-port={client_srv}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={rt_env}", "--disable-usage-stats",
-    ]
-    log = open(tmp / "head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
     try:
-        import requests
-
-        deadline = time.monotonic() + 90
-        while True:
-            if head.poll() is not None:
-                pytest.fail(f"ray head exited early:\n{(tmp / 'head.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/api/version", timeout=2, headers={"Authorization": f"Bearer {token}"}).ok:
-                    break
-            except requests.exceptions.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"dashboard not up after 90 s:\n{(tmp / 'head.log').read_text()[-3000:]}")
-            time.sleep(1)
-        client_env = {**env, "RAY_ADDRESS": url}
-        print(f"\n[timing] head up in {time.monotonic() - deadline + 90:.1f} s")
-        yield url, token, client_env, tmp
+        with start_head(tmp, env, tmp, headers={"Authorization": f"Bearer {token}"}) as url:
+            yield url, token, {**env, "RAY_ADDRESS": url}, tmp
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # the group first, then strays that left it
-        except ProcessLookupError:
-            pass
-        _kill_tree(head.pid)
-        head.wait(timeout=15)
-        log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

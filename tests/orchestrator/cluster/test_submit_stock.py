@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +32,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cluster.client import LoraflockClient
-from tests.orchestrator.cluster.test_submit_integration import _free_ports, _kill_tree
+from tests.orchestrator.cluster.ray_head import ray_head
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[3]
-BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 240
 
 HIDE_LORAFLOCK = '''"""Test head only: make this venv's Python behave as if loraflock were not installed."""
@@ -73,50 +70,16 @@ def stock_head():
     shim.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     shim.chmod(0o755)
     (tmp / "hide" / "sitecustomize.py").write_text(HIDE_LORAFLOCK)
-    gcs, dash, node_mgr, obj_mgr, client_srv, agent_http, agent_grpc, metrics, rt_env = _free_ports(9)
     keep = ("LANG", "LC_ALL", "TMPDIR", "TZ")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update({
         "HOME": str(tmp / "home"), "PATH": f"{tmp / 'shim'}:/usr/bin:/bin", "PYTHONPATH": str(tmp / "hide"),
         "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
     })
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-        f"--temp-dir={tmp / 'ray'}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        f"--ray-client-server-port={client_srv}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={rt_env}", "--disable-usage-stats",
-    ]
-    log = open(tmp / "head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, cwd=tmp / "cwd", stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
     try:
-        import requests
-
-        t0 = time.monotonic()
-        while True:
-            if head.poll() is not None:
-                pytest.fail(f"ray head exited early:\n{(tmp / 'head.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/api/version", timeout=2).ok:
-                    break
-            except requests.exceptions.RequestException:
-                pass
-            if time.monotonic() - t0 > 90:
-                pytest.fail(f"dashboard not up after 90 s:\n{(tmp / 'head.log').read_text()[-3000:]}")
-            time.sleep(1)
-        print(f"\n[timing] stock head up in {time.monotonic() - t0:.1f} s")
-        yield url, tmp
+        with ray_head(tmp, env, tmp / "cwd", what="stock head") as url:
+            yield url, tmp
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _kill_tree(head.pid)
-        head.wait(timeout=15)
-        log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
