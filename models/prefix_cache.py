@@ -108,6 +108,12 @@ class PrefixCache:
         scores: kind -> each slot's expected uses of one row (default 1 everywhere).
         keep: the kinds whose rows are kept (default all); others are computed at every use.
         pinned: keep the slab in pinned host memory (default: when the model is on a GPU).
+        length: the rows' full length, to size the slab up front (default: the widest batch
+            seen so far; the slab widens when a wider one comes).
+
+    Batches may be cut to their scored columns (:mod:`models.train.trim`): a row computed in
+    a batch of ``w`` columns is kept with zeros after column ``w``. A wider batch later reads
+    those zeros only after that row's own last scored token, where nothing scored looks.
 
     Example::
 
@@ -117,8 +123,8 @@ class PrefixCache:
 
     def __init__(self, model: nn.Module, split: int, rows: Mapping[str, Sequence[int]], capacity: int,
                  scores: Mapping[str, Sequence[float]] | None = None, pinned: bool | None = None,
-                 keep: Sequence[str] | None = None) -> None:
-        self.model, self.split, self.capacity = model, split, int(capacity)
+                 keep: Sequence[str] | None = None, length: int | None = None) -> None:
+        self.model, self.split, self.capacity, self.length = model, split, int(capacity), length
         self.keep = set(rows if keep is None else keep)
         device = next(model.parameters()).device
         self.pinned = device.type == "cuda" if pinned is None else pinned
@@ -135,14 +141,15 @@ class PrefixCache:
         self.stats = {"hits": 0, "computed": 0, "evicted": 0, "seconds": 0.0}
 
     def get(self, kind: str, slots: np.ndarray, rows: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) states of these rows on the model's device; ``ids`` are the rows' (B, L) tokens (any device)."""
+        """(B, W, H) states of these rows on the model's device; ``ids`` are the rows' (B, W) tokens (any device)."""
         device = next(self.model.parameters()).device
+        width = ids.shape[1]
         g = self.offsets[kind][np.asarray(slots, dtype=np.int64)] + np.asarray(rows, dtype=np.int64)
         pos = self.where[kind][g]
         hit = pos >= 0
         self.stats["hits"] += int(hit.sum())
         if hit.all():
-            return self._gather(pos, device)
+            return self._gather(pos, device, width)
         miss = np.flatnonzero(~hit)
         uniq, first, back = np.unique(g[miss], return_index=True, return_inverse=True)  # a row drawn twice: once
         t0 = time.perf_counter()
@@ -151,7 +158,7 @@ class PrefixCache:
         self.stats["computed"] += len(uniq)
         out = torch.empty((len(g), *fresh.shape[1:]), dtype=fresh.dtype, device=device)
         if hit.any():  # before admitting: a new row may take the place of one of this batch's hits
-            out[torch.from_numpy(np.flatnonzero(hit)).to(device)] = self._gather(pos[hit], device)
+            out[torch.from_numpy(np.flatnonzero(hit)).to(device)] = self._gather(pos[hit], device, width)
         out[torch.from_numpy(miss).to(device)] = fresh[torch.from_numpy(back.reshape(-1)).to(device)]
         self._admit(kind, uniq, fresh)
         return out
@@ -173,14 +180,16 @@ class PrefixCache:
             for m, was in modes:
                 m.training = was
 
-    def _gather(self, pos: np.ndarray, device: torch.device) -> torch.Tensor:
-        """Kept rows at slab positions ``pos``, moved to ``device`` (from a pinned staging copy on a GPU)."""
+    def _gather(self, pos: np.ndarray, device: torch.device, width: int) -> torch.Tensor:
+        """Kept rows at slab positions ``pos``, first ``width`` columns, on ``device`` (pinned staging on a GPU)."""
+        self._widen(width)
         assert self.slab is not None
         idx = torch.from_numpy(pos)
+        slab = self.slab[:, :width]
         if device.type == "cpu":
-            return self.slab.index_select(0, idx)
-        staging = torch.empty((len(pos), *self.slab.shape[1:]), dtype=self.slab.dtype, pin_memory=self.pinned)
-        torch.index_select(self.slab, 0, idx, out=staging)
+            return slab.index_select(0, idx)
+        staging = torch.empty((len(pos), width, self.slab.shape[2]), dtype=self.slab.dtype, pin_memory=self.pinned)
+        torch.index_select(slab, 0, idx, out=staging)
         return staging.to(device, non_blocking=True)
 
     def _admit(self, kind: str, rows: np.ndarray, fresh: torch.Tensor) -> None:
@@ -188,14 +197,18 @@ class PrefixCache:
         if self.capacity == 0 or kind not in self.keep:
             return
         if self.slab is None:
-            self.slab = torch.empty((self.capacity, *fresh.shape[1:]), dtype=fresh.dtype, pin_memory=self.pinned)
+            width = max(self.length or 0, fresh.shape[1])
+            self.slab = torch.zeros((self.capacity, width, fresh.shape[2]), dtype=fresh.dtype, pin_memory=self.pinned)
+        self._widen(fresh.shape[1])
         host = fresh.detach().to("cpu")
+        w = host.shape[1]
         k = self.kinds.index(kind)
         scores = self.score[kind][rows]
         free = min(self.capacity - self.used, len(rows))
         if free:  # one copy for the rows that fit
             at = np.arange(self.used, self.used + free)
-            self.slab[self.used : self.used + free] = host[:free]
+            self.slab[self.used : self.used + free, :w] = host[:free]
+            self.slab[self.used : self.used + free, w:] = 0
             self._own(k, kind, rows[:free], at, scores[:free])
             self.used += free
         for i in range(free, len(rows)):  # the slab is full: at most one batch's rows, each a heap step
@@ -206,8 +219,17 @@ class PrefixCache:
             ok, og = self.owner[p]
             self.where[self.kinds[ok]][og] = -1
             self.stats["evicted"] += 1
-            self.slab[p] = host[i]
+            self.slab[p, :w] = host[i]
+            self.slab[p, w:] = 0
             self._own(k, kind, rows[i : i + 1], np.array([p]), scores[i : i + 1])
+
+    def _widen(self, width: int) -> None:
+        """Make the slab at least ``width`` columns wide (new columns zero; once per wider batch, if ever)."""
+        if self.slab is None or self.slab.shape[1] >= width:
+            return
+        wide = torch.zeros((self.capacity, width, self.slab.shape[2]), dtype=self.slab.dtype, pin_memory=self.pinned)
+        wide[:, : self.slab.shape[1]] = self.slab
+        self.slab = wide
 
     def _own(self, k: int, kind: str, rows: np.ndarray, at: np.ndarray, scores: np.ndarray) -> None:
         self.where[kind][rows] = at

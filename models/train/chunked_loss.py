@@ -29,7 +29,7 @@ def _head_chunk_nll(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor)
 
 
 def token_nll(model: nn.Module, input_ids: torch.Tensor, target: torch.Tensor,
-              chunk_tokens: int | None = None) -> torch.Tensor:
+              chunk_tokens: int | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token NLL of every position, fp32 (N, L); 0 where ``target`` is -100.
 
     Why chunks: the fp32 upcast of whole (N, L, V) logits is the largest tensor of a step
@@ -40,8 +40,11 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, target: torch.Tensor,
     exist. The price is one more head matmul per token in backward (the head can be the
     largest matmul of a top-blocks step), paid only by batches over one chunk. For a plain head
     (``_PLAIN_HEAD_TYPES``, head an unadapted linear layer) even the model-dtype logits are
-    never whole: the backbone's hidden states go through ``lm_head`` chunk by chunk. Per
-    token the arithmetic is the unchunked loss's (same head matmul row, same fp32 softmax).
+    never whole: the backbone's hidden states go through ``lm_head`` chunk by chunk, and only
+    at ``keep`` (flat positions whose target is scored, when the caller knows them: instruction
+    rows score their completion only, so the head, the largest matmul of a top-blocks step at
+    a 49k vocabulary, skips the prompt and the padding). Per token the arithmetic is the
+    unchunked loss's (same head matmul row, same fp32 softmax).
     """
     n, length = input_ids.shape
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -51,20 +54,29 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, target: torch.Tensor,
         and getattr(getattr(model, "config", None), "model_type", None) in _PLAIN_HEAD_TYPES
         and (type(head) is nn.Linear or getattr(head, "is_quantized_linear", False))  # no adapter: no router
     )
+    flat_target = target.reshape(-1)
     if plain:
-        source = backbone(input_ids=input_ids).last_hidden_state.reshape(n * length, -1)
+        hidden = backbone(input_ids=input_ids).last_hidden_state.reshape(n * length, -1)
+        if keep is not None and (len(keep) == 0 or len(keep) == n * length):
+            keep = None  # nothing scored (keep the graph) or everything: no gather
+        source = hidden if keep is None else hidden.index_select(0, keep)
+        flat_target = flat_target if keep is None else flat_target.index_select(0, keep)
         vocab = head.out_features
     else:
+        keep = None  # the model's head ran on every position already
         source = model(input_ids=input_ids).logits.reshape(n * length, -1)
         vocab = source.shape[-1]
-    flat_target = target.reshape(-1)
+    rows = source.shape[0]
     step = chunk_tokens or max(1, CE_CHUNK_ELEMENTS // vocab)
     # One chunk (small batches: SmolLM2 at 8 x 128 tokens) keeps the graph as it was; recomputing
     # costs one more head matmul per token in backward, paid only where the logits are too big.
-    recompute = torch.is_grad_enabled() and source.requires_grad and n * length > step
+    recompute = torch.is_grad_enabled() and source.requires_grad and rows > step
     parts = []
-    for i in range(0, n * length, step):
+    for i in range(0, rows, step):
         args = (source[i : i + step], flat_target[i : i + step])
         fn = (lambda h, t: _head_chunk_nll(head, h, t)) if plain else _chunk_nll
         parts.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
-    return torch.cat(parts).view(n, length)
+    nll = torch.cat(parts)
+    if keep is not None:  # back to (N * L) positions, 0 where nothing is scored
+        nll = nll.new_zeros(n * length).scatter(0, keep, nll)
+    return nll.view(n, length)

@@ -28,6 +28,7 @@ from models.lora import task_ids
 from models.prefix import use_prefix
 from models.train.chunked_loss import CE_CHUNK_ELEMENTS, token_nll
 from models.train.perplexity import macro_perplexity, perplexity  # of evaluate()'s NLLs; torch-free home
+from models.train.trim import scored_positions, trim_columns
 
 __all__ = [
     "Batch",
@@ -74,6 +75,9 @@ class Batch:
         scored: optional (N, L) bool: True where token t is a target (predicted from t - 1;
             column 0 is never one). ``None``: every token after the first is scored (raw text
             in full rows). Instruction rows score their completion only; padding never.
+        targets: optional (K,) flat positions (over (N, L)) whose next token is scored, when
+            the batch was built where its mask lives (:func:`models.train.trim.scored_positions`):
+            the loss runs the head on these positions only, without a device sync to find them.
     """
 
     input_ids: torch.Tensor
@@ -82,11 +86,12 @@ class Batch:
     prefix: torch.Tensor | None = None
     split: int = 0
     scored: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(mv(self.input_ids), mv(self.task_ids), mv(self.weights), mv(self.prefix), self.split,
-                     mv(self.scored))
+                     mv(self.scored), mv(self.targets))
 
 
 class BatchSampler:
@@ -159,8 +164,11 @@ def row_nll_sum(model: nn.Module, batch: Batch, chunk_tokens: int | None = None,
     if batch.scored is not None:
         nxt = nxt.masked_fill(~batch.scored[:, 1:], -100)
     target = F.pad(nxt, (0, 1), value=-100)  # (N, L): the target of position t is token t + 1
+    keep = batch.targets  # the head runs only where a target is scored (raw text: everywhere)
+    if keep is None and batch.scored is not None:
+        keep = scored_positions(batch.scored)
     with ctx, task_ids(model, route):
-        nll = token_nll(model, batch.input_ids, target, chunk_tokens)
+        nll = token_nll(model, batch.input_ids, target, chunk_tokens, keep)
     count = (target != -100).sum(dim=1)
     return nll.sum(dim=1), count
 
@@ -399,9 +407,23 @@ def _mixed_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[t
 
 
 def _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, device: torch.device) -> Batch:
-    """One mixed eval batch on ``device`` from its runs of consecutive rows (a slice per task, no per-row loop)."""
+    """One mixed eval batch on ``device`` from its runs of consecutive rows (a slice per task, no per-row loop).
+
+    Cut to the columns its scored tokens need (:mod:`models.train.trim`) before any state is
+    computed, so right padding costs neither the frozen prefix nor the blocks nor the head.
+    """
     ids = torch.cat([sets[tasks[i]][a:e] for i, a, e in runs])
     src = ids.device  # where the rows are kept; the batch moves to ``device`` whole
+    scored = None
+    got = [masks.get(tasks[i]) for i, _, _ in runs] if masks is not None else []
+    if any(m is not None for m in got):
+        full = torch.ones(ids.shape[1], dtype=torch.bool, device=src)
+        full[0] = False
+        scored = torch.cat([full.expand(e - a, -1) if m is None else m[a:e].to(src)
+                            for m, (_, a, e) in zip(got, runs, strict=True)])
+    ids, scored = trim_columns(ids, scored)
+    width = ids.shape[1]
+    targets = None if scored is None else scored_positions(scored)
     tid = torch.cat([torch.full((e - a,), slot_of(tasks[i]) if slot_of else tasks[i], dtype=torch.long, device=src)
                      for i, a, e in runs])
     pre = None
@@ -410,12 +432,5 @@ def _eval_batch(sets, tasks, runs, prefixes, split, slot_of, masks, prefix_fn, d
         rows = np.concatenate([np.arange(a, e, dtype=np.int64) for i, a, e in runs])
         pre = prefix_fn(keys, rows, ids)
     elif prefixes is not None:
-        pre = torch.cat([prefixes[tasks[i]][a:e].to(device) for i, a, e in runs])
-    scored = None
-    got = [masks.get(tasks[i]) for i, _, _ in runs] if masks is not None else []
-    if any(m is not None for m in got):
-        full = torch.ones(ids.shape[1], dtype=torch.bool, device=src)
-        full[0] = False
-        scored = torch.cat([full.expand(e - a, -1) if m is None else m[a:e].to(src)
-                            for m, (_, a, e) in zip(got, runs, strict=True)])
-    return Batch(ids, tid, torch.ones(len(ids), device=src), pre, split, scored).to(device)
+        pre = torch.cat([prefixes[tasks[i]][a:e, :width].to(device) for i, a, e in runs])
+    return Batch(ids, tid, torch.ones(len(ids), device=src), pre, split, scored, targets).to(device)

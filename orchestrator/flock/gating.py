@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from models.peft_io import save_adapter
+from models.train.data import FlockData
 from models.train.hooks import ExtraParams, TrainHooks
-from models.train.loop import FlockData
 from orchestrator.contracts import GateResults
 from orchestrator.spec import JobSpec
 
@@ -34,6 +34,7 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
     from models.gates.layer import gate_params
     from models.gates.schedule import importance_scores, init_from_importance
     from models.train.step import Batch, row_nll
+    from models.train.trim import trim_columns
 
     g, bs = spec.gates, spec.train.batch_size
     device = next(model.parameters()).device
@@ -46,8 +47,9 @@ def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:
                         return total
                     rows = data.train_rows(s, slice(i, i + bs), device)  # only these rows, from the store
                     at = np.arange(i, i + len(rows))
-                    pre = data.train_prefix_rows([s] * len(rows), at, rows)
                     scored = data.train_mask_rows(s, slice(i, i + bs), device)
+                    rows, scored = trim_columns(rows, scored)  # as training batches are
+                    pre = data.train_prefix_rows([s] * len(rows), at, rows)
                     tid = torch.full((len(rows),), s, dtype=torch.long, device=device)
                     batch = Batch(rows, tid, torch.ones(len(rows), device=device), pre, data.split, scored)
                     total = total + row_nll(model, batch).mean()

@@ -73,4 +73,4 @@ def worker_prefix_cache(model: nn.Module, spec: JobSpec, split: int, sizes: list
     per_row = tr.steps * tr.batch_size * methods * p[owned] / n[owned]
     return PrefixCache(model, split, {"train": train_rows, "eval": eval_rows}, plan.capacity,
                        scores={"train": per_row.tolist(), "eval": [float(eval_passes)] * len(eval_rows)},
-                       keep=plan.kinds)
+                       keep=plan.kinds, length=length)

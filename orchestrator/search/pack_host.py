@@ -44,7 +44,7 @@ from models.base import top_block_indices
 from models.grouped_lora import PARTS, GroupedLoraLinear, group_slots, initial_adapter_state, slot_index
 from models.lora import inject
 from models.precision import cast_frozen
-from models.train.loop import FlockData, make_batch
+from models.train.data import FlockData, make_batch
 from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from orchestrator.base.load import load_job_base, run_dtype
 from orchestrator.search.pack_settings import base_setting

@@ -59,7 +59,7 @@ def test_chunked_loss_and_grads_equal_the_whole_logits_loss(model_name, chunk, r
     g_chunk = _grads(model, lambda: row_nll_sum(model, batch, chunk_tokens=chunk))
     g_ref = _grads(model, lambda: _reference(model, batch))
     for a, b in zip(g_chunk, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32 sums in another order (head on scored rows)
 
 
 def test_adapted_head_takes_the_logits_path_with_the_same_result(tiny_llama):
@@ -74,7 +74,7 @@ def test_adapted_head_takes_the_logits_path_with_the_same_result(tiny_llama):
     g_chunk = _grads(tiny_llama, lambda: row_nll_sum(tiny_llama, batch, chunk_tokens=6))
     g_ref = _grads(tiny_llama, lambda: _reference(tiny_llama, batch))
     for a, b in zip(g_chunk, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32 sums in another order (head on scored rows)
 
 
 def _largest_saved_fp32_logits(fn, vocab: int = 300) -> int:
