@@ -136,8 +136,8 @@ def build_payload(
     payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split,
                "train_mask": train_mask or [None] * len(train), "eval_mask": eval_mask or [None] * len(evals)}
     if split:
-        def host(x):  # the prefix cache travels through Ray as numpy
-            return compute_prefix(model, torch.as_tensor(x), split).detach().cpu().numpy()
+        def host(x):  # the prefix cache travels through Ray as numpy; x is read-only there (a copy of ids)
+            return compute_prefix(model, torch.tensor(x), split).detach().cpu().numpy()
 
         payload["train_prefix"] = [host(x) for x in train]
         payload["eval_prefix"] = [host(x) for x in evals]
