@@ -24,6 +24,7 @@ Plain PyTorch; it sits in ``orchestrator/`` because it reads the trials' configu
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -155,6 +156,7 @@ def load_embedding(model: nn.Module, record: dict | None) -> None:
 def build_frozen(
     model: nn.Module, split: int, settings: list[dict], quantizer: str,
     prefix: Callable[[nn.Module, np.ndarray], np.ndarray], train: list[np.ndarray], evals: list[np.ndarray],
+    say: Callable[[str], None] = lambda _: None,
 ) -> dict[str, dict]:
     """Per base setting: quantise a copy of the blocks below ``split`` once and cache every sequence's prefix.
 
@@ -165,6 +167,7 @@ def build_frozen(
         quantizer: the search's quantiser (``nf``, ``uniform``, ``vq``).
         prefix: ``prefix(model, ids)`` -> the hidden states entering block ``split`` (numpy).
         train, evals: each task's token ids.
+        say: a progress line per setting (minutes each on SmolLM2: quantising, then every row's prefix).
 
     Returns:
         key (:func:`frozen_key`) -> ``{"train_prefix", "eval_prefix", "bytes": {matrix: stored
@@ -181,8 +184,11 @@ def build_frozen(
         if "f" not in memo:
             from models.quant.model import fisher_diag
 
+            t0 = time.perf_counter()
             with torch.enable_grad():  # the payload is built under no_grad
                 memo["f"] = fisher_diag(model, calib, layers=lower + top) if calib else None
+            say(f"search: the base's Fisher for bit-budget allocation, {len(rows)} rows, in "
+                f"{time.perf_counter() - t0:.0f}s")
         return memo["f"]
 
     out: dict[str, dict] = {}
@@ -191,9 +197,14 @@ def build_frozen(
         if key is None or key in out:
             continue
         q = copy.deepcopy(model)
+        t0 = time.perf_counter()
         record = _quantize_frozen(q, lower, setting, quantizer, top, fisher)
+        t1 = time.perf_counter()
         record["train_prefix"] = [prefix(q, x) for x in train]
         record["eval_prefix"] = [prefix(q, x) for x in evals]
+        mb = sum(record["bytes"].values()) / 1e6
+        say(f"search: base setting {key}: {len(lower)} frozen blocks quantised ({mb:,.1f} MB stored) in "
+            f"{t1 - t0:.0f}s, their prefix of every row in {time.perf_counter() - t1:.0f}s")
         out[key] = record
         del q
     return out
