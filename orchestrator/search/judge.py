@@ -16,10 +16,16 @@ generations (``exact_match``, ``accuracy``, ``rouge_l``) or label scoring
 The trial reports ``macro_<metric>``, the mean over the judged tasks (each task the mean over
 its rows), and ``judge_s``, the seconds judging took.
 
+A packed trial (``search.packing``) is judged the same way on its pack host: the host got the
+plan once with the search payload, and judges a lease through that lease's slot group
+(``slot_offset``: where the group starts among the host model's slots), so the same rows go
+through the same batching as in the unpacked trial.
+
 Example:
     >>> plan = trial_judge_plan(spec, spec.search, data)   # on the driver, into the payload
     >>> judge_trial(model, plan, tokenizer)                  # in the trial, at each report
     {'macro_exact_match': 0.4375, 'judge_s': 3.1}
+    >>> judge_trial(host_model, plan, tokenizer, slot_offset=lease.slots.start)   # a packed trial, on its host
 """
 
 from __future__ import annotations
@@ -64,10 +70,15 @@ def trial_judge_plan(spec: JobSpec, search: SearchSpec, data: list, tokenizer=No
             "batch_size": spec.eval.batch_size}
 
 
-def judge_trial(model, plan: dict, tokenizer) -> dict[str, float]:
-    """``{"macro_<metric>": mean over the judged tasks, "judge_s": seconds}`` of the trial's model."""
+def judge_trial(model, plan: dict, tokenizer, slot_offset: int = 0) -> dict[str, float]:
+    """``{"macro_<metric>": mean over the judged tasks, "judge_s": seconds}`` of the trial's model.
+
+    ``slot_offset``: the first of the trial's slots in ``model`` (0 for an unpacked trial, whose
+    model holds only its own; a packed trial's lease starts its group of slots further on).
+    """
     t0 = time.perf_counter()
-    per_task = judge(model, plan["plan"], plan["slots"], tokenizer, int(plan["batch_size"]))
+    slots = {t: slot_offset + int(s) for t, s in plan["slots"].items()}
+    per_task = judge(model, plan["plan"], slots, tokenizer, int(plan["batch_size"]))
     values = [m[plan["metric"]] for m in per_task.values()]
     key, _ = objective(plan["metric"])
     return {key: float(sum(values) / len(values)), "judge_s": time.perf_counter() - t0}

@@ -21,6 +21,10 @@ and ``rank``: LQ-LoRA's ``Q = quant(W - L1 L2^T)`` depends on the rank, so the q
 run once per host, exactly as the unpacked trial runs it, instead of once per trial). Gated
 trials (FineGates: trainable per-trial gates on the base weights) run unpacked, as before.
 
+With a task ``search.metric`` the host judges a lease at each of its reports
+(:meth:`PackHost.judge`): the driver's judge plan (seeded rows, prompts, references) comes once
+with the payload and the host loads the job's tokenizer once, so trials copy no rows.
+
 :class:`PackHost` is plain PyTorch; :class:`PackHostActor` wraps it for Ray (a threaded
 actor: each trial's blocking call joins the next fused step). The host sits here rather than
 in ``models/`` because it is built from the search's payload and the job spec (orchestrator
@@ -165,6 +169,13 @@ class PackHost:
             mask_tensors(payload.get("eval_mask"), device),
         )
         self.total_size = float(sum(self.data.sizes))
+        # search.metric beyond ppl: the driver's plan (orchestrator/search/judge.py), once per host, not per trial
+        self.judged: dict | None = payload.get("judge")
+        self.tokenizer = None
+        if self.judged is not None:
+            from orchestrator.task_metrics import job_tokenizer
+
+            self.tokenizer = job_tokenizer(spec)
         self.leases: dict[str, _Lease] = {}
         self.free = list(range(self.capacity))
 
@@ -310,6 +321,19 @@ class PackHost:
         return evaluate(self.model, cut(self.data.eval), self.spec.train.eval_batch_size, cut(self.data.eval_prefix),
                         self.data.split, slot_of=lambda t: lease.slots.start + t, masks=cut(self.data.eval_mask))
 
+    def judge(self, lid: str) -> dict[str, float]:
+        """The trial's ``macro_<metric>`` and ``judge_s``, judged through its slot group; ``{}`` for ``ppl``.
+
+        The unpacked trial's :func:`~orchestrator.search.judge.judge_trial` on the same plan (the
+        same seeded rows, the same batches, all the lease's tasks mixed), with the lease's slots
+        in place of slots ``0 .. T-1``.
+        """
+        if self.judged is None:
+            return {}
+        from orchestrator.search.judge import judge_trial
+
+        return judge_trial(self.model, self.judged, self.tokenizer, slot_offset=self.leases[lid].slots.start)
+
     @torch.no_grad()
     def state(self, lid: str) -> dict[str, torch.Tensor]:
         """The trial's trained parameters under the unpacked trial's names and shapes (checkpoints)."""
@@ -335,7 +359,7 @@ class PackHostActor:
     Each trial thread calls :meth:`train` (n steps) and blocks. The first waiting thread that
     finds the host idle leads the next step: it waits up to ``gather_s`` for the other leased
     trials to ask too (they report and re-ask between chunks), then runs one fused step for
-    every trial with steps left. Evaluations and state reads take the same compute lock.
+    every trial with steps left. Evaluations, judging and state reads take the same compute lock.
     """
 
     def __init__(self, payload: dict, capacity: int, max_rank: int, threads: int, device: str = "cpu",
@@ -344,7 +368,7 @@ class PackHostActor:
         torch.set_num_threads(self.threads)
         device = trial_device(device != "cpu")  # a host holding a GPU it cannot use fails here, clearly
         self.host = PackHost(payload, capacity, max_rank, device, setting)
-        self.step_s = self.eval_s = 0.0
+        self.step_s = self.eval_s = self.judge_s = 0.0
         self.cv = threading.Condition()
         self.compute = threading.Lock()
         self.want: dict[str, int] = {}
@@ -437,6 +461,15 @@ class PackHostActor:
             self.eval_s += time.perf_counter() - t0
             return out
 
+    def judge(self, lid: str) -> dict[str, float]:
+        self.seen[lid] = time.monotonic()
+        with self.compute:
+            t0 = time.perf_counter()
+            self._threads()
+            out = self.host.judge(lid)
+            self.judge_s += time.perf_counter() - t0
+            return out
+
     def state(self, lid: str) -> dict[str, np.ndarray]:
         with self.compute:
             return {k: v.detach().cpu().numpy() for k, v in self.host.state(lid).items()}  # GPU -> host
@@ -454,4 +487,5 @@ class PackHostActor:
             "trial_steps": self.fused_rows,
             "step_s": self.step_s,
             "eval_s": self.eval_s,
+            "judge_s": self.judge_s,
         }

@@ -10,8 +10,10 @@ Unpacked, each trial of the compression search loads the base and trains alone
   (:func:`packed_search_trial`) that leases a slot group on its node's host for its setting
   and asks it for ``eval_every`` steps at a time; the host fuses the steps of every trial
   training at that moment into one batched forward/backward;
-* between chunks the trial reports exactly what the unpacked trial reports (same metrics,
-  same checkpoint files, :data:`~orchestrator.search.trial.STATE_FILE` under the unpacked
+* between chunks the trial reports exactly what the unpacked trial reports (same metrics:
+  ``macro_ppl``, the sizes with ``rung_bytes`` for the scheduler, and with a task
+  ``search.metric`` its ``macro_<metric>`` and ``judge_s``, judged on the host through the
+  trial's slots; same checkpoint files, :data:`~orchestrator.search.trial.STATE_FILE` under the unpacked
   parameter names), so ASHA decides on the same numbers; a stopped, finished or failed
   trial releases its slots (``finally``); a resumed trial leases again from its checkpoint
   (Adam restarts, as unpacked), and a checkpoint of either mode resumes in the other;
@@ -101,11 +103,12 @@ class PackHosts:
         return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
 
     def stats(self) -> dict:
-        """``{"hosts", "fused_steps", "trial_steps", "trials_per_step"}`` over every host."""
+        """``{"hosts", "fused_steps", "trial_steps", "trials_per_step", "step_s", "eval_s", "judge_s"}``, all hosts."""
         each = ray.get([h.stats.remote() for h in self._hosts()])
         steps, rows = sum(e["fused_steps"] for e in each), sum(e["trial_steps"] for e in each)
         return {"hosts": len(each), "fused_steps": steps, "trial_steps": rows, "trials_per_step": rows / max(steps, 1),
-                "step_s": sum(e["step_s"] for e in each), "eval_s": sum(e["eval_s"] for e in each)}
+                "step_s": sum(e["step_s"] for e in each), "eval_s": sum(e["eval_s"] for e in each),
+                "judge_s": sum(e.get("judge_s", 0.0) for e in each)}
 
     def stop(self) -> None:
         for h in self._hosts():
@@ -228,11 +231,16 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
         size = ray.get(host.deployed_bytes.remote(lid))
         quant_error = ray.get(host.quant_error.remote())
 
+        judged = payload.get("judge") is not None  # search.metric beyond ppl: the host judges (pack_host.judge)
+
         def report(step: int, nll: dict, final: bool) -> None:
-            metrics = TrialMetrics(**{  # no target_bytes/rung_bytes: see TrialMetrics
+            metric = ray.get(host.judge.remote(lid)) if judged else {}
+            metrics = TrialMetrics(**{
                 "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
-                "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size, "quant_rel_error": quant_error,
-                "seconds": time.perf_counter() - t0,
+                "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size,
+                # ungated: already at its size, as the unpacked trial reports it (ParetoASHA's size at a rung)
+                "target_bytes": size["model_bytes"], "rung_bytes": size["model_bytes"],
+                "quant_rel_error": quant_error, "seconds": time.perf_counter() - t0, **metric,
             })
             trained = ray.get(host.state.remote(lid))
             with tempfile.TemporaryDirectory() as tmp:
