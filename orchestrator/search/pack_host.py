@@ -321,18 +321,20 @@ class PackHost:
         return evaluate(self.model, cut(self.data.eval), self.spec.train.eval_batch_size, cut(self.data.eval_prefix),
                         self.data.split, slot_of=lambda t: lease.slots.start + t, masks=cut(self.data.eval_mask))
 
-    def judge(self, lid: str) -> dict[str, float]:
-        """The trial's ``macro_<metric>`` and ``judge_s``, judged through its slot group; ``{}`` for ``ppl``.
+    def judge(self, lids: list[str]) -> dict[str, dict[str, float]]:
+        """Each listed trial's ``macro_<metric>`` and ``judge_s``, judged through its slot group, in one pass.
 
         The unpacked trial's :func:`~orchestrator.search.judge.judge_trial` on the same plan (the
-        same seeded rows, the same batches, all the lease's tasks mixed), with the lease's slots
-        in place of slots ``0 .. T-1``.
+        same seeded rows, all of a trial's tasks mixed), with each lease's slots in place of
+        slots ``0 .. T-1``; the trials' rows share the generation batches
+        (:func:`~orchestrator.search.judge.judge_trials`). ``{}`` per trial for ``search.metric: ppl``.
         """
         if self.judged is None:
-            return {}
-        from orchestrator.search.judge import judge_trial
+            return {lid: {} for lid in lids}
+        from orchestrator.search.judge import judge_trials
 
-        return judge_trial(self.model, self.judged, self.tokenizer, slot_offset=self.leases[lid].slots.start)
+        starts = [self.leases[lid].slots.start for lid in lids]
+        return dict(zip(lids, judge_trials(self.model, self.judged, self.tokenizer, starts)))
 
     @torch.no_grad()
     def state(self, lid: str) -> dict[str, torch.Tensor]:
@@ -379,6 +381,11 @@ class PackHostActor:
         self.gather_s = gather_s
         self.fused_steps = 0
         self.fused_rows = 0
+        self.judge_want: set[str] = set()  # trials waiting for the next judging pass
+        self.judge_out: dict[str, dict | Exception] = {}  # their results, collected by each trial's call
+        self.judge_round: dict[str, int] = {}  # trial -> fused steps done when it was last judged
+        self.judge_leading = False
+        self.judge_passes = self.judged_trials = 0
 
     def _threads(self) -> None:
         # The intra-op thread count is per calling thread (OpenMP): Ray runs these methods on
@@ -402,6 +409,7 @@ class PackHostActor:
     def release(self, lid: str) -> None:
         with self.cv:
             self.want.pop(lid, None)
+            self.judge_round.pop(lid, None)
         with self.compute:
             self.host.release(lid)
             self.seen.pop(lid, None)
@@ -420,10 +428,12 @@ class PackHostActor:
                     continue
                 self.leading = True
                 # Trials of the last fused step that are between chunks (reporting) come back
-                # within moments: wait for them rather than step without them.
+                # within moments: wait for them rather than step without them (not for those
+                # waiting on a judging pass: that pass may wait for this step).
                 deadline = time.monotonic() + self.gather_s
                 while time.monotonic() < deadline and any(
-                    self.want.get(x, 0) <= 0 for x in self.last_batch if x in self.host.leases
+                    self.want.get(x, 0) <= 0 and x not in self.judge_want for x in self.last_batch
+                    if x in self.host.leases
                 ):
                     self.cv.wait(timeout=max(0.0, deadline - time.monotonic()))
                 batch = [x for x, n in self.want.items() if n > 0 and x in self.host.leases]
@@ -462,13 +472,60 @@ class PackHostActor:
             return out
 
     def judge(self, lid: str) -> dict[str, float]:
+        """This trial's ``macro_<metric>`` and ``judge_s``, in one mixed pass with the trials reporting now.
+
+        The trials of a fused step end their chunk together and report (evaluate, judge) within
+        moments: the first to ask waits up to ``gather_s`` for them, as :meth:`train` gathers a
+        step, then judges every trial that asked (:meth:`PackHost.judge`).
+        """
         self.seen[lid] = time.monotonic()
-        with self.compute:
-            t0 = time.perf_counter()
-            self._threads()
-            out = self.host.judge(lid)
-            self.judge_s += time.perf_counter() - t0
-            return out
+        with self.cv:
+            self.judge_want.add(lid)
+            self.cv.notify_all()
+            while lid not in self.judge_out:
+                if self.judge_leading:
+                    self.cv.wait()
+                    continue
+                self.judge_leading = True
+                deadline = time.monotonic() + self.gather_s
+                while time.monotonic() < deadline and any(self._judges_soon(x) for x in list(self.host.leases)):
+                    self.cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+                batch = sorted(self.judge_want)
+                self.judge_want.clear()
+                out: dict = {x: RuntimeError("the judging pass did not finish") for x in batch}
+                self.cv.release()
+                try:
+                    with self.compute:
+                        t0 = time.perf_counter()
+                        self._threads()
+                        out = self.host.judge(batch)
+                        self.judge_s += time.perf_counter() - t0
+                except Exception as err:  # noqa: BLE001 (every trial of the pass raises it in its own call)
+                    out = {x: err for x in batch}
+                finally:
+                    self.cv.acquire()
+                    self.judge_leading = False
+                    self.judge_out.update(out)
+                    self.judge_round.update({x: self.fused_steps for x in batch})
+                    self.judge_passes += 1
+                    self.judged_trials += len(batch)
+                    self.cv.notify_all()
+            result = self.judge_out.pop(lid)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _judges_soon(self, x: str) -> bool:
+        """Whether trial ``x`` will ask to be judged within moments (not judged since the last fused step).
+
+        It ended its chunk with the last fused step (reporting now), or it has one step of its
+        chunk left (a trial one step out of phase, e.g. leased a step later: it takes that step
+        while the judging pass waits, and the two get in phase for their next chunk).
+        """
+        if x in self.judge_want or x in self.judge_out or self.judge_round.get(x, -1) >= self.fused_steps:
+            return False
+        left = self.want.get(x, 0)
+        return left == 1 or (left <= 0 and x in self.last_batch)
 
     def state(self, lid: str) -> dict[str, np.ndarray]:
         with self.compute:
@@ -488,4 +545,6 @@ class PackHostActor:
             "step_s": self.step_s,
             "eval_s": self.eval_s,
             "judge_s": self.judge_s,
+            "judge_passes": self.judge_passes,
+            "judged_trials": self.judged_trials,
         }

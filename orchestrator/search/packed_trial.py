@@ -103,12 +103,15 @@ class PackHosts:
         return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
 
     def stats(self) -> dict:
-        """``{"hosts", "fused_steps", "trial_steps", "trials_per_step", "step_s", "eval_s", "judge_s"}``, all hosts."""
+        """Over every host: ``hosts``, ``fused_steps``, ``trial_steps``, ``trials_per_step``, ``step_s``,
+        ``eval_s``, and with a task metric ``judge_s``, ``judge_passes`` and ``judged_trials`` (trials per pass)."""
         each = ray.get([h.stats.remote() for h in self._hosts()])
         steps, rows = sum(e["fused_steps"] for e in each), sum(e["trial_steps"] for e in each)
         return {"hosts": len(each), "fused_steps": steps, "trial_steps": rows, "trials_per_step": rows / max(steps, 1),
                 "step_s": sum(e["step_s"] for e in each), "eval_s": sum(e["eval_s"] for e in each),
-                "judge_s": sum(e.get("judge_s", 0.0) for e in each)}
+                "judge_s": sum(e.get("judge_s", 0.0) for e in each),
+                "judge_passes": sum(e.get("judge_passes", 0) for e in each),
+                "judged_trials": sum(e.get("judged_trials", 0) for e in each)}
 
     def stop(self) -> None:
         for h in self._hosts():

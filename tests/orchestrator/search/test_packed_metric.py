@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,26 +44,44 @@ def _unpacked_reports(payload: dict, config: dict, fixed: dict = FIXED) -> dict[
     return {m["step"]: m for m in reports}
 
 
-def test_a_packed_trial_is_judged_through_its_own_slots_like_the_unpacked_trial(tmp_path):
-    """Two trials leased on one host (the second one's slots start after the first's): at every rung each
-    reports macro_rouge_l equal to its unpacked run's, and the two differ (a trial judged through the other's
-    slots would be caught)."""
+def test_packed_trials_are_judged_through_their_own_slots_like_unpacked_trials(tmp_path):
+    """Two trials leased on one host actor (no Ray: its threads are the trials' calls), each training in
+    chunks of 10 steps and reporting (evaluate, judge) as the thin trial does: at every rung each reports
+    macro_rouge_l equal to its unpacked run's, the two trials were judged together in one pass per rung, and
+    their values differ (a trial judged through the other's slots would be caught)."""
     from orchestrator.data import build_job_data
-    from orchestrator.search.pack_host import PackHost
+    from orchestrator.search.pack_host import PackHost, PackHostActor
 
     spec = _job(tmp_path)
     data = build_job_data(spec)
     payload = _payload(spec, data)
     configs = [{"rank": 4, "bits": 16, "tau": 100.0, "lr": 0.03}, {"rank": 2, "bits": 16, "tau": 0.0, "lr": 0.01}]
-    host = PackHost(payload, capacity=2, max_rank=4)
-    lids = [host.lease({**c, "_search": FIXED}, spec.train.seed) for c in configs]
-    assert host.leases[lids[1]].slots.start == len(TASKS)  # the second trial's slot group is not slots 0..T-1
+    actor = PackHostActor(payload, capacity=2, max_rank=4, threads=1, gather_s=5.0)
+    lids = [actor.lease({**c, "_search": FIXED}, spec.train.seed) for c in configs]
+    assert actor.host.leases[lids[1]].slots.start == len(TASKS)  # the second trial's slots are not 0..T-1
     packed: dict[str, dict[int, dict]] = {lid: {} for lid in lids}
-    for step in (10, 20, 30):
-        for _ in range(10):
-            host.step(lids)
-        for lid in lids:
-            packed[lid][step] = host.judge(lid)
+    errors = []
+
+    def trial(lid: str) -> None:
+        try:
+            for step in (10, 20, 30):
+                actor.train(lid, 10)
+                actor.evaluate(lid, 2)
+                packed[lid][step] = actor.judge(lid)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=trial, args=(lid,)) for lid in lids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and all(not t.is_alive() for t in threads)
+    stats = actor.stats()
+    # 31 when one thread's first step ran before the other asked: the trials are then one step out of phase
+    # until the first judging pass waits for the late one's last step of its chunk
+    assert stats["fused_steps"] in (30, 31) and stats["judged_trials"] == 6
+    assert stats["judge_passes"] == 3  # both trials' rows in one generation pass at each rung
     for lid, config in zip(lids, configs):
         ref = _unpacked_reports(payload, config)
         assert sorted(ref) == [10, 20, 30]
@@ -71,8 +90,11 @@ def test_a_packed_trial_is_judged_through_its_own_slots_like_the_unpacked_trial(
             assert got["macro_rouge_l"] == pytest.approx(ref[step]["macro_rouge_l"], abs=1e-9), (config, step)
     a, b = ([packed[lid][s]["macro_rouge_l"] for s in (10, 20, 30)] for lid in lids)
     assert a != b and max(a) > 0  # the trials differ, and the lr 0.03 trial learns some letters
+    alone = actor.host.judge([lids[1]])[lids[1]]  # one trial alone: the same value as in the mixed pass
+    assert alone["macro_rouge_l"] == pytest.approx(b[-1], abs=1e-9)
     ppl_host = PackHost({k: v for k, v in payload.items() if k != "judge"}, capacity=1, max_rank=4)
-    assert ppl_host.judge(ppl_host.lease(configs[0], spec.train.seed)) == {}  # search.metric: ppl judges nothing
+    lid = ppl_host.lease(configs[0], spec.train.seed)
+    assert ppl_host.judge([lid]) == {lid: {}}  # search.metric: ppl judges nothing
 
 
 @pytest.mark.integration
