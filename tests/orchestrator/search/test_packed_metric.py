@@ -103,7 +103,7 @@ def test_packed_search_on_rouge_l_reports_it_at_every_rung_like_unpacked_trials(
     judge_s and rung_bytes (so ParetoASHA records it), equal at each step to the same trial run unpacked; the
     front and the min_metric pick are on rouge_l."""
     from orchestrator.data import build_job_data
-    from orchestrator.search.driver import run_search
+    from orchestrator.search.driver import run_search, trial_quant
     from orchestrator.search.pick import load_picked_model
     from orchestrator.task_metrics import job_tokenizer
     from tasks.evaluate import evaluate_metrics
@@ -116,13 +116,14 @@ def test_packed_search_on_rouge_l_reports_it_at_every_rung_like_unpacked_trials(
     assert section["packing"]["hosts"] == 2 and section["packing"]["judge_s"] > 0  # dense and q4-r4 hosts judged
 
     payload = _payload(spec, data)
+    fixed = {**FIXED, **trial_quant(spec.search, spec)}  # the driver's quantiser and LQ rounds (4-bit hosts)
     results = glob.glob(str(out / "ray" / "search" / "*" / "result.json"))
     assert len(results) == 4
     for f in results:
         reports = [json.loads(line) for line in Path(f).read_text().splitlines()]
         assert [r["step"] for r in reports] == [10, 20, 30][: len(reports)]
         config = {k: reports[0]["config"][k] for k in ("rank", "bits", "tau", "lr")}
-        ref = _unpacked_reports(payload, config)
+        ref = _unpacked_reports(payload, config, fixed)
         for r in reports:
             assert r["judge_s"] > 0 and r["rung_bytes"] == r["target_bytes"] == r["model_bytes"]
             assert r["macro_rouge_l"] == pytest.approx(ref[r["step"]]["macro_rouge_l"], abs=1e-9), (config, r["step"])
