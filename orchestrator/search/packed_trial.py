@@ -3,7 +3,7 @@
 Unpacked, each trial of the compression search loads the base and trains alone
 (:func:`orchestrator.search.trial.search_trial`). Packed:
 
-* one :class:`orchestrator.search.pack_host.PackHostActor` per (node, base setting) holds the
+* one :class:`orchestrator.search.pack_actor.PackHostActor` per (node, base setting) holds the
   base (quantised once for a quantised setting), injected with ``capacity`` slot groups, and
   the search payload's prefix activations; the first trial that needs it creates it;
 * a packable trial (ungated: see :func:`orchestrator.search.pack_settings.base_setting`) is a thin function trainable
@@ -50,7 +50,7 @@ from orchestrator.search.pack_settings import host_key, packable, setting_of
 from orchestrator.spec import JobSpec
 
 # A thin trial imports neither torch nor transformers (its process starts in moments); the
-# host (orchestrator.search.pack_host) and the unpacked fallback (search_trial) are imported lazily.
+# host (orchestrator.search.pack_actor, pack_host) and the unpacked fallback (search_trial) are imported lazily.
 STATE_FILE = "trial_state.safetensors"  # = orchestrator.search.trial.STATE_FILE (tested)
 META_FILE = "trial.json"  # = orchestrator.search.trial.META_FILE
 
@@ -175,7 +175,7 @@ def _host(pack: dict, setting: dict, wait_s: float = HOST_START_S):
         pass
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-    from orchestrator.search.pack_host import PackHostActor
+    from orchestrator.search.pack_actor import PackHostActor
 
     here = [n for n in ray.nodes() if n["NodeID"] == node]
     cpus = here[0]["Resources"].get("CPU", 1) if here else 1

@@ -50,7 +50,8 @@ def test_packed_trials_are_judged_through_their_own_slots_like_unpacked_trials(t
     macro_rouge_l equal to its unpacked run's, the two trials were judged together in one pass per rung, and
     their values differ (a trial judged through the other's slots would be caught)."""
     from orchestrator.data import build_job_data
-    from orchestrator.search.pack_host import PackHost, PackHostActor
+    from orchestrator.search.pack_actor import PackHostActor
+    from orchestrator.search.pack_host import PackHost
 
     spec = _job(tmp_path)
     data = build_job_data(spec)
