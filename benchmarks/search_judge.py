@@ -15,8 +15,8 @@ excluded) and judging (``judge_s``), ``judge_share`` (judging / the whole rung) 
 trial's final ``macro_<metric>``.
 
 ``--packed N`` (N >= 2) adds, per task metric, packed trials (``search.packing``): N trials of
-different ``lr`` leased on one :class:`orchestrator.search.pack_host.PackHost` and trained
-``--eval-every`` fused steps, then judged at that rung two ways on the same weights: each trial
+different ``lr`` (``lr * 2**i``) leased on one :class:`orchestrator.search.pack_host.PackHost` and
+trained ``--steps`` fused steps, then judged two ways on the same weights: each trial
 in its own pass (``separate_s``, N passes), and all N in one mixed pass (``mixed_s``, what the
 host does when its trials report together); ``speedup`` = separate / mixed, ``same_values``
 whether every trial gets the same ``macro_<metric>`` both ways.
@@ -65,7 +65,7 @@ def _packed(payload: dict, config: dict, n: int, steps: int, seed: int) -> dict:
     from orchestrator.search.pack_host import PackHost
 
     host = PackHost(payload, capacity=n, max_rank=int(config["rank"]))
-    lids = [host.lease({**config, "lr": float(config["lr"]) * 2.0 ** (i - 1)}, seed) for i in range(n)]
+    lids = [host.lease({**config, "lr": float(config["lr"]) * 2.0**i}, seed) for i in range(n)]  # lr, 2 lr, 4 lr ...
     for _ in range(steps):
         host.step(lids)
     host.judge(lids[:1])  # warm-up (first generate call)
@@ -143,7 +143,7 @@ def main() -> None:
             "wall_s": round(wall, 1),
         }
         if plan and args.packed >= 2:
-            arms[metric]["packed"] = _packed(judged, config, args.packed, args.eval_every, spec.train.seed)
+            arms[metric]["packed"] = _packed(judged, config, args.packed, args.steps, spec.train.seed)
     print(json.dumps({
         "benchmark": "search_judge",
         "compared": "one search trial's seconds per rung: training (+ perplexity eval) vs judging search.metric",
