@@ -21,7 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,7 +36,9 @@ from models.quant.lq import QuantTargetError
 from models.quant.model import quantizable_matrices, quantize_base
 from models.quant.quantizers import ALLOWED_BITS, packed_nbytes
 from orchestrator.errors import SpecError
-from orchestrator.spec import JobSpec
+
+if TYPE_CHECKING:  # annotations only: the search's frozen_base (which the job spec's checks import) imports this
+    from orchestrator.spec import JobSpec
 
 __all__ = [
     "quant_layers",
