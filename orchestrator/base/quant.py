@@ -12,7 +12,9 @@ zero-copy (:mod:`orchestrator.base.store`) instead of quantising or holding fp32
 * :func:`check_quant` runs in preflight on the ``meta`` model: no weights, shapes only;
 * :func:`build_quant_base` quantises a loaded base in place and returns the report section
   (``report.json`` ``base.quant``) and the LQ factors;
-* :func:`write_quant_base` saves the packed Q next to the adapters, which belong with it.
+* :func:`write_quant_base` saves the packed Q next to the adapters, which belong with it
+  (:func:`write_packed_base` writes that layout from tensors: a picked whole-base search trial's
+  ``search/pick/quant_base/`` too, with its packed token embedding), :func:`load_quant_base` reads it.
 """
 
 from __future__ import annotations

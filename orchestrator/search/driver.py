@@ -251,8 +251,10 @@ def run_search(
             trial_quant(search, spec)["quantizer"],
         )
     )
-    # each whole-base setting's packed codes: the pick writes its setting's; the trials never read them
-    stores = {key: rec.pop("store") for key, rec in payload.get("frozen", {}).items()}
+    # each whole-base setting's packed codes: the pick writes its setting's; the trials never read them. Copied
+    # out of the fetched object, whose zero-copy views would otherwise pin the whole payload during the search.
+    stores = {key: {"section": st["section"], "tensors": {k: np.array(v) for k, v in st["tensors"].items()}}
+              for key, st in ((key, rec.pop("store")) for key, rec in payload.get("frozen", {}).items())}
     judged = trial_judge_plan(spec, search, data)  # search.metric beyond ppl: the rows every trial judges
     if judged is not None:
         payload["judge"] = judged
