@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/loraflock demo --out $(OUT)
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
 
 # the fast lane: no whole jobs, searches, CLI subprocess runs or Ray head nodes (pytest -m integration)
 test-fast: setup

@@ -59,6 +59,7 @@ from models.gates.schedule import (  # noqa: E402
 from models.lora import adapter_params, inject, lora_layers, task_ids  # noqa: E402
 from models.train.distill import kd_loss  # noqa: E402
 from models.train.step import Batch, evaluate, row_nll, seed_everything, train_step  # noqa: E402
+from models.train.trim import trim_columns  # noqa: E402
 
 TINY = {
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
@@ -168,11 +169,10 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
     for step, rows in enumerate(row_batches(len(train_ids), args.batch, args.steps, args.seed), start=1):
         if ctrl is not None:
             ctrl.on_step(step)
-        if teacher is None:
-            b = Batch(
-                train_ids[rows], torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch),
-                scored=None if train_mask is None else train_mask[rows],
-            )
+        if teacher is None:  # cut after the last scored token, as the flock's batches are (exact)
+            ids, scored = trim_columns(train_ids[rows], None if train_mask is None else train_mask[rows])
+            b = Batch(ids, torch.zeros(args.batch, dtype=torch.long), torch.full((args.batch,), 1 / args.batch),
+                      scored=scored)
             nll = train_step(model, b, opt, params, extra_loss=ctrl.penalty if ctrl else None).nll
         else:
             nll = distill_step(model, teacher, train_ids[rows], opt, params, args, ctrl,

@@ -7,8 +7,10 @@ Quick: ``--model tiny --tasks 8,64`` (~1 min).
 
 Each configuration is a whole ``loraflock run`` (``orchestrator.run_job``) in a fresh process
 with an embedded Ray started before the clock: a parquet table of ``--rows`` training and
-``--eval-rows`` held-out ``prompt_completion`` examples per task (short random sentences, so
-every row is one padded example of ``--seq`` tokens), one task set split by its ``task``
+``--eval-rows`` held-out ``prompt_completion`` examples per task (random sentences of
+``--words`` words each side, by default long enough that a row nearly fills ``--seq`` tokens:
+batches are cut to their last scored token, so shorter rows would measure shorter rows;
+``row_fill`` in the JSON is the share of ``--seq`` a row uses), one task set split by its ``task``
 column, the hierarchical flock only (no baselines, PESC, search or recycle), adapters (rank
 ``--rank``) on the top ``--top`` blocks so the frozen-prefix cache runs, ``--steps`` steps of
 ``--batch`` rows, ``--workers`` Ray Train workers.
@@ -100,6 +102,22 @@ def _bytes(root: Path) -> dict:
     return parts
 
 
+def _fill(root: Path) -> float:
+    """Mean share of a row's ``--seq`` columns up to its last scored token (what a cut batch runs)."""
+    from orchestrator.pipeline import ROWS_DIR
+    from tasks.row_store import RowStore
+
+    store = RowStore(root / ROWS_DIR)
+    used = []
+    for t in range(min(len(store), 64)):
+        m = store.mask(t)
+        if m is None:
+            return 1.0
+        cols = np.arange(m.shape[1])
+        used.append(((m * cols).max(axis=1) + 1) / m.shape[1])
+    return round(float(np.concatenate(used).mean()), 3) if used else 0.0
+
+
 def run_one(args, n: int) -> dict:
     """One configuration in this process: table, Ray (untimed), the job, its figures."""
     from orchestrator.pipeline import init_ray, run_job
@@ -133,6 +151,7 @@ def run_one(args, n: int) -> dict:
         "peak_rss_mb": {k: round(w.get("peak_rss_mb", 0.0)) for k, w in sorted(workers.items())},
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "bytes_written": _bytes(out),
+        "row_fill": _fill(out),
         "macro_ppl": {k: round(report["flock"][f], 3) for k, f in (("base", "base_macro_ppl"), ("flock", "macro_ppl"))},
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
@@ -146,7 +165,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8, help="training examples per task")
     p.add_argument("--eval-rows", type=int, default=2, help="held-out examples per task")
     p.add_argument("--words", type=int, default=None,
-                   help="words per prompt and per completion (default: 3 tiny (byte tokens), 8 smollm2)")
+                   help="words per prompt and per completion (default: rows nearly full at --seq 64: "
+                        "4 tiny (byte tokens), 29 smollm2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
@@ -155,7 +175,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # run one size in this process
     args = p.parse_args()
-    args.words = args.words or (3 if args.model == "tiny" else 8)
+    args.words = args.words or (4 if args.model == "tiny" else 29)
     if args.one is not None:
         print(json.dumps(run_one(args, args.one)), flush=True)
         return

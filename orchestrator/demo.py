@@ -38,7 +38,7 @@ DEMO_JOB: dict = {
     "search": {
         "enabled": True,
         "space": "demo",
-        "num_samples": 2,  # x the space's 2 x 2 grid (whole-base bit budget x sparsity) = 8 trials
+        "num_samples": 1,  # x the space's 2 x 2 grid (whole-base bit budget x sparsity) = 4 trials
         "steps": 30,
         "eval_every": 10,
         "grace_period": 10,

@@ -72,6 +72,7 @@ from models.train.loop import FlockData, train_method
 from models.train.perplexity import macro_perplexity
 from models.train.step import evaluate, seed_everything
 from orchestrator.base.load import load_job_base, run_dtype
+from orchestrator.console import say
 from orchestrator.contracts import TrialMetrics
 from orchestrator.errors import StageError
 from orchestrator.flock.methods import method_config
@@ -136,11 +137,15 @@ def build_payload(
     payload = {"spec": spec_dict, "names": names, "sizes": sizes, "train": train, "eval": evals, "split": split,
                "train_mask": train_mask or [None] * len(train), "eval_mask": eval_mask or [None] * len(evals)}
     if split:
-        def host(x):  # the prefix cache travels through Ray as numpy
-            return compute_prefix(model, torch.as_tensor(x), split).detach().cpu().numpy()
+        def host(x):  # the prefix cache travels through Ray as numpy; x is read-only there (a copy of ids)
+            return compute_prefix(model, torch.tensor(x), split).detach().cpu().numpy()
 
+        t0 = time.perf_counter()
         payload["train_prefix"] = [host(x) for x in train]
         payload["eval_prefix"] = [host(x) for x in evals]
+        rows = sum(len(x) for x in train) + sum(len(x) for x in evals)
+        say(f"search: frozen-prefix cache of the base, {rows:,} rows through {split} blocks in "
+            f"{time.perf_counter() - t0:.0f}s")
     if frozen_settings:
         if not split:
             raise StageError("search.quantize_layers: all needs frozen blocks below the adapted ones: set "
@@ -149,7 +154,7 @@ def build_payload(
 
         payload["frozen"] = build_frozen(
             model, split, frozen_settings, quantizer,
-            lambda m, x: compute_prefix(m, torch.as_tensor(x), split).detach().cpu().numpy(), train, evals,
+            lambda m, x: compute_prefix(m, torch.tensor(x), split).detach().cpu().numpy(), train, evals, say,
         )
     return payload
 

@@ -13,14 +13,12 @@ import torch
 
 import models.train.data as data_mod
 import models.train.step as step
-from models.base import load_base
-from models.lora import adapter_params, inject
+from models.lora import adapter_params
 from models.prefix_cache import PrefixCache
 from models.train.loop import FlockData, MethodConfig, train_method
 from models.train.trim import scored_positions, scored_width, trim_columns
-from tests.conftest import TINY_LLAMA
+from tests.models.test_prefix_cache import SIZES, _model  # the same flock: 3 tasks, adapters on block 2
 
-SIZES = [6, 9, 12]
 LENGTH = 16
 
 
@@ -47,14 +45,6 @@ def test_width_and_positions_match_a_loop():
     ids = torch.arange(3 * LENGTH).view(3, LENGTH)
     full = torch.ones(3, LENGTH, dtype=torch.bool)
     assert trim_columns(ids, full)[0] is ids  # nothing to cut: the same tensor
-
-
-def _model():
-    m = load_base(random_init=dict(TINY_LLAMA, num_hidden_layers=3), seed=0)
-    torch.manual_seed(0)
-    inject(m, ["q_proj", "v_proj", "down_proj"], num_tasks=len(SIZES), rank=4, alpha=8.0, layers=[2])
-    ad = {id(p) for p in adapter_params(m)}
-    return m, {n: p.detach().clone() for n, p in m.named_parameters() if id(p) in ad}
 
 
 def _run(trim: bool, cache: bool, monkeypatch) -> list[dict]:
