@@ -13,6 +13,13 @@ by it, tasks mixed (:mod:`orchestrator.search.judge`). Prints ONE JSON object: p
 tasks and rows judged, the mean seconds per rung spent training (between two reports, judging
 excluded) and judging (``judge_s``), ``judge_share`` (judging / the whole rung) and the
 trial's final ``macro_<metric>``.
+
+``--packed N`` (N >= 2) adds, per task metric, packed trials (``search.packing``): N trials of
+different ``lr`` (``lr * 2**i``) leased on one :class:`orchestrator.search.pack_host.PackHost` and
+trained ``--steps`` fused steps, then judged two ways on the same weights: each trial
+in its own pass (``separate_s``, N passes), and all N in one mixed pass (``mixed_s``, what the
+host does when its trials report together); ``speedup`` = separate / mixed, ``same_values``
+whether every trial gets the same ``macro_<metric>`` both ways.
 """
 
 from __future__ import annotations
@@ -53,6 +60,28 @@ def _tiny_job(tmp: Path):
     })
 
 
+def _packed(payload: dict, config: dict, n: int, steps: int, seed: int) -> dict:
+    """N packed trials on one host after ``steps`` fused steps: judged one pass each vs one mixed pass."""
+    from orchestrator.search.pack_host import PackHost
+
+    host = PackHost(payload, capacity=n, max_rank=int(config["rank"]))
+    lids = [host.lease({**config, "lr": float(config["lr"]) * 2.0**i}, seed) for i in range(n)]  # lr, 2 lr, 4 lr ...
+    for _ in range(steps):
+        host.step(lids)
+    host.judge(lids[:1])  # warm-up (first generate call)
+    t0 = time.perf_counter()
+    separate = {lid: host.judge([lid])[lid] for lid in lids}
+    separate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mixed = host.judge(lids)
+    mixed_s = time.perf_counter() - t0
+    key = next(k for k in mixed[lids[0]] if k != "judge_s")
+    return {"trials": n, "steps": steps, "separate_s": round(separate_s, 3), "mixed_s": round(mixed_s, 3),
+            "speedup": round(separate_s / mixed_s, 2),
+            "same_values": all(separate[x][key] == mixed[x][key] for x in lids),
+            "values": [round(mixed[x][key], 4) for x in lids]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default="examples/instruct.yaml")
@@ -62,6 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--packed", type=int, default=0, help="N >= 2: also judge N packed trials separately vs mixed")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -112,6 +142,8 @@ def main() -> None:
             "final": round(float(reports[-1][key]), 4),
             "wall_s": round(wall, 1),
         }
+        if plan and args.packed >= 2:
+            arms[metric]["packed"] = _packed(judged, config, args.packed, args.steps, spec.train.seed)
     print(json.dumps({
         "benchmark": "search_judge",
         "compared": "one search trial's seconds per rung: training (+ perplexity eval) vs judging search.metric",

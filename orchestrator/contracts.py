@@ -161,9 +161,9 @@ class TrialMetrics(TypedDict):
         sparsity / bits: removed fraction of gated weights, base bits.
         model_bytes, base_bytes, compressed_bytes, adapter_bytes, mask_bytes: deployed size
             (``orchestrator.search.trial.deployed_bytes``).
-        target_bytes / rung_bytes: the size at the target sparsity and the scheduler's size;
-            only the unpacked trial reports them (a packed trial's reports lack them, and
-            ParetoASHA records a result only when ``rung_bytes`` is present).
+        target_bytes / rung_bytes: the size at the target sparsity and the scheduler's size
+            (ParetoASHA records a result only when ``rung_bytes`` is present); a packed trial is
+            ungated, so both are its ``model_bytes``, as the unpacked trial reports them.
         quant_rel_error: LQ reconstruction error (quantised bases), else None.
         seconds: since the trial started.
         macro_<metric> / judge_s: with a task ``search.metric`` (``orchestrator.search.judge``):

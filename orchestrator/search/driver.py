@@ -7,9 +7,9 @@ activations, computed by one Ray task and handed to every trial through
 ``out/search/trials.csv`` (every trial) and ``out/search/pareto.csv`` (the non-dominated
 completed trials in (objective, model_bytes)). The objective is ``macro_ppl`` (minimised), or
 with a task ``search.metric`` ``macro_<metric>`` (maximised), judged by every trial at every
-report on the same seeded rows (:mod:`orchestrator.search.judge`; the payload carries them). An interrupted search
-resumes with ``Tuner.restore`` from ``<storage>/search``: finished trials are kept, not
-re-run; unfinished ones continue from their last checkpoint.
+report on the same seeded rows (:mod:`orchestrator.search.judge`; the payload carries them, to the pack hosts
+too, which judge packed trials through their slots). An interrupted search resumes with ``Tuner.restore``
+from ``<storage>/search``: finished trials are kept, not re-run; unfinished ones continue from their last checkpoint.
 
 Which trials the front is computed over: the ``done`` ones only, i.e. trials that trained
 every step and were measured on the whole eval set. A trial stopped early by the scheduler

@@ -16,22 +16,31 @@ generations (``exact_match``, ``accuracy``, ``rouge_l``) or label scoring
 The trial reports ``macro_<metric>``, the mean over the judged tasks (each task the mean over
 its rows), and ``judge_s``, the seconds judging took.
 
+A packed trial (``search.packing``) is judged the same way on its pack host: the host got the
+plan once with the search payload, and judges a lease through that lease's slot group
+(``slot_offset``: where the group starts among the host model's slots), so the same rows are
+judged as in the unpacked trial; trials of one host that report together are judged in one
+mixed pass (:func:`judge_trials`: every trial's rows in the same batches).
+
 Example:
     >>> plan = trial_judge_plan(spec, spec.search, data)   # on the driver, into the payload
     >>> judge_trial(model, plan, tokenizer)                  # in the trial, at each report
     {'macro_exact_match': 0.4375, 'judge_s': 3.1}
+    >>> judge_trial(host_model, plan, tokenizer, slot_offset=lease.slots.start)   # a packed trial, on its host
+    >>> judge_trials(host_model, plan, tokenizer, [0, 6, 12])   # three packed trials reporting together
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 
 from orchestrator.spec import JobSpec
 from orchestrator.specs.search import SearchSpec, objective
 from orchestrator.task_metrics import judge, metric_plan
 
-__all__ = ["trial_judge_plan", "judge_trial"]
+__all__ = ["trial_judge_plan", "judge_trial", "judge_trials"]
 
 
 def trial_judge_plan(spec: JobSpec, search: SearchSpec, data: list, tokenizer=None) -> dict | None:
@@ -64,10 +73,35 @@ def trial_judge_plan(spec: JobSpec, search: SearchSpec, data: list, tokenizer=No
             "batch_size": spec.eval.batch_size}
 
 
-def judge_trial(model, plan: dict, tokenizer) -> dict[str, float]:
-    """``{"macro_<metric>": mean over the judged tasks, "judge_s": seconds}`` of the trial's model."""
+def judge_trial(model, plan: dict, tokenizer, slot_offset: int = 0) -> dict[str, float]:
+    """``{"macro_<metric>": mean over the judged tasks, "judge_s": seconds}`` of the trial's model.
+
+    ``slot_offset``: the first of the trial's slots in ``model`` (0 for an unpacked trial, whose
+    model holds only its own; a packed trial's lease starts its group of slots further on).
+    """
+    return judge_trials(model, plan, tokenizer, [slot_offset])[0]
+
+
+def judge_trials(model, plan: dict, tokenizer, slot_offsets: Sequence[int]) -> list[dict[str, float]]:
+    """:func:`judge_trial` of several trials whose slot groups share ``model`` (packed trials), in one pass.
+
+    Every trial's rows go into the same generation / scoring batches (rows of similar length
+    together, whichever trial they belong to), each row through its own trial's slot of its
+    task, so a host whose trials report together generates once instead of once per trial.
+    Each trial's ``judge_s`` is the seconds of that shared pass (what the trial waited).
+    """
     t0 = time.perf_counter()
-    per_task = judge(model, plan["plan"], plan["slots"], tokenizer, int(plan["batch_size"]))
-    values = [m[plan["metric"]] for m in per_task.values()]
+    tasks = list(plan["plan"])
+    keyed, slots = {}, {}
+    for i, offset in enumerate(slot_offsets):
+        for t in tasks:
+            keyed[f"{i}/{t}"] = plan["plan"][t]
+            slots[f"{i}/{t}"] = int(offset) + int(plan["slots"][t])
+    per_task = judge(model, keyed, slots, tokenizer, int(plan["batch_size"]))
+    seconds = time.perf_counter() - t0
     key, _ = objective(plan["metric"])
-    return {key: float(sum(values) / len(values)), "judge_s": time.perf_counter() - t0}
+    out = []
+    for i in range(len(slot_offsets)):
+        values = [per_task[f"{i}/{t}"][plan["metric"]] for t in tasks]
+        out.append({key: float(sum(values) / len(values)), "judge_s": seconds})
+    return out

@@ -21,8 +21,13 @@ and ``rank``: LQ-LoRA's ``Q = quant(W - L1 L2^T)`` depends on the rank, so the q
 run once per host, exactly as the unpacked trial runs it, instead of once per trial). Gated
 trials (FineGates: trainable per-trial gates on the base weights) run unpacked, as before.
 
-:class:`PackHost` is plain PyTorch; :class:`PackHostActor` wraps it for Ray (a threaded
-actor: each trial's blocking call joins the next fused step). The host sits here rather than
+With a task ``search.metric`` the host judges a lease at each of its reports
+(:meth:`PackHost.judge`): the driver's judge plan (seeded rows, prompts, references) comes once
+with the payload and the host loads the job's tokenizer once, so trials copy no rows.
+
+:class:`PackHost` is plain PyTorch; :class:`orchestrator.search.pack_actor.PackHostActor` wraps
+it for Ray (a threaded actor: each trial's blocking call joins the next fused step or judging
+pass). The host sits here rather than
 in ``models/`` because it is built from the search's payload and the job spec (orchestrator
 types) and serves only this stage; its pieces that are model code (slot groups, the batch,
 the step's loss) come from :mod:`models.grouped_lora` and :mod:`models.train`.
@@ -31,8 +36,6 @@ the step's loss) come from :mod:`models.grouped_lora` and :mod:`models.train`.
 from __future__ import annotations
 
 import math
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -48,10 +51,9 @@ from models.train.data import FlockData, make_batch
 from models.train.step import Batch, BatchSampler, NonFiniteLossError, evaluate, row_nll
 from orchestrator.base.load import load_job_base, run_dtype
 from orchestrator.search.pack_settings import base_setting
-from orchestrator.search.trial import trial_device
 from orchestrator.spec import JobSpec
 
-__all__ = ["PackHost", "PackHostActor"]
+__all__ = ["PackHost"]
 
 @dataclass
 class _Lease:
@@ -165,6 +167,13 @@ class PackHost:
             mask_tensors(payload.get("eval_mask"), device),
         )
         self.total_size = float(sum(self.data.sizes))
+        # search.metric beyond ppl: the driver's plan (orchestrator/search/judge.py), once per host, not per trial
+        self.judged: dict | None = payload.get("judge")
+        self.tokenizer = None
+        if self.judged is not None:
+            from orchestrator.task_metrics import job_tokenizer
+
+            self.tokenizer = job_tokenizer(spec)
         self.leases: dict[str, _Lease] = {}
         self.free = list(range(self.capacity))
 
@@ -310,6 +319,21 @@ class PackHost:
         return evaluate(self.model, cut(self.data.eval), self.spec.train.eval_batch_size, cut(self.data.eval_prefix),
                         self.data.split, slot_of=lambda t: lease.slots.start + t, masks=cut(self.data.eval_mask))
 
+    def judge(self, lids: list[str]) -> dict[str, dict[str, float]]:
+        """Each listed trial's ``macro_<metric>`` and ``judge_s``, judged through its slot group, in one pass.
+
+        The unpacked trial's :func:`~orchestrator.search.judge.judge_trial` on the same plan (the
+        same seeded rows, all of a trial's tasks mixed), with each lease's slots in place of
+        slots ``0 .. T-1``; the trials' rows share the generation batches
+        (:func:`~orchestrator.search.judge.judge_trials`). ``{}`` per trial for ``search.metric: ppl``.
+        """
+        if self.judged is None:
+            return {lid: {} for lid in lids}
+        from orchestrator.search.judge import judge_trials
+
+        starts = [self.leases[lid].slots.start for lid in lids]
+        return dict(zip(lids, judge_trials(self.model, self.judged, self.tokenizer, starts)))
+
     @torch.no_grad()
     def state(self, lid: str) -> dict[str, torch.Tensor]:
         """The trial's trained parameters under the unpacked trial's names and shapes (checkpoints)."""
@@ -326,132 +350,4 @@ class PackHost:
             "compressed_bytes": int(self.compressed_bytes),
             "adapter_bytes": int(adapters),
             "mask_bytes": 0,
-        }
-
-
-class PackHostActor:
-    """A :class:`PackHost` behind a Ray threaded actor: concurrent trials' steps are fused.
-
-    Each trial thread calls :meth:`train` (n steps) and blocks. The first waiting thread that
-    finds the host idle leads the next step: it waits up to ``gather_s`` for the other leased
-    trials to ask too (they report and re-ask between chunks), then runs one fused step for
-    every trial with steps left. Evaluations and state reads take the same compute lock.
-    """
-
-    def __init__(self, payload: dict, capacity: int, max_rank: int, threads: int, device: str = "cpu",
-                 setting: dict | None = None, gather_s: float = 0.5, idle_s: float = 600.0) -> None:
-        self.threads = int(threads)
-        torch.set_num_threads(self.threads)
-        device = trial_device(device != "cpu")  # a host holding a GPU it cannot use fails here, clearly
-        self.host = PackHost(payload, capacity, max_rank, device, setting)
-        self.step_s = self.eval_s = 0.0
-        self.cv = threading.Condition()
-        self.compute = threading.Lock()
-        self.want: dict[str, int] = {}
-        self.leading = False
-        self.last_batch: list[str] = []
-        self.seen: dict[str, float] = {}  # lease -> last call (reclaims leases of killed trials)
-        self.idle_s = idle_s
-        self.gather_s = gather_s
-        self.fused_steps = 0
-        self.fused_rows = 0
-
-    def _threads(self) -> None:
-        # The intra-op thread count is per calling thread (OpenMP): Ray runs these methods on
-        # its own threads, which would otherwise start with OMP_NUM_THREADS (1 in a 0-CPU actor).
-        torch.set_num_threads(self.threads)
-
-    def lease(self, config: dict, seed: int, state: dict | None = None) -> str:
-        with self.compute:
-            if not self.host.free:  # a trial killed without releasing: reclaim its group
-                now = time.monotonic()
-                with self.cv:
-                    idle = [
-                        x for x in self.host.leases if x not in self.want and now - self.seen.get(x, now) > self.idle_s
-                    ]
-                for x in idle:
-                    self.host.release(x)
-            lid = self.host.lease(config, seed, {k: torch.as_tensor(v) for k, v in (state or {}).items()})
-            self.seen[lid] = time.monotonic()
-            return lid
-
-    def release(self, lid: str) -> None:
-        with self.cv:
-            self.want.pop(lid, None)
-        with self.compute:
-            self.host.release(lid)
-            self.seen.pop(lid, None)
-        with self.cv:
-            self.cv.notify_all()
-
-    def train(self, lid: str, steps: int) -> float:
-        """Run ``steps`` steps of this trial (fused with whoever trains meanwhile); its last NLL."""
-        self.seen[lid] = time.monotonic()
-        with self.cv:
-            self.want[lid] = int(steps)
-            self.cv.notify_all()
-            while self.want.get(lid, 0) > 0:
-                if self.leading:
-                    self.cv.wait()
-                    continue
-                self.leading = True
-                # Trials of the last fused step that are between chunks (reporting) come back
-                # within moments: wait for them rather than step without them.
-                deadline = time.monotonic() + self.gather_s
-                while time.monotonic() < deadline and any(
-                    self.want.get(x, 0) <= 0 for x in self.last_batch if x in self.host.leases
-                ):
-                    self.cv.wait(timeout=max(0.0, deadline - time.monotonic()))
-                batch = [x for x, n in self.want.items() if n > 0 and x in self.host.leases]
-                self.last_batch = batch
-                self.cv.release()
-                try:
-                    with self.compute:
-                        t0 = time.perf_counter()
-                        self._threads()
-                        self.host.step(batch)
-                        self.step_s += time.perf_counter() - t0
-                finally:
-                    self.cv.acquire()
-                    self.leading = False
-                    for x in batch:
-                        if x in self.want:
-                            self.want[x] -= 1
-                            if self.host.leases[x].error:
-                                self.want[x] = 0
-                    self.fused_steps += 1
-                    self.fused_rows += len(batch)
-                    self.cv.notify_all()
-            self.want.pop(lid, None)
-        lease = self.host.leases[lid]
-        if lease.error:
-            raise FloatingPointError(f"{lease.error}: lower this trial's lr")
-        return lease.last_nll
-
-    def evaluate(self, lid: str, subset: int | None = None) -> dict[int, float]:
-        self.seen[lid] = time.monotonic()
-        with self.compute:
-            t0 = time.perf_counter()
-            self._threads()
-            out = self.host.evaluate(lid, subset)
-            self.eval_s += time.perf_counter() - t0
-            return out
-
-    def state(self, lid: str) -> dict[str, np.ndarray]:
-        with self.compute:
-            return {k: v.detach().cpu().numpy() for k, v in self.host.state(lid).items()}  # GPU -> host
-
-    def deployed_bytes(self, lid: str) -> dict:
-        return self.host.deployed_bytes(lid)
-
-    def quant_error(self) -> float | None:
-        return (self.host.quant or {}).get("recon_rel_error")
-
-    def stats(self) -> dict:
-        """Fused steps run and mean trials per fused step (how much packing happened)."""
-        return {
-            "fused_steps": self.fused_steps,
-            "trial_steps": self.fused_rows,
-            "step_s": self.step_s,
-            "eval_s": self.eval_s,
         }

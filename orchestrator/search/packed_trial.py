@@ -3,15 +3,17 @@
 Unpacked, each trial of the compression search loads the base and trains alone
 (:func:`orchestrator.search.trial.search_trial`). Packed:
 
-* one :class:`orchestrator.search.pack_host.PackHostActor` per (node, base setting) holds the
+* one :class:`orchestrator.search.pack_actor.PackHostActor` per (node, base setting) holds the
   base (quantised once for a quantised setting), injected with ``capacity`` slot groups, and
   the search payload's prefix activations; the first trial that needs it creates it;
 * a packable trial (ungated: see :func:`orchestrator.search.pack_settings.base_setting`) is a thin function trainable
   (:func:`packed_search_trial`) that leases a slot group on its node's host for its setting
   and asks it for ``eval_every`` steps at a time; the host fuses the steps of every trial
   training at that moment into one batched forward/backward;
-* between chunks the trial reports exactly what the unpacked trial reports (same metrics,
-  same checkpoint files, :data:`~orchestrator.search.trial.STATE_FILE` under the unpacked
+* between chunks the trial reports exactly what the unpacked trial reports (same metrics:
+  ``macro_ppl``, the sizes with ``rung_bytes`` for the scheduler, and with a task
+  ``search.metric`` its ``macro_<metric>`` and ``judge_s``, judged on the host through the
+  trial's slots; same checkpoint files, :data:`~orchestrator.search.trial.STATE_FILE` under the unpacked
   parameter names), so ASHA decides on the same numbers; a stopped, finished or failed
   trial releases its slots (``finally``); a resumed trial leases again from its checkpoint
   (Adam restarts, as unpacked), and a checkpoint of either mode resumes in the other;
@@ -48,7 +50,7 @@ from orchestrator.search.pack_settings import host_key, packable, setting_of
 from orchestrator.spec import JobSpec
 
 # A thin trial imports neither torch nor transformers (its process starts in moments); the
-# host (orchestrator.search.pack_host) and the unpacked fallback (search_trial) are imported lazily.
+# host (orchestrator.search.pack_actor, pack_host) and the unpacked fallback (search_trial) are imported lazily.
 STATE_FILE = "trial_state.safetensors"  # = orchestrator.search.trial.STATE_FILE (tested)
 META_FILE = "trial.json"  # = orchestrator.search.trial.META_FILE
 
@@ -101,11 +103,15 @@ class PackHosts:
         return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
 
     def stats(self) -> dict:
-        """``{"hosts", "fused_steps", "trial_steps", "trials_per_step"}`` over every host."""
+        """Over every host: ``hosts``, ``fused_steps``, ``trial_steps``, ``trials_per_step``, ``step_s``,
+        ``eval_s``, and with a task metric ``judge_s``, ``judge_passes`` and ``judged_trials`` (trials per pass)."""
         each = ray.get([h.stats.remote() for h in self._hosts()])
         steps, rows = sum(e["fused_steps"] for e in each), sum(e["trial_steps"] for e in each)
         return {"hosts": len(each), "fused_steps": steps, "trial_steps": rows, "trials_per_step": rows / max(steps, 1),
-                "step_s": sum(e["step_s"] for e in each), "eval_s": sum(e["eval_s"] for e in each)}
+                "step_s": sum(e["step_s"] for e in each), "eval_s": sum(e["eval_s"] for e in each),
+                "judge_s": sum(e.get("judge_s", 0.0) for e in each),
+                "judge_passes": sum(e.get("judge_passes", 0) for e in each),
+                "judged_trials": sum(e.get("judged_trials", 0) for e in each)}
 
     def stop(self) -> None:
         for h in self._hosts():
@@ -169,7 +175,7 @@ def _host(pack: dict, setting: dict, wait_s: float = HOST_START_S):
         pass
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-    from orchestrator.search.pack_host import PackHostActor
+    from orchestrator.search.pack_actor import PackHostActor
 
     here = [n for n in ray.nodes() if n["NodeID"] == node]
     cpus = here[0]["Resources"].get("CPU", 1) if here else 1
@@ -228,11 +234,16 @@ def packed_search_trial(config: dict, payload: dict, pack: dict) -> None:
         size = ray.get(host.deployed_bytes.remote(lid))
         quant_error = ray.get(host.quant_error.remote())
 
+        judged = payload.get("judge") is not None  # search.metric beyond ppl: the host judges (pack_host.judge)
+
         def report(step: int, nll: dict, final: bool) -> None:
-            metrics = TrialMetrics(**{  # no target_bytes/rung_bytes: see TrialMetrics
+            metric = ray.get(host.judge.remote(lid)) if judged else {}
+            metrics = TrialMetrics(**{
                 "step": step, "macro_ppl": macro_perplexity(nll), "final": final, "eval": "full" if final else "subset",
-                "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size, "quant_rel_error": quant_error,
-                "seconds": time.perf_counter() - t0,
+                "sparsity": 0.0, "bits": int(config.get("bits", 16)), **size,
+                # ungated: already at its size, as the unpacked trial reports it (ParetoASHA's size at a rung)
+                "target_bytes": size["model_bytes"], "rung_bytes": size["model_bytes"],
+                "quant_rel_error": quant_error, "seconds": time.perf_counter() - t0, **metric,
             })
             trained = ray.get(host.state.remote(lid))
             with tempfile.TemporaryDirectory() as tmp:

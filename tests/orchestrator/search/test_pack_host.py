@@ -11,7 +11,8 @@ import torch
 
 from models.grouped_lora import initial_adapter_state
 from models.lora import lora_layers
-from orchestrator.search.pack_host import PackHost, PackHostActor
+from orchestrator.search.pack_actor import PackHostActor
+from orchestrator.search.pack_host import PackHost
 from orchestrator.search.pack_settings import packable
 from orchestrator.search.trial import build_payload, build_trial_model, run_trial
 from orchestrator.spec import JobSpec
