@@ -12,7 +12,9 @@ zero-copy (:mod:`orchestrator.base.store`) instead of quantising or holding fp32
 * :func:`check_quant` runs in preflight on the ``meta`` model: no weights, shapes only;
 * :func:`build_quant_base` quantises a loaded base in place and returns the report section
   (``report.json`` ``base.quant``) and the LQ factors;
-* :func:`write_quant_base` saves the packed Q next to the adapters, which belong with it.
+* :func:`write_quant_base` saves the packed Q next to the adapters, which belong with it
+  (:func:`write_packed_base` writes that layout from tensors: a picked whole-base search trial's
+  ``search/pick/quant_base/`` too, with its packed token embedding), :func:`load_quant_base` reads it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,13 +38,17 @@ from models.quant.lq import QuantTargetError
 from models.quant.model import quantizable_matrices, quantize_base
 from models.quant.quantizers import ALLOWED_BITS, packed_nbytes
 from orchestrator.errors import SpecError
-from orchestrator.spec import JobSpec
+
+if TYPE_CHECKING:  # annotations only: the search's frozen_base (which the job spec's checks import) imports this
+    from orchestrator.spec import JobSpec
 
 __all__ = [
     "quant_layers",
     "check_quant",
     "build_quant_base",
     "write_quant_base",
+    "packed_tensors",
+    "write_packed_base",
     "load_quant_base",
     "render_quant_md",
     "describe_quant",
@@ -205,14 +211,11 @@ def adapter_note(section: dict[str, Any], packed_dir: str = f"../../{QUANT_DIR}"
     }
 
 
-def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str | Path,
-                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
-    """Save every :class:`QuantizedLinear`'s packed tensors (+ bias) and ``quant.json``, atomically.
+def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every :class:`QuantizedLinear`'s packed tensors (+ bias) by the module's name in the unmodified model.
 
     Keys are ``<module>.codes/scales/codebook/header`` (``PackedTensor.from_tensors(t, prefix)``
-    rebuilds one) and ``<module>.bias``. ``factors`` (the LQ parts L1 (out, r), L2 (in, r)) go to
-    ``LQ_FILE``: ``loraflock export`` folds them into a plain base and takes them out of the
-    adapters, which carry them (the shared adapter Theta starts at L1 L2^T).
+    rebuilds one) and ``<module>.bias``: the layout of ``quantized_base.safetensors``.
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
@@ -221,6 +224,14 @@ def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str |
             tensors.update({k: v.detach().cpu().contiguous() for k, v in m.packed.to_tensors(f"{name}.").items()})
             if m.bias is not None:
                 tensors[f"{name}.bias"] = m.bias.detach().cpu().contiguous()
+    return tensors
+
+
+def write_packed_base(tensors: dict[str, torch.Tensor], section: dict[str, Any], directory: str | Path,
+                      factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """Write a packed base directory atomically: ``quantized_base.safetensors``, ``quant.json``
+    (``section``: its ``matrices`` name the packed layers, an optional ``embedding`` the packed
+    token embedding) and, with ``factors``, ``LQ_FILE``."""
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "quantized_base.safetensors"))
         (tmp / "quant.json").write_text(json.dumps(section, indent=2))
@@ -229,6 +240,17 @@ def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str |
                   for n, (l1, l2) in factors.items() for k, t in (("L1", l1), ("L2", l2))}
             save_file(lq, str(tmp / LQ_FILE))
     return Path(directory)
+
+
+def write_quant_base(model: nn.Module, section: dict[str, Any], directory: str | Path,
+                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """Save every :class:`QuantizedLinear`'s packed tensors (+ bias) and ``quant.json``, atomically.
+
+    Keys as :func:`packed_tensors`. ``factors`` (the LQ parts L1 (out, r), L2 (in, r)) go to
+    ``LQ_FILE``: ``loraflock export`` folds them into a plain base and takes them out of the
+    adapters, which carry them (the shared adapter Theta starts at L1 L2^T).
+    """
+    return write_packed_base(packed_tensors(model), section, directory, factors)
 
 
 def render_quant_md(section: dict[str, Any], max_rows: int = 40) -> list[str]:
@@ -278,10 +300,12 @@ def load_quant_base(model: nn.Module, directory: str | Path) -> list[str]:
     """Put a run's packed base (``quant_base/``) into a freshly loaded unquantised base, in place.
 
     The delivered adapters then load on top exactly as they were trained (inject the job's
-    target modules and layers, then ``models.peft_io.load_adapter``).
+    target modules and layers, then ``models.peft_io.load_adapter``). A ``quant.json`` with an
+    ``embedding`` entry (a picked whole-base search trial, :mod:`orchestrator.search.frozen_base`)
+    also replaces the token embedding's weight by its dequantised codes (a tied head follows).
 
     Returns:
-        The names of the replaced layers.
+        The names of the replaced layers (and of the embedding, when one was stored).
 
     Example:
         >>> model = load_base(...); load_quant_base(model, "runs/job/quant_base")
@@ -300,4 +324,10 @@ def load_quant_base(model: nn.Module, directory: str | Path) -> list[str]:
         packed = PackedTensor.from_tensors(tensors, f"{name}.")
         layer = QuantizedLinear(packed, tensors.get(f"{name}.bias"))
         model.set_submodule(name, layer)
+    embed = section.get("embedding")
+    if embed:
+        weight = model.get_submodule(embed["name"]).weight
+        with torch.no_grad():
+            weight.copy_(PackedTensor.from_tensors(tensors, f"{embed['name']}.").dequantize().to(weight))
+        names.append(embed["name"])
     return names

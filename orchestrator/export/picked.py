@@ -7,6 +7,9 @@ q/v rows and columns, which no server can drop). With a quantised trial, its LQ 
 ``L1 L2^T`` sits in every adapter (Theta starts there), as in the quantised flock: it is read
 from the rebuilt, untrained trial (``s B_Theta A_Theta`` at init), folded through the gates
 into the base and subtracted from every adapter (:mod:`orchestrator.export.quantised`).
+A whole-base pick (``search.quantize_layers: all``) is rebuilt on the search's quantised frozen
+blocks and embedding (``search/pick/quant_base/``), so the exported dense base holds their
+dequantised codes: the model the trial was judged on.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def _initial_shared(model: nn.Module) -> Pairs:
 
 def picked_bundle(run: Run, tasks: list[str]) -> Bundle:
     """The picked trial's folded base (LQ part included) and its tasks' adapters."""
-    from orchestrator.search.pick import fold_picked, load_picked_model, picked_config, task_names
-    from orchestrator.search.trial import STATE_FILE, build_trial_model
+    from orchestrator.search.pick import build_picked_trial, fold_picked, load_picked_model, task_names
+    from orchestrator.search.trial import STATE_FILE
 
     spec, picked = run.spec, picked_record(run)
     ckpt = run.path / picked["checkpoint"]
@@ -61,8 +64,7 @@ def picked_bundle(run: Run, tasks: list[str]) -> Bundle:
     dequantise(model)
     folded: Pairs = {}
     if int(picked.get("bits") or 16) < 16:
-        init, _ = build_trial_model(spec, picked_config(picked), len(names), str(picked["quantizer"]),
-                                    int(picked["lq_iters"]))
+        init = build_picked_trial(spec, picked, ckpt)
         for n, (a, b) in _initial_shared(init).items():
             g_r, g_c = gates.get(n, (torch.ones(b.shape[0]), torch.ones(a.shape[1])))
             folded[n] = (a * g_c[None, :], g_r[:, None] * b)
@@ -76,6 +78,9 @@ def picked_bundle(run: Run, tasks: list[str]) -> Bundle:
     notes = [f"base: search trial {picked['trial_id']} (bits {picked.get('bits', 16)}, sparsity "
              f"{float(picked.get('sparsity') or 0):.2f}, rank {picked.get('rank')}), gates folded in: pruned rows and "
              "columns are zeros at the original widths"]
+    if picked.get("quant_base"):
+        notes.append(f"the whole base is quantised (search setting {picked.get('base_setting')}): the frozen blocks "
+                     f"and the token embedding are the search's codes in {picked['quant_base']}/, dequantised to fp32")
     if folded:
         notes.append(f"the trial's LQ low-rank part ({len(folded)} matrices) is folded into the base and subtracted "
                      "from every adapter (exact; the rank grows by the LQ rank unless --rank truncates)")

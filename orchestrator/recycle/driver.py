@@ -47,7 +47,8 @@ def run_recycle(
         from orchestrator.search.pick import export_picked_adapters
 
         picked = {**picked, "checkpoint": str(out / picked["checkpoint"])}
-        say(f"recycle: the picked search trial {picked['trial_id']} ({picked.get('bits', 16)}-bit base, "
+        whole = f", whole base quantised: {picked['quant_base']}/" if picked.get("quant_base") else ""
+        say(f"recycle: the picked search trial {picked['trial_id']} ({picked.get('bits', 16)}-bit base{whole}, "
              f"sparsity {picked.get('sparsity', 0.0):.2f}, rank {picked.get('rank')})")
         dirs: dict[str, Path] = export_picked_adapters(
             spec, picked, picked["checkpoint"], out / "search" / "pick" / "adapters", base_model_name
@@ -84,6 +85,9 @@ def run_recycle(
     if picked is not None:
         section["picked"] = {k: picked.get(k) for k in ("trial_id", "bits", "rank", "target_sparsity", "sparsity",
                                                         "tau", "macro_ppl", "model_bytes")}
+        if picked.get("quant_base"):  # the adapters belong with the whole quantised base the search wrote
+            section["picked"] |= {k: picked.get(k) for k in ("bit_budget", "quantize_layers", "base_setting",
+                                                             "quant_base")}
     say(f"recycle: {len(dirs)} adapters -> K = {section['k']} principal directions per module, "
          f"explained variance {section['explained_variance']:.3f}, storage {section['storage_ratio']:.1f}x smaller")
     if new_task_data is not None:

@@ -129,6 +129,9 @@ def render_search_md(section: dict) -> list[str]:
             f"macro ppl {p['macro_ppl']:.3f}, {_mb(p['model_bytes'])} MB.",
             "",
         ]
+        if p.get("quant_base"):
+            lines[-1:-1] = [f"Its whole base is quantised (setting `{p['base_setting']}`): the frozen blocks' and the "
+                            f"token embedding's codes are in `{p['quant_base']}/` (the flock's `quant_base/` layout)."]
     lines += ["### All trials", "", *_table(trials, hparams, section), ""]
     return lines
 

@@ -223,6 +223,11 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
                       f"{_fmt(pk.get('sparsity'))} of the adapted weights pruned, rank {pk.get('rank')}, "
                       f"{(pk.get('model_bytes') or 0) / 1e6:.1f} MB): its task adapters make the subspace and the "
                       "new task trains on its compressed base.", ""]
+            if pk.get("quant_base"):
+                lines[-1:-1] = [f"The recycled adapters belong with that trial's whole quantised base (search setting "
+                                f"`{pk['base_setting']}`: every block below the adapted ones and the token embedding "
+                                f"quantised), written to `{pk['quant_base']}/`; `loraflock export --what recycle` "
+                                "serves them on it, dequantised."]
         lines.append(
             f"{len(rc['adapters'])} adapters -> K = {rc['k']} principal directions per module "
             f"(explained variance {rc['explained_variance']:.3f}); stored as subspace + coefficients they take "

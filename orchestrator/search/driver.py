@@ -39,11 +39,12 @@ import ray
 from ray import tune
 
 from models.files import atomic_write_text
+from orchestrator.base.quant import QUANT_DIR
 from orchestrator.errors import StageError
 from orchestrator.metrics.sink import metrics_dir
 from orchestrator.metrics.tune import tune_callbacks
 from orchestrator.report.search import plot_pareto
-from orchestrator.search.frozen_base import space_settings
+from orchestrator.search.frozen_base import frozen_key, space_settings, write_frozen_base
 from orchestrator.search.judge import trial_judge_plan
 from orchestrator.search.pareto import pareto_front, pick_point
 from orchestrator.search.trial import build_payload, search_trial
@@ -250,6 +251,10 @@ def run_search(
             trial_quant(search, spec)["quantizer"],
         )
     )
+    # each whole-base setting's packed codes: the pick writes its setting's; the trials never read them. Copied
+    # out of the fetched object, whose zero-copy views would otherwise pin the whole payload during the search.
+    stores = {key: {"section": st["section"], "tensors": {k: np.array(v) for k, v in st["tensors"].items()}}
+              for key, st in ((key, rec.pop("store")) for key, rec in payload.get("frozen", {}).items())}
     judged = trial_judge_plan(spec, search, data)  # search.metric beyond ppl: the rows every trial judges
     if judged is not None:
         payload["judge"] = judged
@@ -303,16 +308,21 @@ def run_search(
         if pack is not None:
             pack.stop()
     section = _collect(results, search, space.source, steps, out, base_model_name, time.perf_counter() - t0,
-                       trial_quant(search, spec), names, sorted(judged["plan"]) if judged else [])
+                       trial_quant(search, spec), names, sorted(judged["plan"]) if judged else [], stores)
     return {**section, "packing": packing} if packing is not None else section
 
 
-def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict) -> dict | None:
+def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict, stores: dict[str, dict]) -> dict | None:
     """Apply ``search.pick`` to the front; copy the picked trial's checkpoint to ``out/search/pick``.
 
+    With ``quantize_layers: all`` and a quantised pick, its base setting's packed frozen blocks
+    and embedding (``stores[key]``, built once by the search) go to ``out/search/pick/quant_base``
+    (:func:`orchestrator.search.frozen_base.write_frozen_base`).
+
     Returns the picked row plus what rebuilds its model (``quantizer``, ``lq_iters``,
-    ``gate_lr``), ``rule``, ``met`` (False: no point met the rule and ``on_miss: closest``
-    took the nearest one) and ``checkpoint`` (relative to ``out``); ``None`` without a rule.
+    ``gate_lr``, ``quantize_layers``, and ``base_setting`` / ``quant_base`` for a whole-base
+    setting), ``rule``, ``met`` (False: no point met the rule and ``on_miss: closest`` took the
+    nearest one) and ``checkpoint`` (relative to ``out``); ``None`` without a rule.
     """
     if search.pick is None:
         return None
@@ -342,14 +352,22 @@ def _pick(search: SearchSpec, front: list[dict], out: Path, quant: dict) -> dict
     dst = out / "search" / "pick"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(row["checkpoint"], dst)
+    whole = {"quantize_layers": search.quantize_layers}
+    key = frozen_key(row) if search.quantize_layers == "all" else None
+    if key is not None:
+        if key not in stores:
+            raise StageError(f"search.pick: trial {row['trial_id']}'s base setting {key!r} was not built by this "
+                             f"search (built: {sorted(stores)}); re-run the search stage")
+        write_frozen_base(stores[key], dst / QUANT_DIR)
+        whole |= {"base_setting": key, "quant_base": f"search/pick/{QUANT_DIR}"}
     return {**row, "quantizer": row.get("quantizer") or quant["quantizer"], "lq_iters": quant["lq_iters"],
-            "gate_lr": search.gate_lr, "rule": {**rule, "on_miss": search.pick.on_miss}, "met": met,
+            "gate_lr": search.gate_lr, **whole, "rule": {**rule, "on_miss": search.pick.on_miss}, "met": met,
             "checkpoint": "search/pick"}
 
 
 def _collect(
     results, search: SearchSpec, source: str, steps: int, out: Path, base_model_name: str | None, seconds: float,
-    quant: dict, names: list[str], judged_tasks: list[str],
+    quant: dict, names: list[str], judged_tasks: list[str], stores: dict[str, dict] | None = None,
 ) -> dict:
     rows = trial_rows(results)
     if not rows:
@@ -363,7 +381,7 @@ def _collect(
     (out / "search").mkdir(parents=True, exist_ok=True)
     write_csv(out / "search" / "trials.csv", rows, columns(search))
     write_csv(out / "search" / "pareto.csv", front, columns(search))
-    picked = _pick(search, front, out, quant)
+    picked = _pick(search, front, out, quant, stores or {})
 
     def public(r: dict) -> dict:
         return {k: v for k, v in r.items() if k not in ("checkpoint", "timestamp", "rule", "met")

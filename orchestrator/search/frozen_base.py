@@ -18,26 +18,47 @@ is allocated over *all* blocks' matrices by :func:`models.quant.bit_budget.alloc
 reconstruction error, widths ``BUDGET_CHOICES``), and the trial quantises its adapted blocks
 with the allocation's widths (LQ-LoRA, as with ``bits``).
 
+A picked whole-base trial (``search.pick``) is rebuilt as the model it was judged on. The
+search keeps what it computed for each setting (the record's ``store``: packed codes of the
+frozen blocks and the embedding, the allocation; never recomputed, so no Fisher pass runs
+again) and writes the picked setting's to ``out/search/pick/quant_base/``
+(:func:`write_frozen_base`), in the layout of the flock's ``quant_base/``:
+
+    quantized_base.safetensors   <module>.codes/scales/codebook/header (+ .bias) of every frozen
+                                 matrix, and of the token embedding (<embedding module>.codes ...)
+    quant.json                   setting, quantizer, layers, matrices [{name, quantizer, bits,
+                                 bytes, ...}], embedding {name, quantizer, bits, block_size},
+                                 top_allocation (a bit_budget's widths of the adapted blocks)
+
+:func:`load_frozen_base` (``orchestrator.base.quant.load_quant_base``) puts it into a loaded
+base; the recycle stage and ``loraflock export --what pick`` rebuild the adapted blocks on top
+(:mod:`orchestrator.search.pick`).
+
 Plain PyTorch; it sits in ``orchestrator/`` because it reads the trials' configurations.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.base.quant import packed_tensors, write_packed_base
+
 __all__ = [
-    "BUDGET_CHOICES", "EMBED_BITS", "build_frozen", "frozen_bytes", "frozen_key", "load_embedding", "space_settings",
-    "top_allocation",
+    "BUDGET_CHOICES", "EMBED_BITS", "build_frozen", "frozen_bytes", "frozen_key", "load_embedding", "load_frozen_base",
+    "read_frozen_section", "space_settings", "top_allocation", "write_frozen_base",
 ]
 
 BUDGET_CHOICES: tuple[tuple[str, int], ...] = (("nf", 4), ("nf", 8))  # 2-3 bits lose too much on a 135M model
 EMBED_BITS = 8  # the token embedding (and a tied output head) of a whole-base setting
+EMBED_BLOCK = 64  # weights per fp16 scale of the embedding's codes
 CALIB_ROWS = 32  # training rows (the first of each task) whose Fisher weights a bit budget's allocation
 
 
@@ -109,16 +130,30 @@ def _quantize_frozen(
     bias = {n: 2 * int(m.bias.numel()) for n, m in model.named_modules()
             if n in names and getattr(m, "bias", None) is not None}
     stored = {r["name"]: int(r["bytes"]) + bias.get(r["name"], 0) for r in report.rows}
+    tensors = packed_tensors(model)  # the lower blocks' codes (the embedding's join them below)
     embed = _quantize_embedding(model, quantizer)
     if embed is not None:
         stored[embed["name"]] = embed.pop("bytes")
+        tensors.update(embed.pop("packed"))
+    top = None if allocation is None else {n: [q, b] for n, (q, b) in allocation.items() if n not in names}
+    section = {
+        "mode": "search_setting", "key": frozen_key(setting), "setting": setting, "quantizer": quantizer,
+        "layers": lower, "lq_rank": 0, "stored_bytes": sum(stored.values()),
+        "recon_rel_error": report.recon_rel_error, "top_allocation": top,
+        "matrices": [{k: r[k] for k in ("name", "quantizer", "bits", "bytes", "numel", "rel_error")}
+                     for r in report.rows],
+        "embedding": None if embed is None else {
+            "name": embed["name"], "quantizer": embed["quantizer"], "bits": EMBED_BITS, "block_size": EMBED_BLOCK,
+            "bytes": stored[embed["name"]]},
+    }
     return {
         "bytes": stored,
         "embed": embed,
-        "allocation": None if allocation is None else {n: [q, b] for n, (q, b) in allocation.items()
-                                                       if n not in names},
+        "allocation": top,
         "recon_rel_error": report.recon_rel_error,
         "setting": setting,
+        # what the pick writes (write_frozen_base); the search driver takes it out of the trials' payload
+        "store": {"tensors": {k: v.numpy() for k, v in tensors.items()}, "section": section},
     }
 
 
@@ -136,10 +171,12 @@ def _quantize_embedding(model: nn.Module, quantizer: str) -> dict | None:
     if emb is None or emb.weight.numel() < 0.1 * sum(p.numel() for p in model.parameters()):
         return None
     name = next(n for n, m in model.named_modules() if m is emb)
-    packed = quantize(emb.weight.detach().float().cpu(), quantizer if quantizer != "vq" else "nf", EMBED_BITS, 64)
+    method = quantizer if quantizer != "vq" else "nf"
+    packed = quantize(emb.weight.detach().float().cpu(), method, EMBED_BITS, EMBED_BLOCK)
     weight = packed.dequantize().to(emb.weight.dtype)
     emb.weight.copy_(weight)
-    return {"name": name, "weight": weight.numpy(), "bytes": int(packed.nbytes)}
+    return {"name": name, "weight": weight.numpy(), "bytes": int(packed.nbytes), "quantizer": method,
+            "packed": packed.to_tensors(f"{name}.")}
 
 
 @torch.no_grad()
@@ -171,7 +208,9 @@ def build_frozen(
 
     Returns:
         key (:func:`frozen_key`) -> ``{"train_prefix", "eval_prefix", "bytes": {matrix: stored
-        bytes}, "allocation": {top matrix: [quantizer, bits]} | None, "recon_rel_error", "setting"}``.
+        bytes}, "allocation": {top matrix: [quantizer, bits]} | None, "recon_rel_error", "setting",
+        "store"}``; ``store`` (packed codes as numpy and their ``quant.json`` section) is what
+        :func:`write_frozen_base` writes for a picked trial.
     """
     from models.base import adaptable_layers
 
@@ -220,3 +259,50 @@ def top_allocation(record: dict | None) -> dict[str, tuple[str, int]] | None:
 def frozen_bytes(record: dict | None) -> dict[str, int]:
     """Stored bytes of each quantised frozen matrix (weight codes + scales + header, bias at 2 bytes)."""
     return {} if record is None else {n: int(b) for n, b in record["bytes"].items()}
+
+
+def write_frozen_base(store: dict, directory: str | Path) -> Path:
+    """Write a setting's ``store`` (from :func:`build_frozen`'s record) as a packed base directory, atomically.
+
+    The layout of the flock's ``quant_base/`` (:func:`orchestrator.base.quant.write_packed_base`):
+    ``quantized_base.safetensors`` holds each frozen block's packed matrices and the packed token
+    embedding; ``quant.json`` names them (``matrices``, ``embedding``) with the setting, and the
+    adapted blocks' widths of a ``bit_budget`` (``top_allocation``). The adapted blocks
+    themselves are not in it: they are rebuilt with the trial (LQ, gates) and its adapters.
+    """
+    tensors = {k: torch.tensor(np.array(v)) for k, v in store["tensors"].items()}  # copies: Ray's arrays are read-only
+    return write_packed_base(tensors, store["section"], directory)
+
+
+def read_frozen_section(directory: str | Path) -> dict:
+    """The ``quant.json`` of a written setting (:func:`write_frozen_base`), its files checked.
+
+    Raises:
+        StageError: the directory or one of its files is missing.
+    """
+    from orchestrator.errors import StageError
+
+    directory = Path(directory)
+    for f in ("quant.json", "quantized_base.safetensors"):
+        if not (directory / f).is_file():
+            raise StageError(f"search.picked: {directory / f} not found (the picked trial's quantised base, written by "
+                             "the search): re-run the search stage (delete its entry in state.json)")
+    return json.loads((directory / "quant.json").read_text())
+
+
+def load_frozen_base(model: nn.Module, directory: str | Path) -> dict:
+    """Put a picked trial's written setting (:func:`write_frozen_base`) into ``model``, in place; its ``quant.json``.
+
+    The frozen blocks become the packed layers the search quantised (dequantised per forward)
+    and the token embedding its dequantised codes: the model the trial's prefix cache came from.
+
+    Raises:
+        StageError: the directory or one of its files is missing.
+    """
+    from orchestrator.base.quant import load_quant_base
+
+    section = read_frozen_section(directory)
+    device = model.get_input_embeddings().weight.device
+    for name in load_quant_base(model, directory):
+        model.get_submodule(name).to(device)  # the packed layers load on the CPU
+    return section

@@ -20,11 +20,13 @@ rows/columns, and coefficient-only adapters on it stay inside the pruned model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.files import atomic_write_json
 from models.gates.layer import GatedLinear
 from models.lora import MultiTaskLoraLinear, linear_weight
 from models.peft_io import write_adapter_dir
@@ -33,6 +35,7 @@ from orchestrator.spec import JobSpec
 
 __all__ = [
     "picked_config",
+    "build_picked_trial",
     "load_picked_model",
     "fold_picked",
     "picked_base",
@@ -55,21 +58,44 @@ def picked_config(picked: dict) -> dict:
     return {k: picked[k] for k in _HPARAMS if picked.get(k) is not None}
 
 
+def build_picked_trial(spec: JobSpec, picked: dict, checkpoint: str | Path, device: str = "cpu") -> nn.Module:
+    """The picked trial's model before training: rebuilt from its config as the search built it.
+
+    A whole-base pick (``picked["quant_base"]``, ``search.quantize_layers: all``) also gets its
+    setting's quantised frozen blocks and embedding from ``checkpoint/quant_base`` (written by
+    the search, :func:`orchestrator.search.frozen_base.write_frozen_base`) and quantises its
+    adapted blocks with that setting's widths, so the full forward is the one the trial was
+    judged on through its prefix cache.
+
+    Raises:
+        StageError: the written quantised base is missing.
+    """
+    from orchestrator.base.quant import QUANT_DIR
+    from orchestrator.search.frozen_base import load_frozen_base, read_frozen_section, top_allocation
+    from orchestrator.search.trial import build_trial_model
+
+    qdir = Path(checkpoint) / QUANT_DIR if picked.get("quant_base") else None
+    top = top_allocation({"allocation": read_frozen_section(qdir)["top_allocation"]}) if qdir is not None else None
+    model, _ = build_trial_model(spec, picked_config(picked), len(task_names(spec, picked)), str(picked["quantizer"]),
+                                 int(picked["lq_iters"]), device, top)
+    if qdir is not None:
+        load_frozen_base(model, qdir)
+    return model
+
+
 def load_picked_model(spec: JobSpec, picked: dict, checkpoint: str | Path, device: str = "cpu") -> nn.Module:
-    """The picked trial's trained model (eval mode): rebuilt from its config, trained state loaded.
+    """The picked trial's trained model (eval mode): rebuilt (:func:`build_picked_trial`), trained state loaded.
 
     Raises:
         StageError: the checkpoint is missing or does not fit the rebuilt model.
     """
-    from orchestrator.search.trial import STATE_FILE, build_trial_model, trial_state
+    from orchestrator.search.trial import STATE_FILE, trial_state
 
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
         raise StageError(f"search.picked: {path} not found: re-run the search stage (delete its entry in state.json)")
     config = picked_config(picked)
-    model, _ = build_trial_model(
-        spec, config, len(task_names(spec, picked)), str(picked["quantizer"]), int(picked["lq_iters"]), device
-    )
+    model = build_picked_trial(spec, picked, checkpoint, device)
     gate_lr = picked.get("gate_lr")  # only for checkpoints that stored gate logits scaled by gate_lr / lr
     state = trial_state(path, float(gate_lr) / float(config.get("lr", spec.train.lr)) if gate_lr else 1.0, device)
     params = dict(model.named_parameters())
@@ -147,7 +173,13 @@ def picked_base(spec: JobSpec, picked: dict, checkpoint: str | Path, device: str
 def export_picked_adapters(
     spec: JobSpec, picked: dict, checkpoint: str | Path, out_dir: str | Path, base_model_name: str | None
 ) -> dict[str, Path]:
-    """Write every task's folded adapter of the picked trial as a PEFT directory ``out_dir/<task>``."""
+    """Write every task's folded adapter of the picked trial as a PEFT directory ``out_dir/<task>``.
+
+    A whole-base pick's adapters get the flock's quantised-base note (``NOTE_FILE``) naming the
+    quantised base they belong with (``search/pick/quant_base``, next to ``out_dir``'s parent).
+    """
+    from orchestrator.base.quant import NOTE_FILE, QUANT_DIR
+
     model = load_picked_model(spec, picked, checkpoint)
     _, adapters, meta = fold_picked(model)
     dirs = {}
@@ -155,6 +187,16 @@ def export_picked_adapters(
         dirs[name] = write_adapter_dir(
             Path(out_dir) / name, adapters[t], meta["ranks"], meta["alphas"], base_model_name
         )
+        if picked.get("quant_base"):
+            atomic_write_json(dirs[name] / NOTE_FILE, {
+                "trained_on_quantized_base": True, "setting": picked.get("base_setting"),
+                "packed_base": os.path.relpath(Path(checkpoint) / QUANT_DIR, dirs[name]),
+                "layers": "the blocks below the adapted ones, and the token embedding",
+                "note": (f"This adapter belongs with the picked search trial's whole quantised base: the frozen blocks "
+                         f"and the token embedding packed in {QUANT_DIR}/ (orchestrator.base.quant.load_quant_base "
+                         "loads them), the adapted blocks rebuilt by the trial (loraflock export --what pick writes "
+                         "the whole base dense)."),
+            })
     return dirs
 
 

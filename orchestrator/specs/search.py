@@ -134,8 +134,9 @@ class SearchSpec(Strict):
             quantises: ``adapted`` (the top ``lora.top_layers``, LQ-LoRA under the adapter) or
             ``all`` (the frozen blocks below too, plain ``Q``: each base setting of the space is
             quantised once, with its own frozen-prefix cache shared by every trial using it;
-            :mod:`orchestrator.search.frozen_base`). Not with ``pick`` yet (a picked whole-base
-            trial is not rebuilt by export or recycling).
+            :mod:`orchestrator.search.frozen_base`). A picked whole-base trial's quantised frozen
+            blocks and embedding are written to ``out/search/pick/quant_base/``; recycling and
+            ``loraflock export --what pick`` rebuild the trial on them.
         packing: run ungated trials as slot groups on one long-lived host per (node, base
             setting) that holds the (quantised) base and prefix cache and fuses concurrent
             trials' steps (``orchestrator/search/packed_trial.py``); same metrics as unpacked trials,
@@ -199,10 +200,6 @@ class SearchSpec(Strict):
             raise ValueError(f"search.metric {self.metric!r} with search.quantize_layers: all is not supported yet (a "
                              "trial judges its metric on whole sequences, and its frozen blocks stay unquantised: only "
                              "their prefix cache is): use metric: ppl, or quantize_layers: adapted")
-        if self.quantize_layers == "all" and self.pick is not None:
-            raise ValueError("search.pick with search.quantize_layers: all is not supported yet (export and recycling "
-                             "rebuild only the adapted blocks of a picked trial): drop search.pick, or set "
-                             "quantize_layers: adapted")
         if self.quantize_layers == "all":
             from orchestrator.search.frozen_base import space_settings
             from tune_spaces.loader import load_space

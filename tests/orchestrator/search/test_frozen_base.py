@@ -4,20 +4,24 @@ quantised matrices."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models.prefix import compute_prefix
 from models.quant.model import quantize_model
 from models.quant.quantizers import quantize
 from models.train.step import evaluate
 from orchestrator.base.load import load_job_base
+from orchestrator.base.quant import QUANT_DIR
 from orchestrator.search import frozen_base
 from orchestrator.search.pack_settings import packable
-from orchestrator.search.trial import build_payload, build_trial_model, deployed_bytes, run_trial
+from orchestrator.search.pick import load_picked_model
+from orchestrator.search.trial import STATE_FILE, build_payload, build_trial_model, deployed_bytes, run_trial
 from orchestrator.specs.search import SearchSpec
 from tests.orchestrator.conftest import tiny_job_spec
 from tune_spaces.loader import SpaceError, load_space, parse_space
@@ -119,8 +123,7 @@ def test_search_settings_validate():
     settings = frozen_base.space_settings(demo.dimensions)
     assert settings and all(frozen_base.frozen_key(s) for s in settings)
     SearchSpec(enabled=True, space="demo", quantize_layers="all")
-    with pytest.raises(ValueError, match="search.pick with search.quantize_layers: all"):
-        SearchSpec(enabled=True, space="demo", quantize_layers="all", pick={"max_bytes": 10**8})
+    SearchSpec(enabled=True, space="demo", quantize_layers="all", pick={"max_bytes": 10**8})  # a picked whole base
     with pytest.raises(ValueError, match="search.metric 'exact_match' with search.quantize_layers: all"):
         SearchSpec(enabled=True, space="demo", quantize_layers="all", metric="exact_match")
     with pytest.raises(SpaceError, match="bit_budget"):
@@ -138,3 +141,45 @@ def test_trial_gates_follow_the_gates_section():
                                                                            "sides": "both"})})
     model, info = build_trial_model(wide, {"rank": 4, "target_sparsity": 0.3}, 3)
     assert len(info["gated"]) == 2 and model.get_submodule(info["gated"][0]).theta_rows is not None
+
+
+def test_a_picked_whole_base_trial_is_rebuilt_on_the_written_setting(built, tmp_path):
+    """What the pick writes (the setting's packed frozen blocks and embedding, its widths) rebuilds
+    the model the trial was judged on: a full forward, no prefix cache, gives the trial's NLL."""
+    payload, _ = built
+    spec = _spec()
+    config = {"rank": 4, "bit_budget": 6.0, "target_sparsity": 0.0, "tau": 100.0, "lr": 3e-3}
+    fixed = {"steps": 3, "eval_every": 3, "eval_subset": 1, "quantizer": "nf", "lq_iters": 2, "gate_lambda": 0.0,
+             "gate_lr": None, "threads": 1, "quantize_layers": "all"}
+    reports = []
+    run_trial({**config, "_search": fixed}, payload, lambda m, s: reports.append((m, s)))
+    [(metrics, state)] = reports
+    save_file(state, str(tmp_path / STATE_FILE))
+    frozen_base.write_frozen_base(payload["frozen"]["budget6"]["store"], tmp_path / QUANT_DIR)
+    picked = {**config, "trial_id": "t0", "bits": metrics["bits"], "quantizer": "nf", "lq_iters": 2, "tasks": NAMES,
+              "quantize_layers": "all", "base_setting": "budget6", "quant_base": "search/pick/quant_base"}
+    model = load_picked_model(spec, picked, tmp_path)
+    evals = {i: torch.as_tensor(x) for i, x in enumerate(payload["eval"])}
+
+    def macro(m):
+        return sum(math.exp(v) for v in evaluate(m, evals, 8).values()) / 3
+
+    assert macro(model) == pytest.approx(metrics["macro_ppl"], rel=1e-5)
+    # the frozen blocks hold the search's codes: each matrix at its allocated width, not the float weight
+    dense = load_job_base(spec, "cpu", "float32")
+    section = json.loads((tmp_path / QUANT_DIR / "quant.json").read_text())
+    lower = {r["name"] for r in section["matrices"]}
+    assert lower | {section["embedding"]["name"]} == set(payload["frozen"]["budget6"]["bytes"])
+    for row in section["matrices"]:
+        assert ".layers.0." in row["name"] or ".layers.1." in row["name"]
+        w = dense.get_submodule(row["name"]).weight.detach()
+        got = model.get_submodule(row["name"]).dequantized_weight()
+        assert torch.equal(got, quantize(w, row["quantizer"], row["bits"], 64).dequantize())
+        assert not torch.allclose(got, w, atol=1e-4)
+    emb = dense.get_input_embeddings().weight.detach()
+    assert torch.equal(model.get_input_embeddings().weight, quantize(emb, "nf", 8, 64).dequantize())
+    # the float frozen blocks (what a pick rebuilt before) give another model
+    with torch.no_grad():
+        for row in section["matrices"]:
+            model.set_submodule(row["name"], dense.get_submodule(row["name"]))
+    assert abs(macro(model) / metrics["macro_ppl"] - 1) > 1e-4
