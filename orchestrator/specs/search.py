@@ -205,6 +205,16 @@ class SearchSpec(Strict):
             from tune_spaces.loader import load_space
 
             space_settings(load_space(self.space).dimensions)  # continuous bits / bit_budget: named, with the fix
+        elif self.enabled:
+            from tune_spaces.loader import load_space
+
+            budget = load_space(self.space).dimensions.get("bit_budget")
+            if budget is not None and any(float(v) < 16 for v in budget.values):
+                raise ValueError(
+                    f"search.space {self.space!r} has a bit_budget dimension, an average over the whole base's "
+                    "matrices, but search.quantize_layers is 'adapted' (only the top blocks are quantised, at one "
+                    "width each): set search.quantize_layers: all, or use a bits dimension"
+                )
         return self
 
     @model_validator(mode="after")

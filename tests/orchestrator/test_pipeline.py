@@ -252,7 +252,11 @@ def test_search_pick_feeds_the_recycle_stage_without_a_flock(tmp_path):
     job = yaml.safe_load(TINY.read_text())
     job["flock"]["enabled"] = False
     job["pesc"]["enabled"] = False
-    job["search"].update({"space": "demo", "num_samples": 1, "pick": {"max_bytes": 1}})
+    space = tmp_path / "space.yaml"  # the top blocks at 16 or 4 bits x 0/40% gates, one trial each
+    space.write_text(yaml.safe_dump({"description": "pick test", "dimensions": {
+        "bits": {"grid": [16, 4]}, "target_sparsity": {"grid": [0.0, 0.4]}, "rank": {"value": 4},
+        "tau": {"value": 100.0}, "lr": {"value": 2.0e-3}}}))
+    job["search"].update({"space": str(space), "num_samples": 1, "pick": {"max_bytes": 1}})
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"

@@ -85,7 +85,7 @@ def test_a_job_across_nodes_equals_one_process_and_runs_every_stage(cluster, tmp
     two = JobSpec.model_validate({
         **base, "name": "two", "ray": {"num_workers": 2},  # cpus_per_worker sized per node: 1
         "pesc": {"enabled": True, "num_experts": 2, "top_k": 1, "bottleneck": 8},
-        "search": {"enabled": True, "space": "demo", "num_samples": 2, "steps": 2, "eval_every": 2,
+        "search": {"enabled": True, "space": "default", "num_samples": 2, "steps": 2, "eval_every": 2,
                    "grace_period": 2, "max_concurrent_trials": 2},  # no rung: both finish
         "recycle": {"enabled": True, "k": 2},
     })
@@ -187,7 +187,7 @@ def test_search_concurrency_counts_gpu_shares_node_by_node(cluster, gpu_node, tm
     _, ray = cluster
     job = tiny_job_spec().model_dump(mode="json")
     spec = JobSpec.model_validate({**job, "ray": {"use_gpu": True},
-                                   "search": {"enabled": True, "space": "demo", "gpus_per_trial": 0.25}})
+                                   "search": {"enabled": True, "space": "default", "gpus_per_trial": 0.25}})
     assert trial_concurrency(spec.search, spec) == 4  # the CPU-only nodes hold no GPU trial
     resources = trial_resources(spec.search, spec)
     assert resources == {"cpu": 1, "gpu": 0.25}

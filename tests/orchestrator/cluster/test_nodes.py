@@ -62,9 +62,9 @@ def test_search_concurrency_and_a_trial_no_node_can_hold(local_ray):
     from tests.orchestrator.conftest import tiny_job_spec
 
     job = tiny_job_spec().model_dump(mode="json")
-    cpu = JobSpec.model_validate({**job, "search": {"enabled": True, "space": "demo"}})
+    cpu = JobSpec.model_validate({**job, "search": {"enabled": True, "space": "default"}})
     assert trial_concurrency(cpu.search, cpu) == 2  # the tests' local Ray: 2 CPUs
-    gpu = JobSpec.model_validate({**job, "ray": {"use_gpu": True}, "search": {"enabled": True, "space": "demo"}})
+    gpu = JobSpec.model_validate({**job, "ray": {"use_gpu": True}, "search": {"enabled": True, "space": "default"}})
     with pytest.raises(ResourceRequestError, match=r"each search trial.*GPU.*search.gpus_per_trial"):
         trial_concurrency(gpu.search, gpu)  # no GPU here: Tune would wait forever
     nodes = [_node(16, gpu=1)]

@@ -88,7 +88,7 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     job["flock"]["baselines"] = ["independent"]
     job["pesc"]["enabled"] = False
     job["recycle"] = {"enabled": False}
-    job["search"].update(space="demo", num_samples=1, steps=2, eval_every=1, grace_period=1)
+    job["search"].update(space="default", num_samples=1, steps=2, eval_every=1, grace_period=1)
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"

@@ -122,7 +122,8 @@ def test_recycling_a_pick_needs_no_flock_and_the_trials_accept_such_a_job():
     job = _spec().model_dump(mode="json") | {"flock": {"enabled": False}, "recycle": {"enabled": True}}
     with pytest.raises(ValueError, match="set search.pick"):
         JobSpec.model_validate(job)
-    spec = JobSpec.model_validate(job | {"search": {"enabled": True, "space": "demo", "pick": {"max_bytes": 10**9}}})
+    search = {"enabled": True, "space": "demo", "quantize_layers": "all", "pick": {"max_bytes": 10**9}}
+    spec = JobSpec.model_validate(job | {"search": search})
     JobSpec.model_validate(trial_job(spec))  # what every trial re-validates
 
 

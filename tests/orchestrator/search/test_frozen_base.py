@@ -126,6 +126,9 @@ def test_search_settings_validate():
     SearchSpec(enabled=True, space="demo", quantize_layers="all", pick={"max_bytes": 10**8})  # a picked whole base
     with pytest.raises(ValueError, match="search.metric 'exact_match' with search.quantize_layers: all"):
         SearchSpec(enabled=True, space="demo", quantize_layers="all", metric="exact_match")
+    with pytest.raises(ValueError, match="bit_budget dimension.*set search.quantize_layers: all"):
+        SearchSpec(enabled=True, space="demo")  # a whole-base budget would be ignored by top-block quantisation
+    SearchSpec(enabled=True, space="default")  # bits: the top blocks' width, fine with `adapted`
     with pytest.raises(SpaceError, match="bit_budget"):
         parse_space({"dimensions": {"bit_budget": {"choice": [3.0]}}})
     with pytest.raises(SpaceError, match="bit_budget is discrete"):
