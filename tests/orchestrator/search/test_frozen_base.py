@@ -90,15 +90,23 @@ def test_each_setting_is_built_once_with_its_own_prefix_cache(built):
     assert widths <= {4, 8} and all(".layers.2." in n for n in budget["allocation"])  # the top block's widths
 
 
+FIXED = {"steps": 3, "eval_every": 3, "eval_subset": 1, "quantizer": "nf", "lq_iters": 2, "gate_lambda": 0.0,
+         "gate_lr": None, "threads": 1, "quantize_layers": "all"}  # a whole-base trial's search settings
+
+
+def _train(payload: dict, config: dict) -> tuple[dict, dict]:
+    """One whole-base trial of 3 steps on ``payload``: its final report's metrics and trained state."""
+    reports = []
+    run_trial({**config, "_search": FIXED}, payload, lambda m, s: reports.append((m, s)))
+    [(metrics, state)] = reports
+    return metrics, state
+
+
 def test_a_whole_base_trial_trains_on_its_setting_and_counts_the_quantised_matrices(built):
     payload, _ = built
     spec = _spec()
     config = {"rank": 4, "bits": 4, "target_sparsity": 0.0, "tau": 100.0, "lr": 3e-3}
-    fixed = {"steps": 3, "eval_every": 3, "eval_subset": 1, "quantizer": "nf", "lq_iters": 2, "gate_lambda": 0.0,
-             "gate_lr": None, "threads": 1, "quantize_layers": "all"}
-    reports = []
-    run_trial({**config, "_search": fixed}, payload, lambda m, s: reports.append((m, s)))
-    [(metrics, state)] = reports
+    metrics, state = _train(payload, config)
     # the same trained state on a base whose lower blocks are really quantised, without a prefix cache
     model, info = build_trial_model(spec, config, 3, "nf", 2)
     with torch.no_grad():
@@ -115,7 +123,7 @@ def test_a_whole_base_trial_trains_on_its_setting_and_counts_the_quantised_matri
     assert metrics["model_bytes"] == want
     dense = deployed_bytes(build_trial_model(spec, config, 3, "nf", 2)[0])["model_bytes"]
     assert metrics["model_bytes"] < 0.6 * dense  # 4-bit blocks and an 8-bit embedding (adapters stay 2 bytes)
-    assert not packable({**config, "_search": fixed}, 8)  # its own prefix cache: never on a shared pack host
+    assert not packable({**config, "_search": FIXED}, 8)  # its own prefix cache: never on a shared pack host
 
 
 def test_search_settings_validate():
@@ -152,11 +160,7 @@ def test_a_picked_whole_base_trial_is_rebuilt_on_the_written_setting(built, tmp_
     payload, _ = built
     spec = _spec()
     config = {"rank": 4, "bit_budget": 6.0, "target_sparsity": 0.0, "tau": 100.0, "lr": 3e-3}
-    fixed = {"steps": 3, "eval_every": 3, "eval_subset": 1, "quantizer": "nf", "lq_iters": 2, "gate_lambda": 0.0,
-             "gate_lr": None, "threads": 1, "quantize_layers": "all"}
-    reports = []
-    run_trial({**config, "_search": fixed}, payload, lambda m, s: reports.append((m, s)))
-    [(metrics, state)] = reports
+    metrics, state = _train(payload, config)
     save_file(state, str(tmp_path / STATE_FILE))
     frozen_base.write_frozen_base(payload["frozen"]["budget6"]["store"], tmp_path / QUANT_DIR)
     picked = {**config, "trial_id": "t0", "bits": metrics["bits"], "quantizer": "nf", "lq_iters": 2, "tasks": NAMES,

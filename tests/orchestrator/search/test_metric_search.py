@@ -156,13 +156,9 @@ def test_search_on_rouge_l_reports_it_at_every_rung_and_the_front_and_pick_use_i
     want = sorted(r["trial_id"] for r in done if not any(beats(o, r) for o in done))
     assert sorted(r["trial_id"] for r in section["pareto"]) == want
     # the pick: the smallest point of the front with macro rouge_l >= 0.99, else (on_miss: closest) the highest
-    picked, front = section["picked"], section["pareto"]
+    picked = section["picked"]
     assert picked["rule"]["min_metric"] == {"rouge_l": 0.99}
-    reach = [r for r in front if r["macro_rouge_l"] >= 0.99]
-    if reach:
-        assert picked["met"] and picked["model_bytes"] == min(r["model_bytes"] for r in reach)
-    else:
-        assert not picked["met"] and picked["macro_rouge_l"] == max(r["macro_rouge_l"] for r in front)
+    assert_picked_on_metric(section)
 
     # the reported metric is the picked trial's trained model judged on the plan's rows
     model = load_picked_model(spec, picked, out / "search" / "pick")
@@ -217,3 +213,13 @@ def test_the_driver_writes_the_metric_column_and_its_front_and_picks_on_it(tmp_p
     assert "| macro rouge l | macro ppl |" in md and "rouge_l >= 0.95" in md and "none of the front meets it" in md
     by_ppl = _collect(results, SearchSpec(), "space.yaml", 30, tmp_path / "ppl", "tiny", 1.0, quant, ["x"], [])
     assert [r["trial_id"] for r in by_ppl["pareto"]] == ["a", "c"]  # on perplexity a is best, c smallest
+
+
+def assert_picked_on_metric(section: dict, key: str = "macro_rouge_l", bound: float = 0.99) -> None:
+    """The pick of ``min_metric``: the smallest point of the front reaching ``bound``, else the highest."""
+    picked, front = section["picked"], section["pareto"]
+    reach = [r for r in front if r[key] >= bound]
+    if reach:
+        assert picked["met"] and picked["model_bytes"] == min(r["model_bytes"] for r in reach)
+    else:
+        assert not picked["met"] and picked[key] == max(r[key] for r in front)
