@@ -5,12 +5,11 @@ Complements tests/orchestrator/test_spec.py (spec errors through ``load_job``/``
 and tests/orchestrator/test_pipeline.py (bad target modules, an unreachable ``--address``, a
 foreign output directory after a finished run): here every case goes through a subprocess of
 ``python -m orchestrator.cli`` as a user would run it; a module fixture runs them all once
-(~85 s on a shared 2-core CPU, most of it interpreter start-up and four local Ray starts).
+(85-105 s on a shared 2-core CPU, most of it each process's interpreter and torch start-up).
 
-Spec, task-name, rank and output-directory errors fail before Ray starts. Data-file errors
-(missing, empty, no text column, not UTF-8) surface only after the embedded Ray has started,
-because ``pipeline.run_job`` tokenises after ``init_ray``; they still exit 2 with the file
-named, and leave only the ``job.json`` ownership marker.
+Every case fails before Ray starts: ``pipeline.run_job`` builds the tasks' data (and checks
+the output directory) before ``init_ray``. Data-file errors (missing, empty, no text column,
+not UTF-8) exit 2 with the file named and leave only the ``job.json`` ownership marker.
 """
 
 from __future__ import annotations
@@ -127,8 +126,8 @@ def _data_case(d: Path, kind: str) -> Case:
     else:  # not UTF-8 (latin-1 bytes)
         f.write_bytes(b"".join(b'{"text": "caf\xe9 \xff document %d"}\n' % i for i in range(8)))
         needles = ("task 'mine'", "docs.jsonl", "not UTF-8")
-    # Data is read after the local Ray starts (pipeline.run_job: init_ray, then build_job_data).
-    return Case(["run", str(_files_job(d, f)), "--out", str(d / "out")], d / "out", needles, before_ray=False)
+    # Data is read before the local Ray starts (pipeline.run_job: build_job_data, then init_ray).
+    return Case(["run", str(_files_job(d, f)), "--out", str(d / "out")], d / "out", needles)
 
 
 def _build_cases(d: Path) -> dict[str, Case]:
