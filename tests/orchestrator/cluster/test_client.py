@@ -105,17 +105,23 @@ def test_bad_spec_fails_before_anything_is_sent(no_ray_token, monkeypatch, tmp_p
     assert client._jobs_client is None
 
 
-def test_submit_sends_validated_spec_inlined_and_entrypoint(no_ray_token, monkeypatch, tmp_path):
-    """The inlined spec re-validates to the same JobSpec; the entrypoint writes and runs it."""
+def _recording_client(address: str, **kw) -> tuple[LoraflockClient, dict]:
+    """A client whose Jobs API records what ``submit`` would send (the submission id comes back)."""
     sent: dict = {}
 
-    class FakeJobs:
+    class RecordingJobs:
         def submit_job(self, **kwargs):
             sent.update(kwargs)
             return kwargs["submission_id"]
 
-    client = LoraflockClient("http://127.0.0.1:8265", token="t")
-    client._jobs_client = FakeJobs()
+    client = LoraflockClient(address, **kw)
+    client._jobs_client = RecordingJobs()
+    return client, sent
+
+
+def test_submit_sends_validated_spec_inlined_and_entrypoint(no_ray_token, monkeypatch, tmp_path):
+    """The inlined spec re-validates to the same JobSpec; the entrypoint writes and runs it."""
+    client, sent = _recording_client("http://127.0.0.1:8265", token="t")
     job_id = client.submit(str(TINY), out="/shared/out dir", runtime_env={"env_vars": {"X": "1"}})
     assert job_id.startswith("loraflock-tiny-")
     env = sent["runtime_env"]["env_vars"]
@@ -146,16 +152,8 @@ def test_submit_sends_validated_spec_inlined_and_entrypoint(no_ray_token, monkey
 
 
 def test_submit_ships_working_dir_and_pip(no_ray_token, tmp_path):
-    sent: dict = {}
-
-    class FakeJobs:
-        def submit_job(self, **kwargs):
-            sent.update(kwargs)
-            return "id"
-
-    client = LoraflockClient("127.0.0.1:8265")
+    client, sent = _recording_client("127.0.0.1:8265")
     assert client.address == "http://127.0.0.1:8265"
-    client._jobs_client = FakeJobs()
     client.submit(load_job(TINY), out="o", working_dir=ROOT, pip=["loraflock==0.1.0"])
     assert sent["runtime_env"]["working_dir"] == str(ROOT)
     assert sent["runtime_env"]["pip"] == ["loraflock==0.1.0"]
@@ -172,15 +170,7 @@ def test_submit_ships_loraflocks_packages_by_default_and_its_deps_on_request(no_
 
     from orchestrator.cluster.runtime_env import CODE_PACKAGES, IMPORT_NAMES, MISSING_DEPS_EXIT
 
-    sent: dict = {}
-
-    class FakeJobs:
-        def submit_job(self, **kwargs):
-            sent.update(kwargs)
-            return "id"
-
-    client = LoraflockClient("127.0.0.1:8265")
-    client._jobs_client = FakeJobs()
+    client, sent = _recording_client("127.0.0.1:8265")
     client.submit(load_job(TINY), out="o", runtime_env={"py_modules": ["s3://b/extra.zip"]})
     env = sent["runtime_env"]
     import orchestrator
