@@ -57,8 +57,8 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, target: torch.Tensor,
     flat_target = target.reshape(-1)
     if plain:
         hidden = backbone(input_ids=input_ids).last_hidden_state.reshape(n * length, -1)
-        if keep is not None and (len(keep) == 0 or len(keep) == n * length):
-            keep = None  # nothing scored (keep the graph) or everything: no gather
+        if keep is not None and len(keep) == 0:
+            keep = None  # nothing scored: no gather (the loss is 0 and keeps its graph)
         source = hidden if keep is None else hidden.index_select(0, keep)
         flat_target = flat_target if keep is None else flat_target.index_select(0, keep)
         vocab = head.out_features
