@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models.train.loop as loop  # noqa: E402
+from benchmarks._common import add_model_args  # noqa: E402
 from models.base import load_base, top_block_indices  # noqa: E402
 from models.lora import adapter_params, inject  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
@@ -137,10 +138,7 @@ def _arm(args, arm: str) -> tuple[dict, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="random-init tiny llama (quick check)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--top", type=int, default=None, help="adapted top blocks (default 2; tiny: 1)")
-    ap.add_argument("--rank", type=int, default=8)
+    add_model_args(ap)
     ap.add_argument("--tasks", type=int, default=256)
     ap.add_argument("--train-rows", type=int, default=24, help="training rows per task")
     ap.add_argument("--eval-rows", type=int, default=6, help="eval rows per task")

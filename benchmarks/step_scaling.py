@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import add_model_args  # noqa: E402
 from models.base import load_base, top_block_indices  # noqa: E402
 from models.lora import adapter_params, inject  # noqa: E402
 from models.prefix import compute_prefix  # noqa: E402
@@ -71,10 +72,7 @@ def _arm(args, num_tasks: int, mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="random-init tiny llama (quick check)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--top", type=int, default=None, help="adapted top blocks (default 2; tiny: 1)")
-    ap.add_argument("--rank", type=int, default=8)
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--tasks", type=int, nargs=2, default=[8, 1024], metavar=("SMALL", "LARGE"))
