@@ -160,7 +160,7 @@ class TrialMetrics(TypedDict):
         macro_ppl: mean of per-task perplexities.
         sparsity / bits: removed fraction of gated weights, base bits.
         model_bytes, base_bytes, compressed_bytes, adapter_bytes, mask_bytes: deployed size
-            (``orchestrator.search.trial.deployed_bytes``).
+            (``orchestrator.search.sizes.deployed_bytes``).
         target_bytes / rung_bytes: the size at the target sparsity and the scheduler's size
             (ParetoASHA records a result only when ``rung_bytes`` is present); a packed trial is
             ungated, so both are its ``model_bytes``, as the unpacked trial reports them.

@@ -114,7 +114,8 @@ class PackHost:
         self.num_tasks = len(payload["names"])
         run = run_dtype(spec, device)  # bf16 on a GPU (auto); a quantised host quantises fp32 weights first
         self.model = load_job_base(spec, device, "float32" if quantised else run)
-        from orchestrator.search.trial import deployed_bytes, mask_tensors  # the trial's own sizes and masks
+        from orchestrator.search.sizes import deployed_bytes  # the trial's own sizes
+        from orchestrator.search.trial import mask_tensors  # and masks
 
         layers = top_block_indices(self.model, spec.lora.top_layers)
         torch.manual_seed(spec.train.seed)  # the trial's Theta_A draws (LQ keeps them where L = 0)
