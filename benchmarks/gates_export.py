@@ -11,10 +11,10 @@ Compares, with the same seed, LoRA init and batches:
   * ``lora``:  base + LoRA (all 7 projections of every block unless ``--lora-top``), trained
     ``--steps`` steps;
   * ``gated``: the same + one FineGate per MLP intermediate channel (the input columns of
-    down_proj) in every block, trained on ``models.gates.schedule``'s schedule (importance
-    init, penalty warm-up, noise annealing, binary gates with ``--target`` closed per layer
-    (more with ``--align``) after ``--harden-at`` of the steps), then exported (gates
-    folded, closed channels removed, adapter merged).
+    down_proj) in every block (``--heads``: also one per query head, on o_proj's input),
+    trained on ``models.gates.schedule``'s schedule (importance init, penalty warm-up, noise
+    annealing, binary gates with ``--target`` closed per layer (more with ``--align``) after
+    ``--harden-at`` of the steps), then exported (gates folded, closed channels removed, adapter merged).
 Data: training sequences from the stdlib's ``*.py`` (at most ``--per-file`` per file, drawn in
 shuffled epochs), eval sequences from every 5th file (at most ``--eval-per-file`` per file, so
 the default 128 come from 64 files). Prints ONE JSON object: removed_fraction (gated base
@@ -47,6 +47,7 @@ from gates_accuracy import classification_split, example_rows, model_accuracy, p
 
 from models.base import adaptable_layers, load_base, resolve_model  # noqa: E402
 from models.gates.export import export_pruned, strip_adapters  # noqa: E402
+from models.gates.heads import head_counts, inject_head_gates  # noqa: E402
 from models.gates.layer import gate_params, inject_gates, sparsity_report  # noqa: E402
 from models.gates.schedule import (  # noqa: E402
     GateController,
@@ -113,6 +114,8 @@ def make_model(
         # One gate per MLP intermediate channel (the input columns of down_proj) in every block:
         # exactly the dimension the export removes.
         inject_gates(model, ["down_proj"], gate_rows=False, sigma=args.sigma)
+        if args.heads:  # and one per query head (o_proj's input), the same count closed under every KV head
+            inject_head_gates(model, sigma=args.sigma)
         if args.init in ("importance", "taylor") and len(calib):
             def forward() -> torch.Tensor:
                 total = torch.zeros(())
@@ -240,6 +243,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lora-top", type=int, default=0, help="LoRA on the top N blocks (0 = every block)")
     ap.add_argument("--target", type=float, default=0.3, help="fraction of MLP channels removed (one gate each)")
+    ap.add_argument("--heads", action="store_true",
+                    help="also gate attention heads (models.gates.heads): --target of each KV head's query heads")
     ap.add_argument("--lam", type=float, default=50.0)
     ap.add_argument("--sigma", type=float, default=0.1, help="training noise at step 1 (annealed to 0)")
     ap.add_argument("--warmup", type=float, default=0.2, help="penalty warm-up, fraction of steps")
@@ -403,6 +408,8 @@ def main() -> None:
     original = models["lora"]
     n_orig = sum(p.numel() for p in original.parameters())
     n_pruned = sum(p.numel() for p in pruned.parameters())
+    block_weights = {k: sum(p.numel() for n, p in m.named_parameters() if ".layers." in n and n.endswith("proj.weight"))
+                     for k, m in (("original", original), ("exported", pruned))}
     full = latency({"original": original, "exported": pruned}, lat_ids, args.reps)
     prefill = latency({"original": original, "exported": pruned}, lat_ids, args.reps, logits_to_keep=1)
 
@@ -418,6 +425,10 @@ def main() -> None:
                 ),
                 "base": "tiny-random-llama" if args.tiny else args.base,
                 "removed_fraction": round(report["removed_fraction"], 4),
+                # of all the blocks' projection weights (q/k/v/o and the MLP), gated or not
+                "removed_fraction_of_block_weights": round(
+                    1 - block_weights["exported"] / block_weights["original"], 4
+                ),
                 **accuracy_fields,
                 "ppl_base": round(results["base"]["eval_ppl"], 4),
                 "ppl_oneshot_pruned_untrained": {k: round(v, 3) for k, v in oneshot.items()},
@@ -431,6 +442,7 @@ def main() -> None:
                 "speedup_last_token": round(prefill["original"] / prefill["exported"], 3),
                 "latency_s": {"full_logits": full, "last_token_logits": prefill},
                 "params": {"original": n_orig, "exported": n_pruned, "ratio": round(n_pruned / n_orig, 4)},
+                "heads": {"original": head_counts(original), "exported": head_counts(pruned)},
                 "train_s": {k: v["train_s"] for k, v in results.items() if "train_s" in v},
                 "eval_ppl_by_step": {k: v["curve"] for k, v in results.items() if "curve" in v},
                 "settings": {k: v for k, v in vars(args).items()}

@@ -37,12 +37,12 @@ def preflight(spec: JobSpec) -> list[str]:
     except LoraTargetError as e:
         raise SpecError(f"lora: {e}") from None
     if spec.gates.enabled:
-        from models.gates.layer import GateConfigError, inject_gates
+        from models.gates.layer import GateConfigError
+        from orchestrator.flock.gating import inject_spec_gates
 
         g = spec.gates
         try:
-            inject_gates(model, g.target_modules, layers=layers if g.layers == "adapted" else None, scope=g.scope,
-                         num_tasks=max(1, len(spec.tasks)), gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
+            inject_spec_gates(model, g, layers if g.layers == "adapted" else None, g.scope, max(1, len(spec.tasks)))
         except GateConfigError as e:
             raise SpecError(f"gates: {e}") from None
     if layers and layers[0] > 0 and not (spec.gates.enabled and spec.gates.layers == "all"):

@@ -19,8 +19,12 @@ gate is 0 are then *removed* with ``index_select`` where the architecture allows
 | hidden size (cols of q/k/v/gate/up/c_attn/  | no       | the residual stream and the norms are |
 | c_fc, rows of o/down/c_proj)                |          | shared by every block: gate folded in |
 |                                             |          | (closed = zero column/row)            |
-| attention heads (q/k/v rows, o_proj cols)   | no (yet) | only whole KV groups could go, and HF |
-|                                             |          | attention keeps head counts; folded   |
+| query heads (head gates on o_proj's input,  | yes      | head ``h`` only feeds ``o_proj``'s    |
+| ``models.gates.heads``): q_proj rows,        |          | columns of ``h``; removed when every  |
+| o_proj cols                                 |          | KV head keeps as many query heads     |
+|                                             |          | (then ``num_key_value_groups`` is set |
+|                                             |          | per module), else folded              |
+| KV heads (k/v rows)                         | no       | shared by the kept query heads        |
 
 Route for the intermediate size: HF Llama has one global ``config.intermediate_size``, but
 ``LlamaMLP.forward``/``GPT2MLP.forward`` never read it, so each block's MLP layers are
@@ -29,7 +33,10 @@ same ``transformers`` class and runs unchanged, with real smaller matmuls (a rea
 unlike padding every block to the largest kept size). :func:`save_pruned` writes it with
 ``save_pretrained`` plus ``pruned_shapes.json``; when every block kept the same width
 (``gates.allocation: layer`` on every block) the config's ``intermediate_size`` says so and
-plain ``from_pretrained`` loads it; otherwise :func:`load_pruned` rebuilds the shapes.
+plain ``from_pretrained`` loads it; otherwise :func:`load_pruned` rebuilds the shapes. Heads
+likewise: when every block kept the same number and the config accepts it (Llama's wants it
+to divide ``hidden_size``), ``num_attention_heads`` says so, with ``head_dim`` written out
+(``models.gates.heads.set_config_heads``).
 
 Model code only: no Ray here.
 """
@@ -42,6 +49,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.gates.heads import attention_modules, head_counts, kv_heads, set_config_heads, sync_head_counts
 from models.gates.layer import GatedLinear, gate_layers
 from models.lora import MultiTaskLoraLinear, linear_weight
 
@@ -188,7 +196,7 @@ def export_pruned(model: nn.Module, task: int | None = None, inplace: bool = Fal
     if not inplace:
         model = copy.deepcopy(model)
         layers = gate_layers(model)
-    done: set[int] = set()
+    done = _remove_closed_heads(model, task)
     for mlp, producers, consumer, activated, act_attr in _mlp_groups(model):
         mods = {n: getattr(mlp, n) for n in (*producers, consumer)}
         if not any(isinstance(m, GatedLinear) for m in mods.values()):
@@ -218,6 +226,33 @@ def export_pruned(model: nn.Module, task: int | None = None, inplace: bool = Fal
         g_r, g_c = _eval_gates(layer, task)
         model.set_submodule(name, _fold_and_slice(layer.inner, g_r, g_c, None, None))
     return model
+
+
+@torch.no_grad()
+def _remove_closed_heads(model: nn.Module, task: int | None) -> set[int]:
+    """Drop closed query heads (``q_proj`` rows, ``o_proj`` columns); ids of the gated modules done.
+
+    A block whose KV heads would keep unequal numbers of query heads (gates not hardened by
+    ``harden_grouped``) is left to the fold-only pass: exact, but nothing removed.
+    """
+    done: set[int] = set()
+    for attn in attention_modules(model).values():
+        o, q = attn.o_proj, attn.q_proj
+        d = int(attn.head_dim)
+        if not (isinstance(o, GatedLinear) and o.col_group == d):
+            continue
+        g_r, g_c = _eval_gates(o, task)
+        open_heads = g_c.view(-1, d)[:, 0] != 0  # (H,): a head's columns share one gate
+        per = open_heads.view(kv_heads(attn), -1).sum(1)
+        if int(per.min()) != int(per.max()) or int(per.min()) == 0:
+            continue
+        cols = (torch.nonzero(open_heads).flatten()[:, None] * d + torch.arange(d, device=g_c.device)).flatten()
+        gq_r, gq_c = _eval_gates(q, task) if isinstance(q, GatedLinear) else (None, None)
+        attn.o_proj = _fold_and_slice(_unwrap(o), g_r if o.theta_rows is not None else None, g_c, None, cols)
+        attn.q_proj = _fold_and_slice(_unwrap(q), gq_r, gq_c, cols, None)
+        attn.num_key_value_groups = int(per[0])
+        done |= {id(o), id(q)}
+    return done
 
 
 def strip_adapters(model: nn.Module) -> nn.Module:
@@ -275,6 +310,9 @@ def save_pruned(model: nn.Module, directory) -> None:
     for attr in ("hf_quantizer",):  # a GGUF-loaded base refuses save_pretrained otherwise
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
+    heads = set(head_counts(model))
+    if len(heads) == 1 and hasattr(cfg, "num_attention_heads"):  # else (or if refused) load_pruned rebuilds them
+        set_config_heads(cfg, heads.pop(), int(next(iter(attention_modules(model).values())).head_dim))
     if getattr(cfg, "quantization_config", None) is not None:
         del cfg.quantization_config
     model.save_pretrained(directory, safe_serialization=True)
@@ -314,6 +352,7 @@ def load_pruned(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
             f"{directory}: weights do not match the pruned shapes (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.tie_weights()
+    sync_head_counts(model)  # blocks that lost query heads read fewer per KV head
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -20,6 +20,13 @@ Gates follow the stochastic gates of Yamada et al. (STG), as FineGates uses them
 penalty's gradient at init is ``phi(12.6) ~ 1e-35`` and the gates would never move.
 The noise is drawn once per forward for every gate (shared by the rows of the batch).
 
+Grouped column gates (``col_group > 1``): one gate for every ``col_group`` contiguous inputs,
+e.g. one per attention head on ``o_proj``'s input (``models.gates.heads``), expanded to the
+input width in the forward; ``col_bundles`` tells the hardening to close the same number in
+each bundle of groups (the query heads that share one KV head). Everything that reads the
+gates from outside (:meth:`GatedLinear.eval_gates`, the export, the sparsity report) sees
+the expanded, per-input-column values.
+
 Scope ``shared``: one gate vector per layer. Scope ``task``: one per task, ``[T, dim]``,
 gathered per row with the task ids of the shared :class:`~models.lora.TaskRouter` (the
 same ids that route the LoRA slots), without a Python loop over rows.
@@ -87,6 +94,9 @@ class GatedLinear(nn.Module):
         sigma_reg: scale of the open probability ``Phi((mu + 0.5) / sigma_reg)``.
         router: the shared task router (needed for ``scope="task"``; taken from a LoRA
             ``inner`` when not given).
+        col_group: inputs per column gate (``head_dim`` for head gates; 1 = one per input).
+        col_bundles: bundles of column-gate groups that hardening keeps equally wide (the
+            KV heads, for head gates: every KV head must keep as many query heads).
 
     Example:
         >>> layer = GatedLinear(nn.Linear(16, 8), 16, 8)
@@ -107,6 +117,8 @@ class GatedLinear(nn.Module):
         gate_cols: bool = True,
         sigma_reg: float = 0.5,
         router: TaskRouter | None = None,
+        col_group: int = 1,
+        col_bundles: int = 1,
     ) -> None:
         super().__init__()
         if scope not in _SCOPES:
@@ -117,8 +129,16 @@ class GatedLinear(nn.Module):
             raise GateConfigError("gate sigma and init_std must be >= 0 and sigma_reg > 0")
         if not (gate_rows or gate_cols):
             raise GateConfigError("gate_rows and gate_cols are both False: enable at least one")
+        if col_group < 1 or in_features % col_group or (in_features // col_group) % max(col_bundles, 1):
+            raise GateConfigError(
+                f"col_group {col_group} x col_bundles {col_bundles} does not divide the {in_features} inputs: "
+                "use the head size and the KV head count of the attention layer"
+            )
+        if col_group > 1 and not gate_cols:
+            raise GateConfigError("col_group > 1 groups the column gates: it needs gate_cols=True")
         self.inner = inner
         self.in_features, self.out_features = int(in_features), int(out_features)
+        self.col_group, self.col_bundles = int(col_group), int(col_bundles)
         self.scope = scope
         self.num_tasks = num_tasks if scope == "task" else 1
         self.sigma, self.sigma_reg = float(sigma), float(sigma_reg)
@@ -130,22 +150,26 @@ class GatedLinear(nn.Module):
             return nn.Parameter(torch.randn(t, dim, device=dev) * init_std + init_mean)  # (T, dim)
 
         self.theta_rows = theta(self.out_features) if gate_rows else None
-        self.theta_cols = theta(self.in_features) if gate_cols else None
+        self.theta_cols = theta(self.in_features // self.col_group) if gate_cols else None
         # Hard (binary) gates set by ``models.gates.schedule.harden``: once set they replace
         # the stochastic gates in training and eval alike (no noise, no gradient to theta).
         self.register_buffer("hard_rows", None)
         self.register_buffer("hard_cols", None)
 
     # ------------------------------------------------------------------ gate values
+    def _expand(self, side: str, z: torch.Tensor) -> torch.Tensor:
+        """Grouped column gates (T, groups) -> one value per input column (T, in)."""
+        return z.repeat_interleave(self.col_group, dim=-1) if side == "cols" and self.col_group > 1 else z
+
     def _gate(self, side: str) -> torch.Tensor:
         """z for every task: (T, dim); noisy in training, deterministic in eval, fixed once hard."""
         hard = getattr(self, f"hard_{side}")
         if hard is not None:
-            return hard
+            return self._expand(side, hard)
         mu = torch.tanh(getattr(self, f"theta_{side}"))
         if self.training and self.sigma > 0:
-            return _hard_sigmoid(mu + torch.randn_like(mu) * self.sigma)
-        return _hard_sigmoid(mu)
+            return self._expand(side, _hard_sigmoid(mu + torch.randn_like(mu) * self.sigma))
+        return self._expand(side, _hard_sigmoid(mu))
 
     @property
     def is_hard(self) -> bool:
@@ -154,14 +178,16 @@ class GatedLinear(nn.Module):
 
     @torch.no_grad()
     def eval_gates(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Deterministic gates ``clamp(tanh(theta) + 0.5, 0, 1)`` (or the hard mask): rows (T, out), cols (T, in)."""
+        """Deterministic gates ``clamp(tanh(theta) + 0.5, 0, 1)`` (or the hard mask): rows (T, out), cols (T, in).
+
+        Grouped column gates come expanded: one value per input column.
+        """
         out = []
         for side in ("rows", "cols"):
             theta = getattr(self, f"theta_{side}")
             hard = getattr(self, f"hard_{side}")
-            out.append(
-                None if theta is None else hard.clone() if hard is not None else _hard_sigmoid(torch.tanh(theta))
-            )
+            z = None if theta is None else hard.clone() if hard is not None else _hard_sigmoid(torch.tanh(theta))
+            out.append(None if z is None else self._expand(side, z))
         return out[0], out[1]
 
     def open_probability(self) -> torch.Tensor:
@@ -196,8 +222,10 @@ class GatedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         sides = "+".join(s for s, p in (("rows", self.theta_rows), ("cols", self.theta_cols)) if p is not None)
+        group = f", col_group={self.col_group}, col_bundles={self.col_bundles}" if self.col_group > 1 else ""
         return (
             f"in={self.in_features}, out={self.out_features}, scope={self.scope}, tasks={self.num_tasks}, gates={sides}"
+            + group
         )
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from models.gates.heads import harden_grouped
 from models.gates.layer import GateConfigError, GatedLinear, gate_layers, sparsity_penalty
 from models.lora import MultiTaskLoraLinear, linear_weight
 
@@ -271,7 +272,11 @@ def importance_scores(
         if layer.theta_cols is not None:
             v = acc[(name, "cols")] / n
             base = layer.inner.base_layer if isinstance(layer.inner, MultiTaskLoraLinear) else layer.inner
-            sides["cols"] = v if taylor else v.sqrt() * linear_weight(base).float().norm(dim=0)
+            v = v if taylor else v.sqrt() * linear_weight(base).float().norm(dim=0)
+            if layer.col_group > 1:  # one gate per group (a head): the group's columns together
+                v = v.view(-1, layer.col_group)
+                v = v.sum(1) if taylor else v.pow(2).sum(1).sqrt()
+            sides["cols"] = v
         if layer.theta_rows is not None:
             v = acc[(name, "rows")] / n
             sides["rows"] = v if taylor else v.sqrt()
@@ -312,7 +317,9 @@ def closed_count(dim: int, target: float, align: int = 1) -> int:
 def harden(model: nn.Module, target: float, allocation: str = "layer", align: int = 1) -> dict:
     """Fix every gate to a binary mask: the ``target`` fraction with the lowest theta closed.
 
-    Per task slot, per side (rows / cols). ``allocation="layer"``: ``round(target * dim)``
+    Per task slot, per side (rows / cols). Grouped column gates (attention heads) are always
+    per layer, the same count in every KV head's bundle (``models.gates.heads.harden_grouped``,
+    whatever ``allocation`` and ``align`` say). ``allocation="layer"``: ``round(target * dim)``
     closed in every gated layer (with ``align`` > 1, more, down to a kept width that is a
     multiple of ``align``: :func:`closed_count`); ``"global"``: the lowest thetas over all
     layers' entries of that side (``align`` does not apply). Afterwards the gates ignore
@@ -323,8 +330,17 @@ def harden(model: nn.Module, target: float, allocation: str = "layer", align: in
     """
     layers = gate_layers(model)
     closed = total = 0
+    for l in layers.values():  # grouped gates (heads): per layer, the same count in every KV bundle
+        if l.col_group > 1:
+            mask = harden_grouped(l.theta_cols.detach(), target, l.col_bundles)
+            l.hard_cols = mask
+            closed += int((mask == 0).sum())
+            total += mask.numel()
     for side in ("rows", "cols"):
-        group = {n: l for n, l in layers.items() if getattr(l, f"theta_{side}") is not None}
+        group = {
+            n: l for n, l in layers.items()
+            if getattr(l, f"theta_{side}") is not None and not (side == "cols" and l.col_group > 1)
+        }
         if not group:
             continue
         thetas = {n: getattr(l, f"theta_{side}").detach() for n, l in group.items()}  # (T, dim)

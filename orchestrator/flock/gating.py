@@ -18,8 +18,26 @@ from models.train.data import FlockData
 from models.train.hooks import ExtraParams, TrainHooks
 from orchestrator.contracts import GateResults
 from orchestrator.spec import JobSpec
+from orchestrator.specs.gates import GatesSpec
 
-__all__ = ["export_gated", "gate_hooks", "gate_init_state", "gate_results"]
+__all__ = ["export_gated", "gate_hooks", "gate_init_state", "gate_results", "inject_spec_gates"]
+
+
+def inject_spec_gates(model, g: GatesSpec, layers: list[int] | None, scope: str, num_tasks: int) -> list[str]:
+    """The job's gates on ``model``: ``gates.target_modules`` (by ``gates.sides``) and, with
+    ``gates.heads``, one gate per query head; ``layers`` = the blocks to gate (``None``: all).
+
+    The one place the worker, the search trials and preflight build gates from a
+    ``gates:`` section, so the three cannot disagree.
+    """
+    from models.gates.heads import inject_head_gates
+    from models.gates.layer import inject_gates
+
+    names = inject_gates(model, g.target_modules, layers=layers, scope=scope, num_tasks=num_tasks, sigma=g.sigma,
+                         gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
+    if g.heads:
+        names += inject_head_gates(model, layers=layers, scope=scope, num_tasks=num_tasks, sigma=g.sigma)
+    return names
 
 
 def gate_init_state(model, data: FlockData, spec: JobSpec, world: int) -> dict:

@@ -37,7 +37,7 @@ from orchestrator.base.load import load_job_base
 from orchestrator.base.quant import NOTE_FILE, QUANT_DIR, adapter_note, write_quant_base
 from orchestrator.base.store import load_base_shared, lq_factors
 from orchestrator.contracts import GateResults, MethodRecord, WorkerResults
-from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results
+from orchestrator.flock.gating import export_gated, gate_hooks, gate_init_state, gate_results, inject_spec_gates
 from orchestrator.flock.methods import method_config, methods_of
 from orchestrator.flock.prefix import worker_prefix_cache
 from orchestrator.metrics.flock import with_metrics
@@ -125,11 +125,7 @@ def flock_worker(config: dict) -> None:
         apply_lq_init(model, factors)
     gates = spec.gates if spec.gates.enabled else None
     if gates is not None:
-        from models.gates.layer import inject_gates
-
-        inject_gates(model, gates.target_modules, layers=layers if gates.layers == "adapted" else None,
-                     scope=gates.scope, num_tasks=len(owned), sigma=gates.sigma,
-                     gate_rows=gates.sides != "cols", gate_cols=gates.sides != "rows")
+        inject_spec_gates(model, gates, layers if gates.layers == "adapted" else None, gates.scope, len(owned))
     ad = {id(p) for p in adapter_params(model)}
     init_state = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in ad}
     say(

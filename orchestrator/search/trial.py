@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.base import top_block_indices
-from models.gates.layer import gate_params, inject_gates, sparsity_report
+from models.gates.layer import gate_params, sparsity_report
 from models.lora import adapter_params, inject, set_trainable
 from models.precision import cast_frozen
 from models.prefix import compute_prefix
@@ -62,6 +62,7 @@ from orchestrator.base.load import load_job_base, run_dtype
 from orchestrator.console import say
 from orchestrator.contracts import TrialMetrics
 from orchestrator.errors import StageError
+from orchestrator.flock.gating import inject_spec_gates
 from orchestrator.flock.methods import method_config
 from orchestrator.search.frozen_base import frozen_bytes, frozen_key, load_embedding, top_allocation
 from orchestrator.search.sizes import deployed_bytes
@@ -213,8 +214,7 @@ def build_trial_model(
             cast_frozen(model, getattr(torch, run))
     if float(config.get("target_sparsity", 0.0)) > 0:
         g = spec.gates
-        info["gated"] = inject_gates(model, g.target_modules, layers=layers, scope="shared",
-                                     gate_rows=g.sides != "cols", gate_cols=g.sides != "rows")
+        info["gated"] = inject_spec_gates(model, g, layers, "shared", 1)
     return model, info
 
 

@@ -39,6 +39,12 @@ class GatesSpec(Strict):
         target_modules: layers to gate; default ``down_proj`` (Llama family; GPT-2:
             ``mlp.c_proj``), whose input columns are the MLP channels the export removes.
         sides: gate the layers' input columns (``cols``), output rows (``rows``) or ``both``.
+        heads: also gate attention heads, one gate per query head on ``o_proj``'s input
+            (``models.gates.heads``); ``target_sparsity`` of each KV head's query heads are
+            closed (rounded, never all) and the export removes them. MLP channels alone leave
+            attention and the head whole (SmolLM2: 1.19x at a third of the channels).
+            Llama-family attention only (``q_proj``...``o_proj``); ``o_proj`` must not be in
+            ``target_modules`` too.
         layers: ``adapted`` (the blocks with adapters, ``lora.top_layers``: the frozen
             blocks below stay cached) or ``all`` blocks (no prefix cache: slower).
         gate_lr: step size of the gate logits; ``None`` = just enough to close the target
@@ -69,6 +75,7 @@ class GatesSpec(Strict):
     lam: float = Field(50.0, ge=0, alias="lambda")
     target_modules: list[str] = Field(default_factory=lambda: ["down_proj"], min_length=1)
     sides: Literal["cols", "rows", "both"] = "cols"
+    heads: bool = False
     layers: Literal["adapted", "all"] = "adapted"
     gate_lr: float | None = Field(None, gt=0)
     warmup: float = Field(0.2, ge=0, le=1)
@@ -93,6 +100,9 @@ class GatesSpec(Strict):
             raise ValueError(
                 f"gates.harden_at ({self.harden_at}) must come after the warm-up (gates.warmup = {self.warmup})"
             )
+        if self.heads and any(m.split(".")[-1] == "o_proj" for m in self.target_modules):
+            raise ValueError(f"gates.heads puts the head gates on o_proj: take o_proj out of gates.target_modules "
+                             f"({self.target_modules}), or set heads: false")
         if self.align > 1 and self.allocation != "layer":
             raise ValueError(f"gates.align ({self.align}) needs gates.allocation: layer (global allocation gives "
                              "layers different widths): set allocation: layer, or align: 1")

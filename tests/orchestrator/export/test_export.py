@@ -154,6 +154,26 @@ def test_pruned_export_pads_per_block_widths_to_one_with_zeros(tmp_path):
         _close(_logits(_served(tmp_path / "exp", t), IDS), _logits(model, IDS, s), rel=1e-5)
 
 
+def test_pruned_export_pads_removed_heads_inside_their_kv_groups(tmp_path):
+    """Block 1 lost two of the four query heads per KV head, block 0 none: the served base has 8 heads
+    everywhere, block 1's kept heads sit first in each KV head's group (a tail pad would pair them with the
+    wrong KV head), and its q_proj / o_proj adapters move with them."""
+    from orchestrator.flock.gating import export_gated
+    from tests.orchestrator.flock.test_gates_job import _random_gated_model
+
+    spec = _job("tiny-gates.yaml")
+    run = tmp_path / "run"
+    model, _ = _random_gated_model(["q_proj", "o_proj", "down_proj"], 2, seed=2, closed=0.5, heads=True, layers=[1])
+    export_gated(model, run / "export", ["json", "http"], [0, 1], 0, "shared")
+    _claim(run, spec, ["json", "http"])
+    m = export_run(run, tmp_path / "exp")
+    assert any("query heads per block [8, 4]" in n for n in m["notes"])
+    cfg = json.loads((tmp_path / "exp" / "base" / "config.json").read_text())
+    assert cfg["num_attention_heads"] == 8 and cfg["head_dim"] == 8
+    for s, t in enumerate(["json", "http"]):
+        _close(_logits(_served(tmp_path / "exp", t), IDS), _logits(model, IDS, s), rel=1e-5)
+
+
 def test_picked_trial_export_folds_gates_and_lq_part(tmp_path):
     from tests.orchestrator.search.test_pick import PICKED, _trained_trial
 

@@ -90,16 +90,22 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     g = rep["flock"]["gates"]
-    # 25% of 128 MLP channels = 32 closed in each of the 2 blocks, for every method (same gating)
+    # 25% of 128 MLP channels = 32 closed in each of the 2 blocks, and 2 of 8 query heads (1 per KV
+    # head: 16 of o_proj's 64 inputs), for every method (same gating)
     assert g["removed_fraction"] == pytest.approx(0.25) and set(g["methods"]) == {"hierarchical", "unified"}
     assert all(v == pytest.approx(0.25) for v in g["methods"].values()) and set(g["tasks"]) == {"json", "http"}
-    assert [row["cols_kept"] for row in g["layers"].values()] == [96, 96]
+    assert {n: row["cols_kept"] for n, row in g["layers"].items()} == {
+        **{f"model.layers.{b}.mlp.down_proj": 96 for b in (0, 1)},
+        **{f"model.layers.{b}.self_attn.o_proj": 48 for b in (0, 1)},
+    }
     assert rep["pesc"]["macro_ppl"] > 1  # PESC ran after the gated flock, on the ungated model
     md = (out / "report.md").read_text()
     assert "### FineGates" in md and "| model.layers.1.mlp.down_proj | 64 | 96 | 25.0% |" in md
     # the export: a plain LlamaForCausalLM at intermediate 96 (+ PEFT adapters) gives the reported eval loss
     cfg = json.loads((out / "export" / "model" / "config.json").read_text())
-    assert cfg["intermediate_size"] == 96
+    # 6 heads do not divide the hidden size 64, which LlamaConfig refuses: the config keeps 8 and
+    # load_pruned rebuilds the 6-head blocks from pruned_shapes.json
+    assert cfg["intermediate_size"] == 96 and cfg["num_attention_heads"] == 8
     spec = load_job(JOB)
     data = {
         d.name: d for d in build_task_data(spec.tasks, load_tokenizer("bytes"), spec.train.seq_len, spec.train.seed)
@@ -113,15 +119,17 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
 
     m = check_flock_export(out, tmp_path / "exp", spec)  # loraflock export: one width (96), plain from_pretrained
     config = json.loads((tmp_path / "exp" / "base" / "config.json").read_text())
-    assert m["kind"] == "pruned" and config["intermediate_size"] == 96
+    assert m["kind"] == "pruned" and config["intermediate_size"] == 96 and config["num_attention_heads"] == 8
+    assert any("query heads per block [6, 6], zero-padded to 8" in n for n in m["notes"])
 
 
 def _random_gated_model(
-    lora_targets: list[str], lora_tasks: int, seed: int, closed: float, **gate_kwargs
+    lora_targets: list[str], lora_tasks: int, seed: int, closed: float, heads: bool = False, **gate_kwargs
 ) -> tuple[torch.nn.Module, torch.Generator]:
-    """The tiny job's base with rank-4 LoRA, ``down_proj`` column gates, random adapters and
-    gates, hardened to ``closed``; the generator is returned to draw the test's inputs from."""
+    """The tiny job's base with rank-4 LoRA, ``down_proj`` column gates (and head gates), random
+    adapters and gates, hardened to ``closed``; the generator is returned to draw the test's inputs from."""
     from models.base import load_base
+    from models.gates.heads import inject_head_gates
     from models.gates.layer import gate_params, inject_gates
     from models.gates.schedule import harden
     from models.lora import adapter_params, inject
@@ -130,6 +138,8 @@ def _random_gated_model(
     model = load_base(random_init=spec.base.random_init, seed=0)
     inject(model, lora_targets, num_tasks=lora_tasks, rank=4, alpha=8.0)
     inject_gates(model, ["down_proj"], gate_rows=False, **gate_kwargs)
+    if heads:
+        inject_head_gates(model, **gate_kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter_params(model) + gate_params(model):
