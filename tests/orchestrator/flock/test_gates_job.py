@@ -45,6 +45,7 @@ def test_gates_section_reads_lambda_and_round_trips_through_model_dump() -> None
         ({"lambda": -1}, "gates.lambda"),
         ({"gate_lr": 0}, "gates.gate_lr"),
         ({"sparsity": 0.3}, "gates.sparsity: unknown field"),
+        ({"heads": True, "target_modules": ["down_proj", "o_proj"]}, "take o_proj out of gates.target_modules"),
     ],
 )
 def test_gates_errors_name_the_field(gates, needle) -> None:
@@ -66,6 +67,12 @@ def test_gates_need_the_flock_and_gateable_targets() -> None:
 
     with pytest.raises(SpecError, match="gates: gate target_modules \\['nope'\\] match no layer"):
         preflight(parse_job(_job(target_modules=["nope"])))
+    d = _job(heads=True, target_modules=["mlp.c_proj"])  # GPT-2's fused c_attn has no query heads to remove
+    d["base"]["random_init"] = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 257,
+                                "n_positions": 256}
+    d["lora"]["target_modules"] = ["c_attn", "c_fc"]
+    with pytest.raises(SpecError, match="gates: gates.heads: no attention block .* turn gates.heads off"):
+        preflight(parse_job(d))
 
 
 def _nll(model, ids: torch.Tensor) -> float:
