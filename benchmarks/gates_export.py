@@ -200,9 +200,12 @@ def train(model, args, train_ids: torch.Tensor, gated: bool, teacher: torch.nn.M
 
 def distill_step(model, teacher, ids: torch.Tensor, opt, params, args, ctrl, scored=None) -> float:
     """One step of ``(1 - w) * next-token CE + w * KD(teacher)`` (+ the gate penalty), clipped at 1.
-    ``scored``: CE on these targets only (KD stays on every position: the teacher's view of the prompt)."""
+    ``scored``: CE on these targets only (KD stays on every position up to the last scored one: the
+    teacher's view of the prompt too)."""
     model.train()
     opt.zero_grad(set_to_none=True)
+    if scored is not None:  # padding after the last completion token teaches nothing: cut it (as the CE arm does)
+        ids, scored = trim_columns(ids, scored)
     with task_ids(model, 0):
         logits = model(input_ids=ids).logits[:, :-1]
     with torch.no_grad(), task_ids(teacher, 0):

@@ -54,7 +54,7 @@ from models.gates.layer import GatedLinear, gate_layers
 from models.lora import MultiTaskLoraLinear, linear_weight
 
 __all__ = ["GateExportError", "export_pruned", "strip_adapters", "pruned_shapes", "save_pruned", "load_pruned",
-           "mlp_widths", "WIDTH_KEYS"]
+           "mlp_widths", "coupled_producers", "WIDTH_KEYS"]
 
 SHAPES_FILE = "pruned_shapes.json"
 WIDTH_KEYS = ("intermediate_size", "n_inner")  # the config's MLP width (Llama-style, GPT-2)
@@ -253,6 +253,25 @@ def _remove_closed_heads(model: nn.Module, task: int | None) -> set[int]:
         attn.num_key_value_groups = int(per[0])
         done |= {id(o), id(q)}
     return done
+
+
+def coupled_producers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(gated consumer, the modules whose output rows its input columns are) for every block.
+
+    What the export removes beyond the gated matrix itself: an MLP channel closed on
+    ``down_proj``'s input is a ``gate_proj``/``up_proj`` row gone too, a head closed on
+    ``o_proj``'s input is its ``q_proj`` rows gone. Sizes of a gated model count them
+    (``orchestrator.search.sizes``).
+    """
+    pairs = []
+    for mlp, producers, consumer, _, _ in _mlp_groups(model):
+        cons = getattr(mlp, consumer)
+        if isinstance(cons, GatedLinear) and cons.theta_cols is not None:
+            pairs.append((cons, [getattr(mlp, n) for n in producers]))
+    for attn in attention_modules(model).values():
+        if isinstance(attn.o_proj, GatedLinear) and attn.o_proj.col_group == int(attn.head_dim):
+            pairs.append((attn.o_proj, [attn.q_proj]))
+    return pairs
 
 
 def strip_adapters(model: nn.Module) -> nn.Module:
