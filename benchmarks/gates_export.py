@@ -115,7 +115,9 @@ def make_model(
         # exactly the dimension the export removes.
         inject_gates(model, ["down_proj"], gate_rows=False, sigma=args.sigma)
         if args.heads:  # and one per query head (o_proj's input), the same count closed under every KV head
-            inject_head_gates(model, sigma=args.sigma)
+            n = len(adaptable_layers(model)[1])
+            inject_head_gates(model, layers=list(range(n - args.heads_top, n)) if args.heads_top else None,
+                              sigma=args.sigma)
         if args.init in ("importance", "taylor") and len(calib):
             def forward() -> torch.Tensor:
                 total = torch.zeros(())
@@ -248,6 +250,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.3, help="fraction of MLP channels removed (one gate each)")
     ap.add_argument("--heads", action="store_true",
                     help="also gate attention heads (models.gates.heads): --target of each KV head's query heads")
+    ap.add_argument("--heads-top", type=int, default=0, help="with --heads: gate heads of the top N blocks only")
     ap.add_argument("--lam", type=float, default=50.0)
     ap.add_argument("--sigma", type=float, default=0.1, help="training noise at step 1 (annealed to 0)")
     ap.add_argument("--warmup", type=float, default=0.2, help="penalty warm-up, fraction of steps")

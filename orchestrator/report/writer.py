@@ -303,6 +303,10 @@ def _gates_md(g: dict, settings: dict | None) -> list[str]:
     lines += ["", "| gated layer | rows kept | cols kept | removed |", "|---|---:|---:|---:|"]
     for name, r in g["layers"].items():
         lines.append(f"| {name} | {r['rows_kept']} | {r['cols_kept']} | {r['removed_fraction'] * 100:.1f}% |")
+    if s.get("heads"):
+        lines += ["", "Query heads are gated on `o_proj`'s input (one gate per head, the same count under every KV "
+                  "head): its cols kept are the kept heads times the head size, and the export drops the same "
+                  "rows of `q_proj`."]
     if s.get("export"):
         lines += ["", "The pruned model is in `export/` (plain `transformers` weights + PEFT adapters for it)."]
     return lines + [""]

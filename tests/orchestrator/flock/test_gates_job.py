@@ -108,6 +108,7 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
     assert rep["pesc"]["macro_ppl"] > 1  # PESC ran after the gated flock, on the ungated model
     md = (out / "report.md").read_text()
     assert "### FineGates" in md and "| model.layers.1.mlp.down_proj | 64 | 96 | 25.0% |" in md
+    assert "| model.layers.1.self_attn.o_proj | 64 | 48 | 25.0% |" in md and "Query heads are gated" in md
     # the export: a plain LlamaForCausalLM at intermediate 96 (+ PEFT adapters) gives the reported eval loss
     cfg = json.loads((out / "export" / "model" / "config.json").read_text())
     # 6 heads do not divide the hidden size 64, which LlamaConfig refuses: the config keeps 8 and
