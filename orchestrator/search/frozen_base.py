@@ -186,7 +186,8 @@ def load_embedding(model: nn.Module, record: dict | None) -> None:
     if embed is None:
         return
     emb = model.get_submodule(embed["name"])
-    emb.weight.copy_(torch.from_numpy(np.asarray(embed["weight"])).to(emb.weight.device, emb.weight.dtype))
+    # torch.tensor copies: the stored rows are a read-only map (from_numpy would warn and alias them)
+    emb.weight.copy_(torch.tensor(np.asarray(embed["weight"])).to(emb.weight.device, emb.weight.dtype))
 
 
 @torch.no_grad()
