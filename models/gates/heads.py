@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.gates.layer import GateConfigError, GatedLinear, _widths
+from models.gates.layer import GateConfigError, GatedLinear, wrap_gated
 from models.lora import MultiTaskLoraLinear, TaskRouter, block_index, linear_weight
 
 __all__ = ["attention_modules", "inject_head_gates", "harden_grouped", "head_counts", "sync_head_counts",
@@ -131,24 +131,13 @@ def inject_head_gates(
         )
     names = []
     for name, attn in attns.items():
-        o = attn.o_proj
-        if isinstance(o, GatedLinear):
+        if isinstance(attn.o_proj, GatedLinear):
             raise GateConfigError(
                 f"{name}.o_proj is already gated: leave o_proj out of gates.target_modules when gates.heads is on"
             )
-        in_f, out_f = _widths(o)
-        if isinstance(o, MultiTaskLoraLinear):
-            if scope == "task" and num_tasks < o.num_tasks:
-                raise GateConfigError(f"{name}.o_proj has {o.num_tasks} LoRA slots but gate num_tasks is {num_tasks}: "
-                                      f"use num_tasks={o.num_tasks}")
-            frozen = o.base_layer.parameters()
-        else:
-            frozen = o.parameters()
-        for p in frozen:
-            p.requires_grad_(False)
-        attn.o_proj = GatedLinear(o, in_f, out_f, num_tasks, scope, sigma, init_mean, init_std, gate_rows=False,
-                                  gate_cols=True, sigma_reg=sigma_reg, router=router, col_group=int(attn.head_dim),
-                                  col_bundles=kv_heads(attn))
+        attn.o_proj = wrap_gated(attn.o_proj, f"{name}.o_proj", scope, num_tasks, router, sigma=sigma,
+                                 init_mean=init_mean, init_std=init_std, gate_rows=False, gate_cols=True,
+                                 sigma_reg=sigma_reg, col_group=int(attn.head_dim), col_bundles=kv_heads(attn))
         names.append(f"{name}.o_proj")
     model._loraflock_router = router  # type: ignore[attr-defined]
     return names

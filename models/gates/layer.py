@@ -58,6 +58,7 @@ __all__ = [
     "GateConfigError",
     "GatedLinear",
     "inject_gates",
+    "wrap_gated",
     "gate_layers",
     "gate_params",
     "remove_gates",
@@ -291,25 +292,29 @@ def inject_gates(
             + " (already gated layers are skipped): use names of linear layers, e.g. up_proj or c_fc"
         )
     for name in chosen:
-        inner = model.get_submodule(name)
-        in_f, out_f = _widths(inner)
-        if isinstance(inner, MultiTaskLoraLinear):
-            if scope == "task" and num_tasks < inner.num_tasks:
-                raise GateConfigError(
-                    f"{name} has {inner.num_tasks} LoRA slots but gate num_tasks is {num_tasks}: "
-                    f"use num_tasks={inner.num_tasks}"
-                )
-            frozen = inner.base_layer.parameters()
-        else:
-            frozen = inner.parameters()
-        for p in frozen:
-            p.requires_grad_(False)
-        gated = GatedLinear(
-            inner, in_f, out_f, num_tasks, scope, sigma, init_mean, init_std, gate_rows, gate_cols, sigma_reg, router
-        )
-        model.set_submodule(name, gated)
+        model.set_submodule(name, wrap_gated(model.get_submodule(name), name, scope, num_tasks, router, sigma=sigma,
+                                             init_mean=init_mean, init_std=init_std, gate_rows=gate_rows,
+                                             gate_cols=gate_cols, sigma_reg=sigma_reg))
     model._loraflock_router = router  # type: ignore[attr-defined]
     return chosen
+
+
+def wrap_gated(inner: nn.Module, name: str, scope: str, num_tasks: int, router: TaskRouter, **kw) -> GatedLinear:
+    """``inner`` (frozen) in a :class:`GatedLinear`; ``kw`` = its gate settings. Refuses task-scope
+    gates with fewer slots than a LoRA ``inner`` has tasks."""
+    in_f, out_f = _widths(inner)
+    if isinstance(inner, MultiTaskLoraLinear):
+        if scope == "task" and num_tasks < inner.num_tasks:
+            raise GateConfigError(
+                f"{name} has {inner.num_tasks} LoRA slots but gate num_tasks is {num_tasks}: "
+                f"use num_tasks={inner.num_tasks}"
+            )
+        frozen = inner.base_layer.parameters()
+    else:
+        frozen = inner.parameters()
+    for p in frozen:
+        p.requires_grad_(False)
+    return GatedLinear(inner, in_f, out_f, num_tasks, scope, router=router, **kw)
 
 
 def gate_layers(model: nn.Module) -> dict[str, GatedLinear]:
