@@ -156,3 +156,24 @@ def test_head_gates_refuse_a_gated_o_proj_and_gpt2() -> None:
                                   "n_positions": 64})
     with pytest.raises(GateConfigError, match="gates.heads"):
         inject_head_gates(gpt2)
+
+
+def test_task_scope_head_gates_export_each_tasks_own_heads() -> None:
+    model = load_base(random_init=TINY)
+    inject(model, PROJ, num_tasks=2, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for p in adapter_params(model):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
+    inject_head_gates(model, scope="task", num_tasks=2)
+    with torch.no_grad():
+        for layer in gate_layers(model).values():
+            layer.theta_cols.copy_(torch.tensor([[0.1, 2.0, 2.0, 2.0, 2.0, 0.1],     # task 0: heads 0 and 5
+                                                 [2.0, 2.0, 0.1, 0.1, 2.0, 2.0]]))   # task 1: heads 2 and 3
+    harden(model, target=0.34)
+    for t, kept in ((0, [1, 2, 3, 4]), (1, [0, 1, 4, 5])):
+        expect = _logits(model, t)
+        pruned = export_pruned(model, task=t)
+        assert torch.allclose(_logits(pruned, t), expect, atol=1e-5) and head_counts(pruned) == [4, 4, 4]
+        ref = load_base(random_init=TINY).model.layers[0].self_attn.o_proj.weight
+        cols = torch.cat([torch.arange(h * 16, h * 16 + 16) for h in kept])
+        assert torch.equal(pruned.model.layers[0].self_attn.o_proj.base_layer.weight, ref[:, cols])
