@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import yaml
 
 from orchestrator.errors import SpecError
 from orchestrator.spec import GatesSpec, parse_job
+from tests.orchestrator.conftest import run_job_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 JOB = ROOT / "examples" / "tiny-gates.yaml"
@@ -91,11 +89,7 @@ def test_gated_flock_job_reports_sparsity_and_exports_a_model_that_reproduces_it
     from tasks.tokenizer import load_tokenizer
 
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(JOB), "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=400, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rep = json.loads((out / "report.json").read_text())
+    rep = run_job_cli(JOB, out)
     g = rep["flock"]["gates"]
     # 25% of 128 MLP channels = 32 closed in each of the 2 blocks, and 2 of 8 query heads (1 per KV
     # head: 16 of o_proj's 64 inputs), for every method (same gating)

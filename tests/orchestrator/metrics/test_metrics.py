@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import yaml
 
 from orchestrator.errors import SpecError
 from orchestrator.spec import parse_job
+from tests.orchestrator.conftest import run_job_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -92,10 +90,7 @@ def test_tiny_job_streams_flock_and_search_metrics(tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="")
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=500, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_job_cli(spec, out, timeout=500, MLFLOW_TRACKING_URI="")
     tb = _tb_scalars(out / "metrics" / "tensorboard")
     # rank 0, live: the loss at every log_every step, its tasks' eval losses and tau at eval_every
     assert [s for s, _ in tb["hierarchical/train_loss"]] == [4, 8]

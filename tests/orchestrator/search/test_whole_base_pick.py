@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from tests.orchestrator.conftest import run_job_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -42,12 +41,7 @@ def test_a_picked_whole_base_trial_is_recycled_and_exported_on_its_quantised_bas
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=400, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-    rep = json.loads((out / "report.json").read_text())
+    rep = run_job_cli(spec_path, out)
     picked = rep["search"]["picked"]
     assert picked["met"] and picked["base_setting"] == "budget6" and picked["quant_base"] == "search/pick/quant_base"
     qdir = out / picked["quant_base"]
