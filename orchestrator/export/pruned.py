@@ -43,10 +43,11 @@ def served_heads(pruned: nn.Module) -> int | None:
         return None
     attn = next(iter(attention_modules(pruned).values()))
     kv, d = kv_heads(attn), int(attn.head_dim)
-    heads = max(counts)
-    while not set_config_heads(copy.deepcopy(pruned.config), heads, d):
-        heads += kv
-    return heads
+    for heads in range(max(counts), max(counts) + 64 * kv + 1, kv):
+        if set_config_heads(copy.deepcopy(pruned.config), heads, d):
+            return heads
+    raise ExportError(f"{type(pruned.config).__name__} accepts no query-head count from {max(counts)} up: "
+                      "export this run's pruned model with models.gates.export.load_pruned instead of a served bundle")
 
 
 def head_slots(pruned: nn.Module, widest: int | None) -> dict[str, torch.Tensor]:
@@ -83,8 +84,9 @@ def place_head_adapters(pairs: dict, slots: dict[str, torch.Tensor], width: int)
 
 
 @torch.no_grad()
-def pad_to_one_width(pruned: nn.Module) -> tuple[nn.Module, list[int]]:
-    """The same model class at one MLP width (the largest kept), zero-padded; (model, old widths)."""
+def pad_to_one_width(pruned: nn.Module) -> tuple[nn.Module, list[int], dict[str, torch.Tensor]]:
+    """The same model class at one MLP width (the largest kept) and one query-head count, zero-padded;
+    (model, old widths, :func:`head_slots` of the blocks whose heads were padded)."""
     from transformers import AutoModelForCausalLM
 
     widths = mlp_widths(pruned)
@@ -115,7 +117,7 @@ def pad_to_one_width(pruned: nn.Module) -> tuple[nn.Module, list[int]]:
     model.load_state_dict(state)
     model.tie_weights()
     model.requires_grad_(False)
-    return model.eval(), widths
+    return model.eval(), widths, slots
 
 
 def pruned_bundle(run: Run, tasks: list[str]) -> Bundle:
@@ -129,8 +131,7 @@ def pruned_bundle(run: Run, tasks: list[str]) -> Bundle:
     else:
         model_dir, adapter_dirs = exp / "model", {t: exp / "adapters" / t for t in tasks}
     pruned = load_pruned(need(model_dir, "the pruned model, written by the gated flock"))
-    slots = head_slots(pruned, served_heads(pruned))
-    model, widths = pad_to_one_width(pruned)
+    model, widths, slots = pad_to_one_width(pruned)
     full = int(model.config.num_attention_heads) * int(getattr(model.config, "head_dim", 0) or 0)
     adapters = {t: place_head_adapters(pairs_of_peft(need(d, f"the pruned model's adapter of task {t!r}")), slots, full)
                 for t, d in adapter_dirs.items()}
