@@ -34,7 +34,7 @@ from models.gates.layer import GateConfigError, GatedLinear, wrap_gated
 from models.lora import MultiTaskLoraLinear, TaskRouter, block_index, linear_weight
 
 __all__ = ["attention_modules", "inject_head_gates", "harden_grouped", "head_counts", "sync_head_counts",
-           "kv_heads", "set_config_heads"]
+           "kv_heads", "query_heads", "config_accepts_heads", "set_config_heads"]
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -58,9 +58,14 @@ def kv_heads(attn: nn.Module) -> int:
     return int(linear_weight(_base(attn.k_proj)).shape[0]) // int(attn.head_dim)
 
 
+def query_heads(attn: nn.Module) -> int:
+    """Query heads of an attention module (``q_proj``'s outputs over the head size)."""
+    return int(linear_weight(_base(attn.q_proj)).shape[0]) // int(attn.head_dim)
+
+
 def head_counts(model: nn.Module) -> list[int]:
-    """Query heads of every attention block (``q_proj``'s outputs over the head size)."""
-    return [int(linear_weight(_base(a.q_proj)).shape[0]) // int(a.head_dim) for a in attention_modules(model).values()]
+    """Query heads of every attention block."""
+    return [query_heads(a) for a in attention_modules(model).values()]
 
 
 def sync_head_counts(model: nn.Module) -> None:
@@ -70,18 +75,14 @@ def sync_head_counts(model: nn.Module) -> None:
     value, taken from the config, is wrong for the blocks that lost heads.
     """
     for attn in attention_modules(model).values():
-        q = int(linear_weight(_base(attn.q_proj)).shape[0]) // int(attn.head_dim)
-        attn.num_key_value_groups = max(1, q // max(kv_heads(attn), 1))
+        attn.num_key_value_groups = max(1, query_heads(attn) // max(kv_heads(attn), 1))
 
 
-def set_config_heads(cfg, heads: int, head_dim: int) -> bool:
-    """Write ``heads`` query heads of ``head_dim`` into a ``transformers`` config, if it accepts them.
+def config_accepts_heads(cfg, heads: int, head_dim: int) -> bool:
+    """Whether a ``transformers`` config validates with ``heads`` query heads of ``head_dim`` (tried on a copy).
 
-    ``head_dim`` goes in first and explicitly: the default ``hidden_size // num_attention_heads``
-    would change with the count. Some configs refuse counts that do not divide the hidden size
-    (``LlamaConfig.validate_architecture``, at save and load time): the config is then left as
-    it was and False returned, so the caller keeps the per-block shapes instead
-    (``pruned_shapes.json``) or pads to a count the config takes.
+    Some configs refuse counts that do not divide the hidden size
+    (``LlamaConfig.validate_architecture``, run at save and load time).
     """
     import copy
 
@@ -92,6 +93,18 @@ def set_config_heads(cfg, heads: int, head_dim: int) -> bool:
         if callable(validate):
             validate()
     except Exception:  # noqa: BLE001 - any validator's refusal means: not expressible in this config
+        return False
+    return True
+
+
+def set_config_heads(cfg, heads: int, head_dim: int) -> bool:
+    """Write ``heads`` query heads of ``head_dim`` into a config if it accepts them (else leave it, False).
+
+    ``head_dim`` is written explicitly: the default ``hidden_size // num_attention_heads`` would
+    change with the count. On False the caller keeps the per-block shapes instead
+    (``pruned_shapes.json``) or pads to a count the config takes.
+    """
+    if not config_accepts_heads(cfg, heads, head_dim):
         return False
     cfg.head_dim, cfg.num_attention_heads = int(head_dim), int(heads)
     return True

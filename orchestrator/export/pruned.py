@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from models.gates.export import WIDTH_KEYS, load_pruned, mlp_widths
-from models.gates.heads import attention_modules, head_counts, kv_heads, set_config_heads
+from models.gates.heads import attention_modules, config_accepts_heads, head_counts, kv_heads, set_config_heads
 from orchestrator.export.bundle import Bundle
 from orchestrator.export.lowrank import pairs_of_peft
 from orchestrator.export.run_dir import ExportError, Run, need
@@ -44,7 +44,7 @@ def served_heads(pruned: nn.Module) -> int | None:
     attn = next(iter(attention_modules(pruned).values()))
     kv, d = kv_heads(attn), int(attn.head_dim)
     for heads in range(max(counts), max(counts) + 64 * kv + 1, kv):
-        if set_config_heads(copy.deepcopy(pruned.config), heads, d):
+        if config_accepts_heads(pruned.config, heads, d):
             return heads
     raise ExportError(f"{type(pruned.config).__name__} accepts no query-head count from {max(counts)} up: "
                       "export this run's pruned model with models.gates.export.load_pruned instead of a served bundle")
